@@ -1,0 +1,455 @@
+//! models.toml: the deployment (models, where their weights live, how they are placed on
+//! devices, which tiers each serves), parsed and validated once at start so that every
+//! mistake is reported with the file it came from instead of surfacing mid-request.
+
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+/// The models.toml shipped in the repository, used when no file is found or named.
+pub const BUILTIN_MODELS_TOML: &str = include_str!("../models.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("invalid config {origin}: {message}")]
+    Invalid { origin: String, message: String },
+    #[error("unknown layout '{name}' (layouts in {origin}: {known})")]
+    UnknownLayout {
+        name: String,
+        origin: String,
+        known: String,
+    },
+    #[error("no layout of {origin} can run here:\n{reasons}")]
+    NoUsableLayout { origin: String, reasons: String },
+}
+
+/// A request's complexity tier, as the router assigns it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    Simple,
+    Moderate,
+    Complex,
+}
+
+impl fmt::Display for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Tier::Simple => "SIMPLE",
+            Tier::Moderate => "MODERATE",
+            Tier::Complex => "COMPLEX",
+        })
+    }
+}
+
+/// Where a model runs: one GPU, or one CPU worker with its own share of the cores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DeviceSpec {
+    Cpu(usize),
+    Cuda(usize),
+}
+
+impl DeviceSpec {
+    pub fn is_cuda(&self) -> bool {
+        matches!(self, DeviceSpec::Cuda(_))
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Cpu(n) => write!(f, "cpu:{n}"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl FromStr for DeviceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (kind, idx) = s.split_once(':').unwrap_or((s, "0"));
+        let idx: usize = idx
+            .parse()
+            .map_err(|_| format!("bad device '{s}': expected cpu:N or cuda:N"))?;
+        match kind {
+            "cpu" => Ok(DeviceSpec::Cpu(idx)),
+            "cuda" | "gpu" => Ok(DeviceSpec::Cuda(idx)),
+            _ => Err(format!("bad device '{s}': expected cpu:N or cuda:N")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for DeviceSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// One model: a GGUF file in the hf-hub cache (`repo` + `file`) or on disk (`path`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    #[serde(default)]
+    pub repo: Option<String>,
+    #[serde(default)]
+    pub file: Option<String>,
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+}
+
+/// One model placed on one device in a layout.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    pub model: String,
+    pub device: DeviceSpec,
+    #[serde(default)]
+    pub tiers: Vec<Tier>,
+    /// Threads for a CPU device; 0 (the default) shares the cores out evenly.
+    #[serde(default)]
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Layout {
+    pub place: Vec<Placement>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default = "default_layout")]
+    layout: String,
+    #[serde(default)]
+    prefer: Vec<String>,
+    models: BTreeMap<String, ModelSpec>,
+    #[serde(default)]
+    layouts: BTreeMap<String, Layout>,
+}
+
+fn default_layout() -> String {
+    "auto".to_string()
+}
+
+/// The validated deployment.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it came from (a path, or "built-in models.toml"), for error messages.
+    pub origin: String,
+    /// Directory that relative `path`s are resolved against.
+    pub base_dir: PathBuf,
+    pub layout: String,
+    pub prefer: Vec<String>,
+    pub models: BTreeMap<String, ModelSpec>,
+    pub layouts: BTreeMap<String, Layout>,
+}
+
+impl Config {
+    /// Loads `explicit` if given, else `./models.toml` if present, else the built-in copy.
+    pub fn load(explicit: Option<&Path>) -> Result<Self, ConfigError> {
+        let path = match explicit {
+            Some(p) => Some(p.to_path_buf()),
+            None => Some(PathBuf::from("models.toml")).filter(|p| p.is_file()),
+        };
+        match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                let base = path
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| PathBuf::from("."));
+                Self::parse(&text, &path.display().to_string(), base)
+            }
+            None => Self::parse(
+                BUILTIN_MODELS_TOML,
+                "built-in models.toml",
+                PathBuf::from("."),
+            ),
+        }
+    }
+
+    pub fn parse(text: &str, origin: &str, base_dir: PathBuf) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        let cfg = Config {
+            origin: origin.to_string(),
+            base_dir,
+            layout: raw.layout,
+            prefer: raw.prefer,
+            models: raw.models,
+            layouts: raw.layouts,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn invalid(&self, message: String) -> ConfigError {
+        ConfigError::Invalid {
+            origin: self.origin.clone(),
+            message,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.models.is_empty() {
+            return Err(self.invalid("no [models.\"NAME\"] entries".into()));
+        }
+        let mut names: BTreeSet<&str> = BTreeSet::new();
+        for (name, spec) in &self.models {
+            if name.trim().is_empty() {
+                return Err(self.invalid("a model has an empty name".into()));
+            }
+            if spec.path.is_none() && (spec.repo.is_none() || spec.file.is_none()) {
+                return Err(self.invalid(format!(
+                    "model '{name}' needs either `path` or both `repo` and `file`"
+                )));
+            }
+            names.insert(name);
+        }
+        for (name, spec) in &self.models {
+            for alias in &spec.aliases {
+                if !names.insert(alias) {
+                    return Err(self.invalid(format!(
+                        "alias '{alias}' of model '{name}' is already a model name or another alias"
+                    )));
+                }
+            }
+        }
+        for (lname, layout) in &self.layouts {
+            if lname == "auto" {
+                return Err(self.invalid("'auto' is reserved and cannot name a layout".into()));
+            }
+            if layout.place.is_empty() {
+                return Err(self.invalid(format!("layout '{lname}' places no model")));
+            }
+            let mut seen = BTreeSet::new();
+            for p in &layout.place {
+                if !self.models.contains_key(&p.model) {
+                    return Err(self.invalid(format!(
+                        "layout '{lname}' places unknown model '{}' (known: {})",
+                        p.model,
+                        self.models.keys().cloned().collect::<Vec<_>>().join(", ")
+                    )));
+                }
+                if !seen.insert(&p.model) {
+                    return Err(self.invalid(format!(
+                        "layout '{lname}' places model '{}' twice",
+                        p.model
+                    )));
+                }
+                if p.threads != 0 && p.device.is_cuda() {
+                    return Err(self.invalid(format!(
+                        "layout '{lname}': `threads` only applies to cpu devices, not {}",
+                        p.device
+                    )));
+                }
+            }
+        }
+        for name in self.prefer.iter().chain(std::iter::once(&self.layout)) {
+            if name != "auto" && !self.layouts.contains_key(name) {
+                return Err(self.invalid(format!("layout '{name}' is named but not defined")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The canonical model name for a name or alias.
+    pub fn canonical_name<'a>(&'a self, name: &'a str) -> Option<&'a str> {
+        if let Some((k, _)) = self.models.get_key_value(name) {
+            return Some(k.as_str());
+        }
+        self.models
+            .iter()
+            .find(|(_, s)| s.aliases.iter().any(|a| a == name))
+            .map(|(k, _)| k.as_str())
+    }
+
+    pub fn layout_names(&self) -> String {
+        self.layouts.keys().cloned().collect::<Vec<_>>().join(", ")
+    }
+
+    /// Picks the layout to run. `requested` (flag or DUET_LAYOUT) overrides the file's
+    /// `layout`; "auto" walks `prefer` (or every layout) and takes the first one for which
+    /// `usable` reports no problem. Returns the name and one warning per skipped layout.
+    pub fn choose_layout(
+        &self,
+        requested: Option<&str>,
+        usable: impl Fn(&Layout) -> Result<(), String>,
+    ) -> Result<(String, Vec<String>), ConfigError> {
+        let wanted = requested.unwrap_or(&self.layout);
+        if wanted != "auto" {
+            if !self.layouts.contains_key(wanted) {
+                return Err(ConfigError::UnknownLayout {
+                    name: wanted.to_string(),
+                    origin: self.origin.clone(),
+                    known: self.layout_names(),
+                });
+            }
+            return Ok((wanted.to_string(), Vec::new()));
+        }
+        let order: Vec<&String> = if self.prefer.is_empty() {
+            self.layouts.keys().collect()
+        } else {
+            self.prefer.iter().collect()
+        };
+        let mut skipped = Vec::new();
+        for name in order {
+            let Some(layout) = self.layouts.get(name) else {
+                continue;
+            };
+            match usable(layout) {
+                Ok(()) => return Ok((name.clone(), skipped)),
+                Err(why) => skipped.push(format!("layout '{name}' skipped: {why}")),
+            }
+        }
+        Err(ConfigError::NoUsableLayout {
+            origin: self.origin.clone(),
+            reasons: skipped.join("\n"),
+        })
+    }
+
+    /// Threads a CPU placement gets: its own `threads`, else an even share of `cores`
+    /// among the layout's CPU devices (at least one each).
+    pub fn cpu_threads(layout: &Layout, placement: &Placement, cores: usize) -> usize {
+        if placement.threads > 0 {
+            return placement.threads;
+        }
+        let cpu_devices: BTreeSet<DeviceSpec> = layout
+            .place
+            .iter()
+            .filter(|p| !p.device.is_cuda())
+            .map(|p| p.device)
+            .collect();
+        (cores / cpu_devices.len().max(1)).max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, "test.toml", PathBuf::from("."))
+    }
+
+    #[test]
+    fn builtin_config_is_valid_and_has_both_layouts() {
+        let cfg = parse(BUILTIN_MODELS_TOML).unwrap();
+        let gpu = &cfg.layouts["gpu"];
+        assert_eq!(gpu.place[0].model, "qwen2.5-coder:1.5b");
+        assert_eq!(gpu.place[0].device, DeviceSpec::Cuda(0));
+        assert_eq!(gpu.place[1].model, "qwen2.5-coder:7b-instruct-q8_0");
+        assert_eq!(gpu.place[1].tiers, vec![Tier::Moderate, Tier::Complex]);
+        let cpu = &cfg.layouts["cpu"];
+        assert_eq!(cpu.place[0].device, DeviceSpec::Cpu(0));
+        assert_eq!(cpu.place[1].device, DeviceSpec::Cpu(1));
+        assert_ne!(cpu.place[0].model, cpu.place[1].model);
+    }
+
+    #[test]
+    fn device_specs_parse() {
+        assert_eq!("cuda:1".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(1)));
+        assert_eq!("cpu".parse::<DeviceSpec>(), Ok(DeviceSpec::Cpu(0)));
+        assert!("tpu:0".parse::<DeviceSpec>().is_err());
+        assert!("cuda:x".parse::<DeviceSpec>().is_err());
+    }
+
+    #[test]
+    fn bad_configs_give_clear_errors() {
+        let cases = [
+            ("models = 3", "invalid type"),
+            ("[models.a]\nrepo = \"x\"\n", "needs either `path`"),
+            (
+                "[models.a]\npath = \"a.gguf\"\n[[layouts.l.place]]\nmodel = \"b\"\ndevice = \"cpu:0\"\n",
+                "unknown model 'b'",
+            ),
+            (
+                "[models.a]\npath = \"a.gguf\"\n[[layouts.l.place]]\nmodel = \"a\"\ndevice = \"tpu:0\"\n",
+                "bad device 'tpu:0'",
+            ),
+            (
+                "[models.a]\npath = \"a.gguf\"\n[[layouts.l.place]]\nmodel = \"a\"\ndevice = \"cpu:0\"\ntiers = [\"hard\"]\n",
+                "unknown variant `hard`",
+            ),
+            ("[models.a]\npath = \"a.gguf\"\ncolour = 1\n", "unknown field `colour`"),
+            ("layout = \"nope\"\n[models.a]\npath = \"a.gguf\"\n", "layout 'nope'"),
+            (
+                "[models.a]\npath = \"a.gguf\"\naliases = [\"b\"]\n[models.b]\npath = \"b.gguf\"\n",
+                "alias 'b'",
+            ),
+            ("[models.a]\npath = \"a.gguf\"\n[layouts.l]\nplace = []\n", "places no model"),
+            ("this is not toml", "invalid config test.toml"),
+        ];
+        for (text, want) in cases {
+            let err = parse(text).expect_err(text).to_string();
+            assert!(err.contains(want), "{text:?}: {err}");
+            assert!(err.contains("test.toml"), "{err}");
+        }
+    }
+
+    #[test]
+    fn aliases_resolve() {
+        let cfg = parse(BUILTIN_MODELS_TOML).unwrap();
+        assert_eq!(
+            cfg.canonical_name("qwen2.5-coder:7b"),
+            Some("qwen2.5-coder:7b-instruct-q8_0")
+        );
+        assert_eq!(cfg.canonical_name("qwen2.5-coder:0.5b"), Some("qwen2.5-coder:0.5b"));
+        assert_eq!(cfg.canonical_name("llama3"), None);
+    }
+
+    #[test]
+    fn auto_layout_falls_back_with_a_warning() {
+        let cfg = parse(BUILTIN_MODELS_TOML).unwrap();
+        let (name, warnings) = cfg
+            .choose_layout(None, |l| {
+                if l.place.iter().any(|p| p.device.is_cuda()) {
+                    Err("no CUDA".into())
+                } else {
+                    Ok(())
+                }
+            })
+            .unwrap();
+        assert_eq!(name, "cpu");
+        assert_eq!(warnings, vec!["layout 'gpu' skipped: no CUDA".to_string()]);
+        let err = cfg.choose_layout(None, |_| Err("nothing".into())).unwrap_err();
+        assert!(err.to_string().contains("no layout"), "{err}");
+        let err = cfg.choose_layout(Some("tpu"), |_| Ok(())).unwrap_err();
+        assert!(err.to_string().contains("unknown layout 'tpu'"), "{err}");
+        let (name, _) = cfg.choose_layout(Some("gpu"), |_| Err("x".into())).unwrap();
+        assert_eq!(name, "gpu");
+    }
+
+    #[test]
+    fn cpu_threads_share_the_cores() {
+        let cfg = parse(BUILTIN_MODELS_TOML).unwrap();
+        let cpu = &cfg.layouts["cpu"];
+        assert_eq!(Config::cpu_threads(cpu, &cpu.place[0], 2), 1);
+        assert_eq!(Config::cpu_threads(cpu, &cpu.place[1], 8), 4);
+        assert_eq!(Config::cpu_threads(cpu, &cpu.place[1], 1), 1);
+    }
+}

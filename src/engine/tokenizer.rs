@@ -1,0 +1,120 @@
+//! Text ⇄ token ids. The tokenizer comes from the GGUF metadata (candle's
+//! `TokenizerFromGguf`), or from a `tokenizer.json` beside the model file when present.
+
+use super::gguf::GgufFile;
+use candle_core::quantized::tokenizer::TokenizerFromGguf;
+use tokenizers::Tokenizer;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("cannot build the tokenizer of {path}: {message}")]
+    Load { path: String, message: String },
+    #[error("tokenizer failed: {0}")]
+    Codec(String),
+}
+
+/// The tokenizer plus the token ids that end a generation.
+pub struct TextCodec {
+    tokenizer: Tokenizer,
+    stop_ids: Vec<u32>,
+}
+
+impl TextCodec {
+    pub fn load(gguf: &GgufFile) -> Result<Self, TokenizerError> {
+        let beside = gguf.path.with_file_name("tokenizer.json");
+        let err = |message: String| TokenizerError::Load {
+            path: gguf.path.display().to_string(),
+            message,
+        };
+        let tokenizer = if beside.is_file() {
+            Tokenizer::from_file(&beside).map_err(|e| err(e.to_string()))?
+        } else {
+            Tokenizer::from_gguf(&gguf.content).map_err(|e| err(e.to_string()))?
+        };
+        // Qwen ends a turn with <|im_end|> and a document with <|endoftext|>; the file's
+        // eos id is one of them but both must stop generation.
+        let mut stop_ids: Vec<u32> = ["<|im_end|>", "<|endoftext|>"]
+            .iter()
+            .filter_map(|t| tokenizer.token_to_id(t))
+            .collect();
+        if let Some(eos) = gguf
+            .get("tokenizer.ggml.eos_token_id")
+            .and_then(|v| v.to_u32().ok())
+        {
+            if !stop_ids.contains(&eos) {
+                stop_ids.push(eos);
+            }
+        }
+        if stop_ids.is_empty() {
+            return Err(err("no end-of-sequence token found".into()));
+        }
+        Ok(Self {
+            tokenizer,
+            stop_ids,
+        })
+    }
+
+    /// Encodes text; special tokens written in the text (`<|im_start|>`) become their ids.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        self.tokenizer
+            .encode(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| TokenizerError::Codec(e.to_string()))
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
+        self.tokenizer
+            .decode(ids, false)
+            .map_err(|e| TokenizerError::Codec(e.to_string()))
+    }
+
+    pub fn is_stop(&self, id: u32) -> bool {
+        self.stop_ids.contains(&id)
+    }
+
+    pub fn stop_ids(&self) -> &[u32] {
+        &self.stop_ids
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
+    pub fn inner(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+}
+
+/// Turns a stream of token ids into text pieces, holding back bytes of a character that
+/// spans several tokens until it is complete (byte-level BPE splits UTF-8 sequences).
+#[derive(Default)]
+pub struct StreamDecoder {
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl StreamDecoder {
+    pub fn push(&mut self, codec: &TextCodec, id: u32) -> Result<String, TokenizerError> {
+        self.ids.push(id);
+        let prefix = codec.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let text = codec.decode(&self.ids[self.prefix_offset..])?;
+        if text.len() > prefix.len() && !text.ends_with('\u{FFFD}') {
+            let piece = text[prefix.len()..].to_string();
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            Ok(piece)
+        } else {
+            Ok(String::new())
+        }
+    }
+
+    /// Whatever is still held back (an incomplete character at the very end).
+    pub fn flush(&mut self, codec: &TextCodec) -> Result<String, TokenizerError> {
+        let prefix = codec.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let text = codec.decode(&self.ids[self.prefix_offset..])?;
+        self.prefix_offset = self.ids.len();
+        self.read_offset = self.ids.len();
+        Ok(text.get(prefix.len()..).unwrap_or_default().to_string())
+    }
+}

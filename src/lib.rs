@@ -1,0 +1,7 @@
+//! duet: serve local Qwen2.5-Coder models in-process with candle, each pinned to its own
+//! device, behind the Ollama API.
+
+pub mod config;
+pub mod engine;
+pub mod hub;
+pub mod layout;

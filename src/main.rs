@@ -1,0 +1,288 @@
+//! The `duet` command line.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use duet::config::Config;
+use duet::engine::{Message, Model, Options, Summary};
+use duet::layout::{available_cores, Deployment};
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "duet", version, about = "Serve local Qwen2.5-Coder models, one per device, behind the Ollama API")]
+struct Cli {
+    /// models.toml to use (default: ./models.toml, else the built-in copy)
+    #[arg(long, global = true, env = "DUET_CONFIG")]
+    config: Option<PathBuf>,
+    /// Layout of models.toml to use ("auto" picks the first that can run here)
+    #[arg(long, global = true, env = "DUET_LAYOUT")]
+    layout: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate an answer and stream it to stdout
+    Run(RunArgs),
+    /// List the configured models, where they run and whether their weights are present
+    List,
+    /// Show a model's details: architecture, size, quantization, context, device, tier, file
+    Show {
+        model: String,
+        /// Print the model's chat template too
+        #[arg(long)]
+        template: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Model name or alias from models.toml
+    model: String,
+    /// The prompt (read from stdin when omitted)
+    prompt: Option<String>,
+    /// Send the prompt as is, without the chat template
+    #[arg(long)]
+    raw: bool,
+    /// System message (replaces the template's default one)
+    #[arg(long)]
+    system: Option<String>,
+    #[arg(long)]
+    temperature: Option<f32>,
+    #[arg(long)]
+    seed: Option<i64>,
+    /// Maximum tokens to generate (-1: until the model stops)
+    #[arg(long, allow_hyphen_values = true)]
+    num_predict: Option<i32>,
+    #[arg(long)]
+    num_ctx: Option<usize>,
+    #[arg(long)]
+    top_k: Option<i32>,
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Stop sequence (repeatable)
+    #[arg(long)]
+    stop: Vec<String>,
+    /// CPU threads (default: the model's share of the cores in the layout, else all cores)
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print Ollama-style timings and token rates after the answer
+    #[arg(long)]
+    verbose: bool,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = real_main() {
+        eprintln!("Error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    let cli = Cli::parse();
+    let config = Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Run(args) => {
+            let deployment = deployment(config, cli.layout.as_deref())?;
+            run(&deployment, args)
+        }
+        Command::List => list(&deployment(config, cli.layout.as_deref())?),
+        Command::Show { model, template } => {
+            show(&deployment(config, cli.layout.as_deref())?, &model, template)
+        }
+    }
+}
+
+fn deployment(config: Config, layout: Option<&str>) -> Result<Deployment> {
+    let d = Deployment::new(config, layout)?;
+    for w in &d.warnings {
+        tracing::warn!("{w}");
+    }
+    Ok(d)
+}
+
+fn set_threads(n: usize) {
+    // candle sizes its CPU pools from these once, at first use: set them before loading.
+    std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+}
+
+fn run(d: &Deployment, args: RunArgs) -> Result<()> {
+    let resolved = d
+        .model(&args.model)
+        .ok_or_else(|| anyhow::anyhow!(d.unknown_model_message(&args.model)))?;
+    let path = resolved.weights?;
+    let device = resolved.device.unwrap_or(duet::config::DeviceSpec::Cpu(0));
+    // Alone on the machine, `run` uses every core unless told otherwise.
+    set_threads(args.threads.unwrap_or_else(available_cores));
+
+    let prompt = match args.prompt {
+        Some(p) => p,
+        None if !std::io::stdin().is_terminal() => {
+            let mut s = String::new();
+            std::io::stdin().read_to_string(&mut s)?;
+            s
+        }
+        None => bail!("no prompt: pass it as an argument or on stdin"),
+    };
+    let model = Model::load(resolved.name, &path, device)
+        .with_context(|| format!("loading {}", resolved.name))?;
+    let text = if args.raw {
+        prompt
+    } else {
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(Message::new("system", system));
+        }
+        messages.push(Message::new("user", &prompt));
+        model.render_chat(&messages)?
+    };
+    let defaults = Options::default();
+    let opts = Options {
+        temperature: args.temperature.unwrap_or(defaults.temperature),
+        seed: args.seed.unwrap_or(defaults.seed),
+        num_predict: args.num_predict.unwrap_or(defaults.num_predict),
+        num_ctx: args.num_ctx.unwrap_or(defaults.num_ctx),
+        top_k: args.top_k.unwrap_or(defaults.top_k),
+        top_p: args.top_p.unwrap_or(defaults.top_p),
+        stop: args.stop,
+        ..defaults
+    };
+    let tokens = model.tokenize(&text)?;
+    let mut generation = model.generate(tokens, &opts)?;
+    let mut out = std::io::stdout().lock();
+    for piece in generation.by_ref() {
+        out.write_all(piece?.text.as_bytes())?;
+        out.flush()?;
+    }
+    writeln!(out)?;
+    if args.verbose {
+        print_stats(&generation.summary());
+    }
+    Ok(())
+}
+
+fn rate(count: usize, d: Duration) -> f64 {
+    count as f64 / d.as_secs_f64().max(1e-9)
+}
+
+/// The statistics block `ollama run --verbose` prints.
+fn print_stats(s: &Summary) {
+    eprintln!("total duration:       {:?}", s.total_duration + s.load_duration);
+    eprintln!("load duration:        {:?}", s.load_duration);
+    eprintln!("prompt eval count:    {} token(s)", s.prompt_eval_count);
+    eprintln!("prompt eval duration: {:?}", s.prompt_eval_duration);
+    eprintln!(
+        "prompt eval rate:     {:.2} tokens/s",
+        rate(s.prompt_eval_count, s.prompt_eval_duration)
+    );
+    eprintln!("eval count:           {} token(s)", s.eval_count);
+    eprintln!("eval duration:        {:?}", s.eval_duration);
+    eprintln!("eval rate:            {:.2} tokens/s", rate(s.eval_count, s.eval_duration));
+    eprintln!("done reason:          {}", s.done_reason.as_str());
+}
+
+fn human_bytes(n: u64) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.1} GB", n / 1e9)
+    } else {
+        format!("{:.0} MB", n / 1e6)
+    }
+}
+
+fn tiers_text(tiers: &[duet::config::Tier]) -> String {
+    if tiers.is_empty() {
+        "-".into()
+    } else {
+        tiers.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",")
+    }
+}
+
+fn list(d: &Deployment) -> Result<()> {
+    println!("layout: {} ({})", d.layout_name, d.config.origin);
+    println!(
+        "{:<32} {:<9} {:<8} {:<18} {}",
+        "NAME", "SIZE", "DEVICE", "TIERS", "WEIGHTS"
+    );
+    for m in d.models() {
+        let (size, weights) = match &m.weights {
+            Ok(p) => (
+                std::fs::metadata(p).map(|m| human_bytes(m.len())).unwrap_or_default(),
+                p.display().to_string(),
+            ),
+            Err(_) => ("-".into(), format!("missing (run {})", duet::hub::FETCH_COMMAND)),
+        };
+        let device = m.device.map(|d| d.to_string()).unwrap_or_else(|| "-".into());
+        println!(
+            "{:<32} {:<9} {:<8} {:<18} {}",
+            m.name,
+            size,
+            device,
+            tiers_text(&m.tiers),
+            weights
+        );
+    }
+    Ok(())
+}
+
+fn show(d: &Deployment, name: &str, template: bool) -> Result<()> {
+    let m = d
+        .model(name)
+        .ok_or_else(|| anyhow::anyhow!(d.unknown_model_message(name)))?;
+    let path = m.weights?;
+    let gguf = duet::engine::GgufFile::open(&path)?;
+    let info = gguf.info()?;
+    let source = match (&m.spec.repo, &m.spec.file) {
+        (Some(r), Some(f)) if m.spec.path.is_none() => format!("{r} / {f}"),
+        _ => "local path".into(),
+    };
+    println!("  Model");
+    println!("    name                {}", m.name);
+    if !m.spec.aliases.is_empty() {
+        println!("    aliases             {}", m.spec.aliases.join(", "));
+    }
+    println!("    architecture        {}", info.architecture);
+    println!("    parameters          {}", info.parameter_size());
+    println!("    quantization        {}", info.quantization);
+    println!("    context length      {}", info.context_length);
+    println!("    embedding length    {}", info.embedding_length);
+    println!("    layers              {}", info.block_count);
+    println!(
+        "    attention heads     {} (kv {})",
+        info.head_count, info.head_count_kv
+    );
+    println!("    vocabulary          {}", info.vocab_size);
+    println!();
+    println!("  Deployment (layout {})", d.layout_name);
+    match m.device {
+        Some(dev) => {
+            println!("    device              {dev}");
+            if let Some(t) = m.threads {
+                println!("    threads             {t}");
+            }
+        }
+        None => println!("    device              - (not placed in this layout; `run` uses cpu:0)"),
+    }
+    println!("    tiers               {}", tiers_text(&m.tiers));
+    println!();
+    println!("  File");
+    println!("    source              {source}");
+    println!("    path                {}", path.display());
+    println!("    size                {}", human_bytes(info.file_size));
+    if template {
+        println!();
+        println!("  Template");
+        println!("{}", info.chat_template.as_deref().unwrap_or("(none: ChatML)"));
+    }
+    Ok(())
+}

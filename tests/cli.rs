@@ -1,0 +1,82 @@
+//! The `duet` binary end to end on the real models: run, list, show.
+
+mod common;
+use common::*;
+use std::process::Command;
+
+fn duet(args: &[&str]) -> (String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_duet"))
+        .args(args)
+        .current_dir(repo_root())
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "duet {args:?} failed:\n{stderr}");
+    (stdout, stderr)
+}
+
+#[test]
+fn run_writes_a_docstring_and_verbose_stats() {
+    let (out, err) = duet(&[
+        "run",
+        SMALL,
+        "Write a docstring for: def add(a, b): return a + b",
+        "--temperature",
+        "0",
+        "--num-predict",
+        "48",
+        "--verbose",
+    ]);
+    assert!(out.contains("\"\"\""), "no docstring in {out:?}");
+    assert!(out.to_lowercase().contains("add"), "{out:?}");
+    for line in ["prompt eval rate:", "eval rate:", "eval count:           48 token(s)", "load duration:"] {
+        assert!(err.contains(line), "missing {line:?} in {err}");
+    }
+}
+
+#[test]
+fn run_raw_and_system_flags() {
+    // --raw: the text goes to the model as is (no template), here a code prefix to continue.
+    let (out, _) = duet(&["run", SMALL, "--raw", "def fibonacci(n):", "--temperature", "0", "--num-predict", "16"]);
+    assert!(!out.trim().is_empty());
+    let (out, _) = duet(&[
+        "run",
+        SMALL,
+        "What is 2+2?",
+        "--system",
+        "Answer with a single number and nothing else.",
+        "--temperature",
+        "0",
+        "--num-predict",
+        "8",
+    ]);
+    assert!(out.contains('4'), "{out:?}");
+}
+
+#[test]
+fn list_shows_both_cpu_models_on_their_own_devices() {
+    let (out, _) = duet(&["list"]);
+    assert!(out.contains("layout: cpu"), "{out}");
+    let line = |name: &str| out.lines().find(|l| l.starts_with(name)).unwrap().to_string();
+    assert!(line(SMALL).contains("cpu:0") && line(SMALL).contains("SIMPLE"), "{out}");
+    assert!(line(LARGE).contains("cpu:1") && line(LARGE).contains("COMPLEX"), "{out}");
+    assert!(line("qwen2.5-coder:7b-instruct-q8_0").contains("missing"), "{out}");
+}
+
+#[test]
+fn show_describes_the_model() {
+    let (out, _) = duet(&["show", LARGE]);
+    for want in [
+        "architecture        qwen2",
+        "parameters          1.54B",
+        "quantization        Q4_K_M",
+        "context length      32768",
+        "device              cpu:1",
+        "tiers               MODERATE,COMPLEX",
+        "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in\n{out}");
+    }
+}
