@@ -252,7 +252,10 @@ fn show(d: &Deployment, name: &str, template: bool) -> Result<()> {
         println!("    aliases             {}", m.spec.aliases.join(", "));
     }
     println!("    architecture        {}", info.architecture);
-    println!("    parameters          {}", info.parameter_size());
+    match &info.size_label {
+        Some(label) => println!("    parameters          {} ({label})", info.parameter_size()),
+        None => println!("    parameters          {}", info.parameter_size()),
+    }
     println!("    quantization        {}", info.quantization);
     println!("    context length      {}", info.context_length);
     println!("    embedding length    {}", info.embedding_length);

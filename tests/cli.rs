@@ -70,7 +70,7 @@ fn show_describes_the_model() {
     let (out, _) = duet(&["show", LARGE]);
     for want in [
         "architecture        qwen2",
-        "parameters          1.54B",
+        "parameters          1.78B (1.5B)",
         "quantization        Q4_K_M",
         "context length      32768",
         "device              cpu:1",

@@ -39,7 +39,10 @@ pub struct ModelInfo {
     pub file_size: u64,
     pub architecture: String,
     pub name: Option<String>,
+    /// Elements of every tensor (an untied output projection counts, as in llama.cpp).
     pub parameter_count: u64,
+    /// `general.size_label`, the publisher's rounded size ("1.5B").
+    pub size_label: Option<String>,
     /// llama.cpp's name for `general.file_type` (e.g. Q4_K_M).
     pub quantization: String,
     pub context_length: usize,
@@ -229,6 +232,7 @@ impl GgufFile {
             path: self.path.clone(),
             file_size: self.file_size,
             name: self.get_str("general.name"),
+            size_label: self.get_str("general.size_label"),
             parameter_count,
             quantization: file_type
                 .map(file_type_name)
