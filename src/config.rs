@@ -256,10 +256,9 @@ impl Config {
                     )));
                 }
                 if !seen.insert(&p.model) {
-                    return Err(self.invalid(format!(
-                        "layout '{lname}' places model '{}' twice",
-                        p.model
-                    )));
+                    return Err(
+                        self.invalid(format!("layout '{lname}' places model '{}' twice", p.model))
+                    );
                 }
                 if p.threads != 0 && p.device.is_cuda() {
                     return Err(self.invalid(format!(
@@ -418,7 +417,10 @@ mod tests {
             cfg.canonical_name("qwen2.5-coder:7b"),
             Some("qwen2.5-coder:7b-instruct-q8_0")
         );
-        assert_eq!(cfg.canonical_name("qwen2.5-coder:0.5b"), Some("qwen2.5-coder:0.5b"));
+        assert_eq!(
+            cfg.canonical_name("qwen2.5-coder:0.5b"),
+            Some("qwen2.5-coder:0.5b")
+        );
         assert_eq!(cfg.canonical_name("llama3"), None);
     }
 
@@ -436,7 +438,9 @@ mod tests {
             .unwrap();
         assert_eq!(name, "cpu");
         assert_eq!(warnings, vec!["layout 'gpu' skipped: no CUDA".to_string()]);
-        let err = cfg.choose_layout(None, |_| Err("nothing".into())).unwrap_err();
+        let err = cfg
+            .choose_layout(None, |_| Err("nothing".into()))
+            .unwrap_err();
         assert!(err.to_string().contains("no layout"), "{err}");
         let err = cfg.choose_layout(Some("tpu"), |_| Ok(())).unwrap_err();
         assert!(err.to_string().contains("unknown layout 'tpu'"), "{err}");

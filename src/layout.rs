@@ -84,7 +84,12 @@ impl Deployment {
 
     /// Every configured model, those of the active layout first.
     pub fn models(&self) -> Vec<ResolvedModel<'_>> {
-        let mut names: Vec<&str> = self.layout().place.iter().map(|p| p.model.as_str()).collect();
+        let mut names: Vec<&str> = self
+            .layout()
+            .place
+            .iter()
+            .map(|p| p.model.as_str())
+            .collect();
         for n in self.config.models.keys() {
             if !names.contains(&n.as_str()) {
                 names.push(n);
@@ -97,7 +102,12 @@ impl Deployment {
         format!(
             "model '{name}' not found (models in {}: {})",
             self.config.origin,
-            self.config.models.keys().cloned().collect::<Vec<_>>().join(", ")
+            self.config
+                .models
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
         )
     }
 }

@@ -10,7 +10,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "duet", version, about = "Serve local Qwen2.5-Coder models, one per device, behind the Ollama API")]
+#[command(
+    name = "duet",
+    version,
+    about = "Serve local Qwen2.5-Coder models, one per device, behind the Ollama API"
+)]
 struct Cli {
     /// models.toml to use (default: ./models.toml, else the built-in copy)
     #[arg(long, global = true, env = "DUET_CONFIG")]
@@ -96,9 +100,11 @@ fn real_main() -> Result<()> {
             run(&deployment, args)
         }
         Command::List => list(&deployment(config, cli.layout.as_deref())?),
-        Command::Show { model, template } => {
-            show(&deployment(config, cli.layout.as_deref())?, &model, template)
-        }
+        Command::Show { model, template } => show(
+            &deployment(config, cli.layout.as_deref())?,
+            &model,
+            template,
+        ),
     }
 }
 
@@ -177,7 +183,10 @@ fn rate(count: usize, d: Duration) -> f64 {
 
 /// The statistics block `ollama run --verbose` prints.
 fn print_stats(s: &Summary) {
-    eprintln!("total duration:       {:?}", s.total_duration + s.load_duration);
+    eprintln!(
+        "total duration:       {:?}",
+        s.total_duration + s.load_duration
+    );
     eprintln!("load duration:        {:?}", s.load_duration);
     eprintln!("prompt eval count:    {} token(s)", s.prompt_eval_count);
     eprintln!("prompt eval duration: {:?}", s.prompt_eval_duration);
@@ -187,7 +196,10 @@ fn print_stats(s: &Summary) {
     );
     eprintln!("eval count:           {} token(s)", s.eval_count);
     eprintln!("eval duration:        {:?}", s.eval_duration);
-    eprintln!("eval rate:            {:.2} tokens/s", rate(s.eval_count, s.eval_duration));
+    eprintln!(
+        "eval rate:            {:.2} tokens/s",
+        rate(s.eval_count, s.eval_duration)
+    );
     eprintln!("done reason:          {}", s.done_reason.as_str());
 }
 
@@ -204,25 +216,37 @@ fn tiers_text(tiers: &[duet::config::Tier]) -> String {
     if tiers.is_empty() {
         "-".into()
     } else {
-        tiers.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(",")
+        tiers
+            .iter()
+            .map(|t| t.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 
 fn list(d: &Deployment) -> Result<()> {
     println!("layout: {} ({})", d.layout_name, d.config.origin);
     println!(
-        "{:<32} {:<9} {:<8} {:<18} {}",
-        "NAME", "SIZE", "DEVICE", "TIERS", "WEIGHTS"
+        "{:<32} {:<9} {:<8} {:<18} WEIGHTS",
+        "NAME", "SIZE", "DEVICE", "TIERS"
     );
     for m in d.models() {
         let (size, weights) = match &m.weights {
             Ok(p) => (
-                std::fs::metadata(p).map(|m| human_bytes(m.len())).unwrap_or_default(),
+                std::fs::metadata(p)
+                    .map(|m| human_bytes(m.len()))
+                    .unwrap_or_default(),
                 p.display().to_string(),
             ),
-            Err(_) => ("-".into(), format!("missing (run {})", duet::hub::FETCH_COMMAND)),
+            Err(_) => (
+                "-".into(),
+                format!("missing (run {})", duet::hub::FETCH_COMMAND),
+            ),
         };
-        let device = m.device.map(|d| d.to_string()).unwrap_or_else(|| "-".into());
+        let device = m
+            .device
+            .map(|d| d.to_string())
+            .unwrap_or_else(|| "-".into());
         println!(
             "{:<32} {:<9} {:<8} {:<18} {}",
             m.name,
@@ -253,7 +277,10 @@ fn show(d: &Deployment, name: &str, template: bool) -> Result<()> {
     }
     println!("    architecture        {}", info.architecture);
     match &info.size_label {
-        Some(label) => println!("    parameters          {} ({label})", info.parameter_size()),
+        Some(label) => println!(
+            "    parameters          {} ({label})",
+            info.parameter_size()
+        ),
         None => println!("    parameters          {}", info.parameter_size()),
     }
     println!("    quantization        {}", info.quantization);
@@ -285,7 +312,10 @@ fn show(d: &Deployment, name: &str, template: bool) -> Result<()> {
     if template {
         println!();
         println!("  Template");
-        println!("{}", info.chat_template.as_deref().unwrap_or("(none: ChatML)"));
+        println!(
+            "{}",
+            info.chat_template.as_deref().unwrap_or("(none: ChatML)")
+        );
     }
     Ok(())
 }

@@ -31,7 +31,12 @@ fn run_writes_a_docstring_and_verbose_stats() {
     ]);
     assert!(out.contains("\"\"\""), "no docstring in {out:?}");
     assert!(out.to_lowercase().contains("add"), "{out:?}");
-    for line in ["prompt eval rate:", "eval rate:", "eval count:           48 token(s)", "load duration:"] {
+    for line in [
+        "prompt eval rate:",
+        "eval rate:",
+        "eval count:           48 token(s)",
+        "load duration:",
+    ] {
         assert!(err.contains(line), "missing {line:?} in {err}");
     }
 }
@@ -39,7 +44,16 @@ fn run_writes_a_docstring_and_verbose_stats() {
 #[test]
 fn run_raw_and_system_flags() {
     // --raw: the text goes to the model as is (no template), here a code prefix to continue.
-    let (out, _) = duet(&["run", SMALL, "--raw", "def fibonacci(n):", "--temperature", "0", "--num-predict", "16"]);
+    let (out, _) = duet(&[
+        "run",
+        SMALL,
+        "--raw",
+        "def fibonacci(n):",
+        "--temperature",
+        "0",
+        "--num-predict",
+        "16",
+    ]);
     assert!(!out.trim().is_empty());
     let (out, _) = duet(&[
         "run",
@@ -59,10 +73,24 @@ fn run_raw_and_system_flags() {
 fn list_shows_both_cpu_models_on_their_own_devices() {
     let (out, _) = duet(&["list"]);
     assert!(out.contains("layout: cpu"), "{out}");
-    let line = |name: &str| out.lines().find(|l| l.starts_with(name)).unwrap().to_string();
-    assert!(line(SMALL).contains("cpu:0") && line(SMALL).contains("SIMPLE"), "{out}");
-    assert!(line(LARGE).contains("cpu:1") && line(LARGE).contains("COMPLEX"), "{out}");
-    assert!(line("qwen2.5-coder:7b-instruct-q8_0").contains("missing"), "{out}");
+    let line = |name: &str| {
+        out.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap()
+            .to_string()
+    };
+    assert!(
+        line(SMALL).contains("cpu:0") && line(SMALL).contains("SIMPLE"),
+        "{out}"
+    );
+    assert!(
+        line(LARGE).contains("cpu:1") && line(LARGE).contains("COMPLEX"),
+        "{out}"
+    );
+    assert!(
+        line("qwen2.5-coder:7b-instruct-q8_0").contains("missing"),
+        "{out}"
+    );
 }
 
 #[test]

@@ -2,8 +2,8 @@
 
 mod common;
 use common::*;
-use duet::engine::{GgufError, Model};
 use duet::config::DeviceSpec;
+use duet::engine::{GgufError, Model};
 use std::io::{Read, Write};
 use std::process::Command;
 
@@ -63,7 +63,10 @@ fn corrupt_or_foreign_files_are_rejected() {
 #[test]
 fn missing_model_file_is_named() {
     let err = load_err(std::path::Path::new("/nonexistent/model.gguf"));
-    assert!(err.contains("/nonexistent/model.gguf") && err.contains("does not exist"), "{err}");
+    assert!(
+        err.contains("/nonexistent/model.gguf") && err.contains("does not exist"),
+        "{err}"
+    );
 }
 
 fn duet(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
@@ -86,16 +89,29 @@ fn missing_weights_name_repo_file_and_fetch_command() {
     let home = empty.path().to_str().unwrap();
     let (ok, _, err) = duet(
         &["run", "qwen2.5-coder:0.5b", "hi"],
-        &[("HF_HOME", home), ("HF_HUB_OFFLINE", "1"), ("DUET_LAYOUT", "cpu")],
+        &[
+            ("HF_HOME", home),
+            ("HF_HUB_OFFLINE", "1"),
+            ("DUET_LAYOUT", "cpu"),
+        ],
     );
     assert!(!ok);
-    assert!(err.contains("Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF"), "{err}");
-    assert!(err.contains("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"), "{err}");
+    assert!(
+        err.contains("Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF"),
+        "{err}"
+    );
+    assert!(
+        err.contains("qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"),
+        "{err}"
+    );
     assert!(err.contains("scripts/fetch-models"), "{err}");
     // With the automatic layout, no layout can run and each reason is given.
     let (ok, _, err) = duet(&["list"], &[("HF_HOME", home)]);
     assert!(!ok);
-    assert!(err.contains("no layout") && err.contains("scripts/fetch-models"), "{err}");
+    assert!(
+        err.contains("no layout") && err.contains("scripts/fetch-models"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -109,13 +125,19 @@ fn bad_models_toml_is_a_clear_error() {
     .unwrap();
     let (ok, _, err) = duet(&["--config", bad.to_str().unwrap(), "list"], &[]);
     assert!(!ok);
-    assert!(err.contains("unknown model 'nope'") && err.contains("models.toml"), "{err}");
+    assert!(
+        err.contains("unknown model 'nope'") && err.contains("models.toml"),
+        "{err}"
+    );
     std::fs::write(&bad, "[models\nbroken").unwrap();
     let (ok, _, err) = duet(&["--config", bad.to_str().unwrap(), "list"], &[]);
     assert!(!ok);
     assert!(err.contains("invalid config"), "{err}");
     let (ok, _, err) = duet(&["--config", "/nonexistent/models.toml", "list"], &[]);
     assert!(!ok);
-    assert!(err.contains("cannot read config /nonexistent/models.toml"), "{err}");
+    assert!(
+        err.contains("cannot read config /nonexistent/models.toml"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
 }

@@ -122,7 +122,9 @@ fn prompt_longer_than_num_ctx_is_truncated_not_fatal() {
 #[test]
 fn generation_past_num_ctx_shifts_the_context() {
     let m = small();
-    let prompt = m.tokenize(&"count: 1 2 3 4 5 6 7 8 9 10 ".repeat(4)).unwrap();
+    let prompt = m
+        .tokenize(&"count: 1 2 3 4 5 6 7 8 9 10 ".repeat(4))
+        .unwrap();
     let n = prompt.len();
     let mut g = m
         .generate(

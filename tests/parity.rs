@@ -36,7 +36,11 @@ fn chat_template_renders_byte_for_byte() {
             let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
             let add = case["add_generation_prompt"].as_bool().unwrap();
             let got = template.render(&messages, add).unwrap();
-            assert_eq!(got, case["prompt"].as_str().unwrap(), "{name}: {messages:?}");
+            assert_eq!(
+                got,
+                case["prompt"].as_str().unwrap(),
+                "{name}: {messages:?}"
+            );
         }
     }
 }
@@ -51,7 +55,10 @@ fn greedy(model: &Model, file: &str) {
     for case in v["cases"].as_array().unwrap() {
         let prompt = ids(&case["prompt_ids"]);
         // The prompt ids are what our tokenizer makes of the prompt text too.
-        assert_eq!(model.tokenize(case["prompt"].as_str().unwrap()).unwrap(), prompt);
+        assert_eq!(
+            model.tokenize(case["prompt"].as_str().unwrap()).unwrap(),
+            prompt
+        );
         let want = ids(&case["greedy_ids"]);
         let want = &want[..want.len().min(16)];
         let mut g = model.generate(prompt, &opts).unwrap();

@@ -116,7 +116,11 @@ pub struct Generation<'m> {
 }
 
 impl<'m> Generation<'m> {
-    pub(super) fn new(model: &'m Model, prompt: Vec<u32>, opts: &Options) -> Result<Self, EngineError> {
+    pub(super) fn new(
+        model: &'m Model,
+        prompt: Vec<u32>,
+        opts: &Options,
+    ) -> Result<Self, EngineError> {
         opts.validate()?;
         if prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
@@ -162,7 +166,11 @@ impl<'m> Generation<'m> {
         let mut at = from;
         while at < self.tokens.len() {
             let end = (at + PREFILL_CHUNK).min(self.tokens.len());
-            logits = Some(self.model.weights.forward(&self.tokens[at..end], &mut self.cache)?);
+            logits = Some(
+                self.model
+                    .weights
+                    .forward(&self.tokens[at..end], &mut self.cache)?,
+            );
             at = end;
         }
         if let Some(l) = logits {
@@ -180,21 +188,17 @@ impl<'m> Generation<'m> {
         self.feed(0)
     }
 
-    fn finish(&mut self, reason: DoneReason) -> Result<Option<Piece>, EngineError> {
-        self.done = Some(reason);
-        let mut text = self.decoder.flush(&self.model.codec)?;
-        text = format!("{}{}", self.stop.flush(), text);
-        if reason == DoneReason::Stop && self.opts.stop.iter().any(|s| text.contains(s.as_str())) {
-            // A stop sequence completed by the very last bytes.
-            let at = self
-                .opts
-                .stop
-                .iter()
-                .filter_map(|s| text.find(s.as_str()))
-                .min()
-                .unwrap_or(text.len());
-            text.truncate(at);
+    fn finish(&mut self, mut reason: DoneReason) -> Result<Option<Piece>, EngineError> {
+        // Text held back (a possible stop sequence, an incomplete character) is released
+        // now, unless the last bytes complete a stop sequence after all.
+        let tail = self.decoder.flush(&self.model.codec)?;
+        let (mut text, hit) = self.stop.push(&tail);
+        if hit {
+            reason = DoneReason::Stop;
+        } else {
+            text.push_str(&self.stop.flush());
         }
+        self.done = Some(reason);
         Ok((!text.is_empty()).then_some(Piece { token: None, text }))
     }
 

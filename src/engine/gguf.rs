@@ -95,9 +95,8 @@ impl GgufFile {
         let mut reader = BufReader::new(file);
         // candle's parser checks lengths against the file size, but a hostile header can
         // still reach arithmetic that panics (e.g. alignment 0): report that as corruption.
-        let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            Content::read(&mut reader)
-        }));
+        let parsed =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)));
         let content = match parsed {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
@@ -129,7 +128,9 @@ impl GgufFile {
             let elems = dims
                 .iter()
                 .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-                .ok_or_else(|| self.corrupt(format!("tensor '{name}' has absurd shape {dims:?}")))?;
+                .ok_or_else(|| {
+                    self.corrupt(format!("tensor '{name}' has absurd shape {dims:?}"))
+                })?;
             let block = info.ggml_dtype.block_size();
             if elems % block != 0 {
                 return Err(self.corrupt(format!(

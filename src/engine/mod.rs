@@ -78,12 +78,14 @@ impl Model {
         let mut gguf = GgufFile::open(path)?;
         let info = gguf.info()?;
         let codec = TextCodec::load(&gguf)?;
-        let template = ChatTemplate::new(info.chat_template.as_deref().unwrap_or(template::CHATML))?;
+        let template =
+            ChatTemplate::new(info.chat_template.as_deref().unwrap_or(template::CHATML))?;
         let dev = create_device(device)?;
-        let weights = qwen2::Qwen2::load(&mut gguf, &info, &dev).map_err(|e| EngineError::Load {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
+        let weights =
+            qwen2::Qwen2::load(&mut gguf, &info, &dev).map_err(|e| EngineError::Load {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            })?;
         Ok(Self {
             name: name.to_string(),
             device,
@@ -105,7 +107,11 @@ impl Model {
     }
 
     /// Starts generating after `prompt` (token ids). Nothing runs until it is iterated.
-    pub fn generate(&self, prompt: Vec<u32>, opts: &Options) -> Result<Generation<'_>, EngineError> {
+    pub fn generate(
+        &self,
+        prompt: Vec<u32>,
+        opts: &Options,
+    ) -> Result<Generation<'_>, EngineError> {
         Generation::new(self, prompt, opts)
     }
 }

@@ -130,10 +130,14 @@ impl Qwen2 {
                     .dequantize(device)
             };
             let (bq, bk, bv) = (f("attn_q.bias")?, f("attn_k.bias")?, f("attn_v.bias")?);
-            let attn_norm =
-                RmsNorm::from_qtensor(gguf.tensor(&format!("blk.{i}.attn_norm.weight"), device)?, eps)?;
-            let ffn_norm =
-                RmsNorm::from_qtensor(gguf.tensor(&format!("blk.{i}.ffn_norm.weight"), device)?, eps)?;
+            let attn_norm = RmsNorm::from_qtensor(
+                gguf.tensor(&format!("blk.{i}.attn_norm.weight"), device)?,
+                eps,
+            )?;
+            let ffn_norm = RmsNorm::from_qtensor(
+                gguf.tensor(&format!("blk.{i}.ffn_norm.weight"), device)?,
+                eps,
+            )?;
             layers.push(Layer {
                 wq,
                 wk,
@@ -199,8 +203,14 @@ impl Qwen2 {
                 .contiguous()
         };
         let q = heads(layer.wq.forward(x)?.broadcast_add(&layer.bq)?, self.n_head)?;
-        let k = heads(layer.wk.forward(x)?.broadcast_add(&layer.bk)?, self.n_kv_head)?;
-        let v = heads(layer.wv.forward(x)?.broadcast_add(&layer.bv)?, self.n_kv_head)?;
+        let k = heads(
+            layer.wk.forward(x)?.broadcast_add(&layer.bk)?,
+            self.n_kv_head,
+        )?;
+        let v = heads(
+            layer.wv.forward(x)?.broadcast_add(&layer.bv)?,
+            self.n_kv_head,
+        )?;
         let q = self.rope(&q, pos)?;
         let k = self.rope(&k, pos)?;
         let (k, v) = match slot.take() {

@@ -273,12 +273,15 @@ mod tests {
                 ..opts()
             });
             (0..50)
-                .map(|_| s.sample(&mut vec![1.0, 1.1, 0.9, 1.05, 0.95], &[]))
+                .map(|_| s.sample(&mut [1.0, 1.1, 0.9, 1.05, 0.95], &[]))
                 .collect::<Vec<_>>()
         };
         let a = draw();
         assert_eq!(a, draw());
-        assert!(a.iter().any(|&t| t != a[0]), "a flat distribution must vary: {a:?}");
+        assert!(
+            a.iter().any(|&t| t != a[0]),
+            "a flat distribution must vary: {a:?}"
+        );
     }
 
     #[test]
@@ -310,7 +313,7 @@ mod tests {
             ..opts()
         });
         for _ in 0..30 {
-            assert_eq!(s.sample(&mut vec![10.0, 0.0, 0.0, 0.0], &[]), 0);
+            assert_eq!(s.sample(&mut [10.0, 0.0, 0.0, 0.0], &[]), 0);
         }
         let mut s = Sampler::new(&Options {
             top_k: 0,
@@ -320,7 +323,7 @@ mod tests {
             ..opts()
         });
         for _ in 0..30 {
-            assert_eq!(s.sample(&mut vec![0.0, 5.0, 0.0, 0.0], &[]), 1);
+            assert_eq!(s.sample(&mut [0.0, 5.0, 0.0, 0.0], &[]), 1);
         }
     }
 
