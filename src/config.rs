@@ -144,6 +144,17 @@ struct RawConfig {
     models: BTreeMap<String, ModelSpec>,
     #[serde(default)]
     layouts: BTreeMap<String, Layout>,
+    #[serde(default)]
+    routing: Routing,
+}
+
+/// How requests for the routed model are recognised.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Routing {
+    /// Model names that mean "pick the model for me", besides "auto".
+    #[serde(default)]
+    pub aliases: Vec<String>,
 }
 
 fn default_layout() -> String {
@@ -161,6 +172,7 @@ pub struct Config {
     pub prefer: Vec<String>,
     pub models: BTreeMap<String, ModelSpec>,
     pub layouts: BTreeMap<String, Layout>,
+    pub routing: Routing,
 }
 
 impl Config {
@@ -202,6 +214,7 @@ impl Config {
             prefer: raw.prefer,
             models: raw.models,
             layouts: raw.layouts,
+            routing: raw.routing,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -237,6 +250,13 @@ impl Config {
                         "alias '{alias}' of model '{name}' is already a model name or another alias"
                     )));
                 }
+            }
+        }
+        for alias in std::iter::once(&"auto".to_string()).chain(&self.routing.aliases) {
+            if !names.insert(alias) {
+                return Err(self.invalid(format!(
+                    "routed name '{alias}' is already a model name or alias"
+                )));
             }
         }
         for (lname, layout) in &self.layouts {

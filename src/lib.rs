@@ -1,7 +1,9 @@
 //! duet: serve local Qwen2.5-Coder models in-process with candle, each pinned to its own
 //! device, behind the Ollama API.
 
+pub mod api;
 pub mod config;
 pub mod engine;
 pub mod hub;
 pub mod layout;
+pub mod serve;

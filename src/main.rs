@@ -28,6 +28,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the Ollama and OpenAI-compatible APIs with every model of the layout loaded
+    Serve(ServeArgs),
     /// Generate an answer and stream it to stdout
     Run(RunArgs),
     /// List the configured models, where they run and whether their weights are present
@@ -39,6 +41,22 @@ enum Command {
         #[arg(long)]
         template: bool,
     },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address to listen on, as OLLAMA_HOST is written (default 127.0.0.1:11434)
+    #[arg(long)]
+    host: Option<String>,
+    /// Requests that may wait per model before the server answers 503
+    #[arg(long, env = "OLLAMA_MAX_QUEUE", default_value_t = 16)]
+    max_queue: usize,
+    /// Largest request body in bytes
+    #[arg(long, default_value_t = 32 << 20)]
+    max_body: usize,
+    /// Cap on tokens generated per request (num_predict / max_tokens); unlimited if unset
+    #[arg(long, env = "DUET_MAX_PREDICT")]
+    max_predict: Option<i32>,
 }
 
 #[derive(clap::Args)]
@@ -95,6 +113,29 @@ fn real_main() -> Result<()> {
     let cli = Cli::parse();
     let config = Config::load(cli.config.as_deref())?;
     match cli.command {
+        Command::Serve(args) => {
+            let deployment = deployment(config, cli.layout.as_deref())?;
+            // candle's CPU kernels share one process-wide pool: give it every core.
+            set_threads(available_cores());
+            let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+            let host = args
+                .host
+                .or_else(|| env("DUET_HOST"))
+                .or_else(|| env("OLLAMA_HOST"))
+                .unwrap_or_else(|| duet::serve::DEFAULT_HOST.to_string());
+            duet::serve::serve(
+                deployment,
+                duet::serve::ServeOptions {
+                    host,
+                    max_queue: args.max_queue.max(1),
+                    limits: duet::api::Limits {
+                        max_body: args.max_body,
+                        max_predict: args.max_predict,
+                    },
+                    origins: env("OLLAMA_ORIGINS"),
+                },
+            )
+        }
         Command::Run(args) => {
             let deployment = deployment(config, cli.layout.as_deref())?;
             run(&deployment, args)

@@ -7,6 +7,7 @@ pub mod qwen2;
 pub mod sampling;
 pub mod template;
 pub mod tokenizer;
+pub mod worker;
 
 pub use generate::{DoneReason, Generation, Piece, Summary};
 pub use gguf::{GgufError, GgufFile, ModelInfo};

@@ -1,0 +1,334 @@
+//! The HTTP API: Ollama's native routes (`ollama.rs`), the OpenAI-compatible ones
+//! (`openai.rs`), and what they share: state, model lookup, body parsing, errors.
+
+pub mod ollama;
+pub mod openai;
+mod stream;
+
+use crate::engine::worker::{Event, Job, ModelSlot, SubmitError};
+use crate::engine::{Model, Options};
+use axum::http::{HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use serde::de::DeserializeOwned;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+/// The Ollama version duet reports: clients gate features on it, so it names the
+/// Ollama release whose API duet follows.
+pub const OLLAMA_VERSION: &str = "0.12.6";
+
+/// Server limits from the command line.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest accepted request body, bytes.
+    pub max_body: usize,
+    /// Upper bound on num_predict / max_tokens; requests asking for more (or for no
+    /// limit) are capped here.
+    pub max_predict: Option<i32>,
+}
+
+pub struct AppState {
+    pub slots: Vec<Arc<ModelSlot>>,
+    /// Names that mean "route this request" ("auto" and configured aliases).
+    pub routed_names: Vec<String>,
+    /// Model served for routed names until the router lands.
+    pub default_model: String,
+    /// Alias → canonical name.
+    pub aliases: Vec<(String, String)>,
+    pub limits: Limits,
+    pub started: SystemTime,
+}
+
+/// An API error: the HTTP status and Ollama's `{"error": "..."}` message.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+    pub fn not_found(model: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, format!("model '{model}' not found"))
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+    }
+}
+
+impl From<crate::engine::EngineError> for ApiError {
+    fn from(e: crate::engine::EngineError) -> Self {
+        use crate::engine::EngineError as E;
+        let status = match e {
+            E::Option(_) | E::EmptyPrompt | E::Template(_) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self::new(status, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            axum::Json(serde_json::json!({ "error": self.message })),
+        )
+            .into_response()
+    }
+}
+
+/// Parses a JSON body whatever its Content-Type says, as Ollama does (`curl -d` sends a
+/// form content type). An empty body is an empty object.
+pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let body = if body.iter().all(u8::is_ascii_whitespace) {
+        b"{}".as_slice()
+    } else {
+        body
+    };
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+/// A model picked for a request.
+pub struct Target {
+    pub slot: Arc<ModelSlot>,
+    /// The name the client asked for ("auto" for a routed request).
+    pub requested: String,
+    pub routed: bool,
+}
+
+impl AppState {
+    pub fn slot(&self, canonical: &str) -> Option<&Arc<ModelSlot>> {
+        self.slots.iter().find(|s| s.name == canonical)
+    }
+
+    fn canonical<'a>(&'a self, name: &'a str) -> &'a str {
+        // Ollama treats "name" and "name:latest" alike.
+        let name = name.strip_suffix(":latest").unwrap_or(name);
+        self.aliases
+            .iter()
+            .find(|(a, _)| a == name)
+            .map(|(_, c)| c.as_str())
+            .unwrap_or(name)
+    }
+
+    /// Resolves a requested model name: missing → 400, unknown → 404.
+    pub fn target(&self, name: Option<&str>) -> Result<Target, ApiError> {
+        let name = name.map(str::trim).unwrap_or_default();
+        if name.is_empty() {
+            return Err(ApiError::bad_request("model is required"));
+        }
+        let routed = self.routed_names.iter().any(|r| r == name);
+        let canonical = if routed {
+            self.default_model.as_str()
+        } else {
+            self.canonical(name)
+        };
+        let slot = self
+            .slot(canonical)
+            .ok_or_else(|| ApiError::not_found(name))?;
+        Ok(Target {
+            slot: slot.clone(),
+            requested: name.to_string(),
+            routed,
+        })
+    }
+
+    /// Whether every model has finished loading (loaded or failed).
+    pub fn all_settled(&self) -> bool {
+        self.slots
+            .iter()
+            .all(|s| s.is_ready() || s.failure().is_some())
+    }
+
+    pub fn all_ready(&self) -> bool {
+        self.slots.iter().all(|s| s.is_ready())
+    }
+
+    /// Applies the server's num_predict cap.
+    pub fn cap_predict(&self, opts: &mut Options) {
+        if let Some(cap) = self.limits.max_predict {
+            if opts.num_predict < 0 || opts.num_predict > cap {
+                opts.num_predict = cap;
+            }
+        }
+    }
+}
+
+/// A submitted job: the event stream and what it needs to answer.
+pub struct Running {
+    pub events: tokio::sync::mpsc::Receiver<Event>,
+    pub model: Arc<Model>,
+    pub target: Target,
+}
+
+/// Tokenizes nothing: hands prompt tokens to the target's worker.
+pub fn submit(target: Target, prompt: Vec<u32>, options: Options) -> Result<Running, ApiError> {
+    let model = target
+        .slot
+        .model()
+        .cloned()
+        .ok_or_else(|| ApiError::from(SubmitError::Loading(target.slot.name.clone())))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    target.slot.submit(Job {
+        model: target.slot.name.clone(),
+        prompt,
+        options,
+        events: tx,
+        enqueued: Instant::now(),
+    })?;
+    Ok(Running {
+        events: rx,
+        model,
+        target,
+    })
+}
+
+/// The loaded model of a target, or 503 while it loads.
+pub fn loaded(target: &Target) -> Result<Arc<Model>, ApiError> {
+    if let Some(why) = target.slot.failure() {
+        return Err(SubmitError::Unavailable {
+            model: target.slot.name.clone(),
+            why: why.to_string(),
+        }
+        .into());
+    }
+    target
+        .slot
+        .model()
+        .cloned()
+        .ok_or_else(|| SubmitError::Loading(target.slot.name.clone()).into())
+}
+
+/// CORS as Ollama does it: localhost origins (and OLLAMA_ORIGINS, comma-separated, `*`
+/// allowed) may call the API from a browser.
+pub fn cors(origins_env: Option<String>) -> tower_http::cors::CorsLayer {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let mut allowed: Vec<String> = Vec::new();
+    for host in ["localhost", "127.0.0.1", "0.0.0.0"] {
+        for scheme in ["http", "https"] {
+            allowed.push(format!("{scheme}://{host}"));
+            allowed.push(format!("{scheme}://{host}:*"));
+        }
+    }
+    for extra in [
+        "app://*",
+        "file://*",
+        "tauri://*",
+        "vscode-webview://*",
+        "vscode-file://*",
+    ] {
+        allowed.push(extra.to_string());
+    }
+    let mut any = false;
+    if let Some(env) = origins_env {
+        for o in env.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+            if o == "*" {
+                any = true;
+            }
+            allowed.push(o.to_string());
+        }
+    }
+    let layer = CorsLayer::new()
+        .allow_methods([
+            Method::GET,
+            Method::POST,
+            Method::PUT,
+            Method::DELETE,
+            Method::HEAD,
+            Method::OPTIONS,
+        ])
+        .allow_headers(tower_http::cors::Any);
+    if any {
+        return layer.allow_origin(tower_http::cors::Any);
+    }
+    layer.allow_origin(AllowOrigin::predicate(move |origin: &HeaderValue, _| {
+        origin
+            .to_str()
+            .map(|o| allowed.iter().any(|pat| origin_matches(pat, o)))
+            .unwrap_or(false)
+    }))
+}
+
+/// Glob match with `*` wildcards, as OLLAMA_ORIGINS patterns are written.
+fn origin_matches(pattern: &str, origin: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == origin;
+    }
+    let mut rest = origin;
+    for (i, part) in parts.iter().enumerate() {
+        if i == 0 {
+            match rest.strip_prefix(part) {
+                Some(r) => rest = r,
+                None => return false,
+            }
+        } else if i == parts.len() - 1 {
+            return rest.ends_with(part);
+        } else {
+            match rest.find(part) {
+                Some(at) => rest = &rest[at + part.len()..],
+                None => return false,
+            }
+        }
+    }
+    true
+}
+
+/// Every route of the API.
+pub fn router(state: Arc<AppState>, origins_env: Option<String>) -> Router {
+    let max_body = state.limits.max_body;
+    Router::new()
+        .merge(ollama::routes())
+        .merge(openai::routes())
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .layer(cors(origins_env))
+        .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origin_globs() {
+        assert!(origin_matches(
+            "http://localhost:*",
+            "http://localhost:3000"
+        ));
+        assert!(origin_matches("http://localhost", "http://localhost"));
+        assert!(!origin_matches(
+            "http://localhost",
+            "http://localhost.evil.com"
+        ));
+        assert!(origin_matches(
+            "https://*.example.com",
+            "https://app.example.com"
+        ));
+        assert!(!origin_matches(
+            "https://*.example.com",
+            "https://example.org"
+        ));
+    }
+
+    #[test]
+    fn bodies_parse_as_json_or_fail_clearly() {
+        let v: serde_json::Value = parse_body(b"  ").unwrap();
+        assert_eq!(v, serde_json::json!({}));
+        let e = parse_body::<serde_json::Value>(b"{nope").unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert!(e.message.starts_with("invalid JSON body"), "{}", e.message);
+    }
+}

@@ -1,0 +1,447 @@
+//! Ollama's native API (docs/api.md): version, tags, show, ps, generate, chat.
+
+use super::stream::{body_response, collect, items, ndjson_line, Item};
+use super::{loaded, parse_body, submit, ApiError, AppState, Target, OLLAMA_VERSION};
+use crate::engine::{Message, Model, Options, Summary};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+type S = State<Arc<AppState>>;
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/", get(root).head(root))
+        .route("/api/version", get(version).head(version))
+        .route("/api/tags", get(tags).head(tags))
+        .route("/api/show", post(show))
+        .route("/api/ps", get(ps))
+        .route("/api/generate", post(generate))
+        .route("/api/chat", post(chat))
+        .route("/ready", get(ready))
+}
+
+async fn root() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        "Ollama is running",
+    )
+}
+
+async fn version() -> Json<Value> {
+    Json(json!({ "version": OLLAMA_VERSION }))
+}
+
+/// 200 once every model is loaded and warm, 503 before (and if one failed).
+async fn ready(State(st): S) -> Response {
+    let models: Vec<Value> = st
+        .slots
+        .iter()
+        .map(|s| {
+            let state = if s.is_ready() {
+                "ready"
+            } else if s.failure().is_some() {
+                "failed"
+            } else {
+                "loading"
+            };
+            json!({"name": s.name, "device": s.device.to_string(), "state": state, "error": s.failure()})
+        })
+        .collect();
+    let ok = st.all_ready();
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(json!({"ready": ok, "models": models}))).into_response()
+}
+
+pub fn now_rfc3339() -> String {
+    rfc3339(std::time::SystemTime::now())
+}
+
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    chrono::DateTime::<chrono::Utc>::from(t).to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+}
+
+/// Ollama's `details` object.
+pub fn details(info: &crate::engine::ModelInfo) -> Value {
+    json!({
+        "parent_model": "",
+        "format": "gguf",
+        "family": info.architecture,
+        "families": [info.architecture],
+        "parameter_size": info.size_label.clone().unwrap_or_else(|| info.parameter_size()),
+        "quantization_level": info.quantization,
+    })
+}
+
+/// "sha256:<hex>": the hf-hub blob name (the file's sha256) when the weights come from
+/// the cache, else a digest of the path and size.
+pub fn digest(path: &std::path::Path, size: u64) -> String {
+    let blob = std::fs::canonicalize(path).ok().and_then(|p| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .filter(|n| n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+            .map(str::to_string)
+    });
+    blob.unwrap_or_else(|| {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (path, size).hash(&mut h);
+        format!("{:064x}", h.finish())
+    })
+}
+
+fn modified_at(path: &std::path::Path) -> String {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .map(rfc3339)
+        .unwrap_or_else(|_| now_rfc3339())
+}
+
+async fn tags(State(st): S) -> Json<Value> {
+    let models: Vec<Value> = st
+        .slots
+        .iter()
+        .map(|s| {
+            json!({
+                "name": s.name,
+                "model": s.name,
+                "modified_at": modified_at(&s.path),
+                "size": s.info.file_size,
+                "digest": digest(&s.path, s.info.file_size),
+                "details": details(&s.info),
+            })
+        })
+        .collect();
+    Json(json!({ "models": models }))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ShowRequest {
+    model: Option<String>,
+    name: Option<String>,
+}
+
+async fn show(State(st): S, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let req: ShowRequest = parse_body(&body)?;
+    let t = st.target(req.model.as_deref().or(req.name.as_deref()))?;
+    let info = &t.slot.info;
+    let a = &info.architecture;
+    let mut model_info = serde_json::Map::new();
+    let mut put = |k: String, v: Value| {
+        model_info.insert(k, v);
+    };
+    put("general.architecture".into(), json!(a));
+    put(
+        "general.parameter_count".into(),
+        json!(info.parameter_count),
+    );
+    put("general.file_type".into(), json!(info.quantization));
+    if let Some(n) = &info.name {
+        put("general.name".into(), json!(n));
+    }
+    put(format!("{a}.context_length"), json!(info.context_length));
+    put(
+        format!("{a}.embedding_length"),
+        json!(info.embedding_length),
+    );
+    put(format!("{a}.block_count"), json!(info.block_count));
+    put(
+        format!("{a}.feed_forward_length"),
+        json!(info.feed_forward_length),
+    );
+    put(format!("{a}.attention.head_count"), json!(info.head_count));
+    put(
+        format!("{a}.attention.head_count_kv"),
+        json!(info.head_count_kv),
+    );
+    put(
+        format!("{a}.attention.layer_norm_rms_epsilon"),
+        json!(info.rms_norm_eps),
+    );
+    put(format!("{a}.rope.freq_base"), json!(info.rope_freq_base));
+    put("tokenizer.ggml.model".into(), json!("gpt2"));
+    put(
+        "tokenizer.ggml.eos_token_id".into(),
+        json!(info.eos_token_id),
+    );
+    put(
+        "tokenizer.ggml.bos_token_id".into(),
+        json!(info.bos_token_id),
+    );
+    put("duet.device".into(), json!(t.slot.device.to_string()));
+    let template = info
+        .chat_template
+        .clone()
+        .unwrap_or_else(|| crate::engine::template::CHATML.to_string());
+    let parameters = "stop                           \"<|im_start|>\"\nstop                           \"<|im_end|>\"\nstop                           \"<|endoftext|>\"";
+    Ok(Json(json!({
+        "license": "",
+        "modelfile": format!("# Modelfile generated by duet\nFROM {}\n", t.slot.path.display()),
+        "parameters": parameters,
+        "template": template,
+        "details": details(info),
+        "model_info": Value::Object(model_info),
+        "capabilities": ["completion", "insert"],
+        "modified_at": modified_at(&t.slot.path),
+    })))
+}
+
+async fn ps(State(st): S) -> Json<Value> {
+    // duet keeps every model of the layout loaded for the life of the server.
+    let expires =
+        rfc3339(std::time::SystemTime::now() + std::time::Duration::from_secs(100 * 365 * 86400));
+    let models: Vec<Value> = st
+        .slots
+        .iter()
+        .filter(|s| s.is_ready())
+        .map(|s| {
+            let size = s.info.file_size;
+            json!({
+                "name": s.name,
+                "model": s.name,
+                "size": size,
+                "digest": digest(&s.path, size),
+                "details": details(&s.info),
+                "expires_at": expires,
+                "size_vram": if s.device.is_cuda() { size } else { 0 },
+                "context_length": crate::engine::sampling::DEFAULT_NUM_CTX,
+                "device": s.device.to_string(),
+            })
+        })
+        .collect();
+    Json(json!({ "models": models }))
+}
+
+/// Parses Ollama's `options` object; unknown keys are ignored, wrong types are a 400.
+pub fn parse_options(v: Option<Value>) -> Result<Options, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(Options::default()),
+        Some(v) => {
+            let o: Options = serde_json::from_value(v)
+                .map_err(|e| ApiError::bad_request(format!("invalid options: {e}")))?;
+            o.validate()
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            Ok(o)
+        }
+    }
+}
+
+fn reject_format(format: &Option<Value>) -> Result<(), ApiError> {
+    match format {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::String(s)) if s.is_empty() => Ok(()),
+        Some(_) => Err(ApiError::bad_request(
+            "structured outputs (format \"json\" or a JSON schema) are not supported by duet yet",
+        )),
+    }
+}
+
+fn reject_images(images: &[Value], model: &str) -> Result<(), ApiError> {
+    if images.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "model '{model}' does not support images (it is text-only)"
+        )))
+    }
+}
+
+/// The model field of replies: what the client asked for, or the model a routed request landed on.
+fn reply_name(t: &Target) -> String {
+    if t.routed {
+        t.slot.name.clone()
+    } else {
+        t.requested.clone()
+    }
+}
+
+fn stats(s: &Summary) -> serde_json::Map<String, Value> {
+    let ns = |d: std::time::Duration| json!(d.as_nanos() as u64);
+    let mut m = serde_json::Map::new();
+    m.insert("done_reason".into(), json!(s.done_reason.as_str()));
+    m.insert("total_duration".into(), ns(s.total_duration));
+    m.insert("load_duration".into(), ns(s.load_duration));
+    m.insert("prompt_eval_count".into(), json!(s.prompt_eval_count));
+    m.insert("prompt_eval_duration".into(), ns(s.prompt_eval_duration));
+    m.insert("eval_count".into(), json!(s.eval_count));
+    m.insert("eval_duration".into(), ns(s.eval_duration));
+    m
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct GenerateRequest {
+    model: Option<String>,
+    prompt: String,
+    suffix: String,
+    system: Option<String>,
+    template: Option<String>,
+    context: Vec<u32>,
+    stream: Option<bool>,
+    raw: bool,
+    format: Option<Value>,
+    images: Option<Vec<Value>>,
+    options: Option<Value>,
+    #[allow(dead_code)]
+    keep_alive: Option<Value>,
+}
+
+/// Qwen2.5-Coder's fill-in-the-middle prompt, as Ollama's template writes it for `suffix`.
+fn fim_prompt(prefix: &str, suffix: &str) -> String {
+    format!("<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>")
+}
+
+async fn generate(State(st): S, body: Bytes) -> Result<Response, ApiError> {
+    let req: GenerateRequest = parse_body(&body)?;
+    let t = st.target(req.model.as_deref())?;
+    reject_images(req.images.as_deref().unwrap_or_default(), &t.requested)?;
+    reject_format(&req.format)?;
+    if req.template.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::bad_request(
+            "custom templates are not supported: duet renders the model's own chat template (use raw to send a prompt as is)",
+        ));
+    }
+    let mut options = parse_options(req.options)?;
+    st.cap_predict(&mut options);
+    let model: Arc<Model> = loaded(&t)?;
+    let name = reply_name(&t);
+    if req.prompt.is_empty() && req.suffix.is_empty() && req.context.is_empty() {
+        // Ollama answers an empty prompt by (re)loading the model.
+        return Ok(Json(json!({"model": name, "created_at": now_rfc3339(), "response": "", "done": true, "done_reason": "load"})).into_response());
+    }
+    let text = if req.raw {
+        req.prompt.clone()
+    } else if !req.suffix.is_empty() {
+        fim_prompt(&req.prompt, &req.suffix)
+    } else {
+        let mut messages = Vec::new();
+        if let Some(sys) = req.system.as_deref().filter(|s| !s.is_empty()) {
+            messages.push(Message::new("system", sys));
+        }
+        messages.push(Message::new("user", &req.prompt));
+        model.render_chat(&messages)?
+    };
+    let mut tokens = req.context.clone();
+    tokens.extend(model.tokenize(&text)?);
+    if let Some(bad) = tokens
+        .iter()
+        .find(|&&t| t as usize >= model.codec.vocab_size())
+    {
+        return Err(ApiError::bad_request(format!(
+            "context holds token id {bad}, outside the vocabulary"
+        )));
+    }
+    let running = submit(t, tokens, options)?;
+    let final_fields = move |s: &Summary| {
+        let mut m = stats(s);
+        m.insert("context".into(), json!(s.context));
+        m
+    };
+    if req.stream.unwrap_or(true) {
+        let lines = items(running.events).map(move |item| match item {
+            Item::Text(text) => ndjson_line(&json!({"model": name, "created_at": now_rfc3339(), "response": text, "done": false})),
+            Item::Done(s) => {
+                let mut m = final_fields(&s);
+                m.insert("model".into(), json!(name));
+                m.insert("created_at".into(), json!(now_rfc3339()));
+                m.insert("response".into(), json!(""));
+                m.insert("done".into(), json!(true));
+                ndjson_line(&Value::Object(m))
+            }
+            Item::Error(e) => ndjson_line(&json!({ "error": e })),
+        });
+        return Ok(body_response("application/x-ndjson", lines));
+    }
+    let c = collect(running.events).await?;
+    let mut m = final_fields(&c.summary);
+    m.insert("model".into(), json!(name));
+    m.insert("created_at".into(), json!(now_rfc3339()));
+    m.insert("response".into(), json!(c.text));
+    m.insert("done".into(), json!(true));
+    Ok(Json(Value::Object(m)).into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ChatMessage {
+    role: String,
+    content: Option<String>,
+    images: Option<Vec<Value>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ChatRequest {
+    model: Option<String>,
+    messages: Vec<ChatMessage>,
+    tools: Option<Vec<Value>>,
+    stream: Option<bool>,
+    format: Option<Value>,
+    options: Option<Value>,
+    #[allow(dead_code)]
+    keep_alive: Option<Value>,
+}
+
+async fn chat(State(st): S, body: Bytes) -> Result<Response, ApiError> {
+    let req: ChatRequest = parse_body(&body)?;
+    let t = st.target(req.model.as_deref())?;
+    reject_format(&req.format)?;
+    if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+        return Err(ApiError::bad_request(
+            "tool calling is not supported by duet yet",
+        ));
+    }
+    let mut messages = Vec::with_capacity(req.messages.len());
+    for m in &req.messages {
+        reject_images(m.images.as_deref().unwrap_or_default(), &t.requested)?;
+        if m.role.is_empty() {
+            return Err(ApiError::bad_request("every message needs a role"));
+        }
+        messages.push(Message::new(
+            &m.role,
+            m.content.as_deref().unwrap_or_default(),
+        ));
+    }
+    let mut options = parse_options(req.options)?;
+    st.cap_predict(&mut options);
+    let model = loaded(&t)?;
+    let name = reply_name(&t);
+    if messages.is_empty() {
+        return Ok(Json(json!({"model": name, "created_at": now_rfc3339(), "message": {"role": "assistant", "content": ""}, "done_reason": "load", "done": true})).into_response());
+    }
+    let prompt = model.tokenize(&model.render_chat(&messages)?)?;
+    let running = submit(t, prompt, options)?;
+    let finish = move |name: &str, s: &Summary, content: String| {
+        let mut m = stats(s);
+        m.insert("model".into(), json!(name));
+        m.insert("created_at".into(), json!(now_rfc3339()));
+        m.insert(
+            "message".into(),
+            json!({"role": "assistant", "content": content}),
+        );
+        m.insert("done".into(), json!(true));
+        Value::Object(m)
+    };
+    if req.stream.unwrap_or(true) {
+        let lines = items(running.events).map(move |item| match item {
+            Item::Text(text) => ndjson_line(&json!({"model": name, "created_at": now_rfc3339(), "message": {"role": "assistant", "content": text}, "done": false})),
+            Item::Done(s) => ndjson_line(&finish(&name, &s, String::new())),
+            Item::Error(e) => ndjson_line(&json!({ "error": e })),
+        });
+        return Ok(body_response("application/x-ndjson", lines));
+    }
+    let c = collect(running.events).await?;
+    Ok(Json(finish(&name, &c.summary, c.text)).into_response())
+}

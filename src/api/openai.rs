@@ -1,0 +1,377 @@
+//! The OpenAI-compatible API Ollama also serves: /v1/chat/completions, /v1/completions,
+//! /v1/models. Errors take OpenAI's shape, `{"error": {"message", "type", ...}}`.
+
+use super::stream::{body_response, collect, items, sse_event, Item};
+use super::{loaded, parse_body, submit, ApiError, AppState};
+use crate::engine::{Message, Options, Summary};
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+type S = State<Arc<AppState>>;
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/v1/models/{*id}", get(model))
+}
+
+/// An error in OpenAI's shape.
+pub struct OpenAiError(ApiError);
+
+impl From<ApiError> for OpenAiError {
+    fn from(e: ApiError) -> Self {
+        Self(e)
+    }
+}
+
+impl From<crate::engine::EngineError> for OpenAiError {
+    fn from(e: crate::engine::EngineError) -> Self {
+        Self(e.into())
+    }
+}
+
+impl IntoResponse for OpenAiError {
+    fn into_response(self) -> Response {
+        let kind = match self.0.status.as_u16() {
+            400 | 413 | 422 => "invalid_request_error",
+            404 => "not_found_error",
+            503 => "server_busy_error",
+            _ => "api_error",
+        };
+        (
+            self.0.status,
+            Json(json!({"error": {"message": self.0.message, "type": kind, "param": null, "code": null}})),
+        )
+            .into_response()
+    }
+}
+
+type Result<T> = std::result::Result<T, OpenAiError>;
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn completion_id(prefix: &str) -> String {
+    format!("{prefix}-{}", rand::random::<u32>() % 1000)
+}
+
+fn usage(s: &Summary) -> Value {
+    json!({
+        "prompt_tokens": s.prompt_eval_count,
+        "completion_tokens": s.eval_count,
+        "total_tokens": s.prompt_eval_count + s.eval_count,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct StreamOptions {
+    include_usage: bool,
+}
+
+/// The sampling fields both endpoints share, mapped onto Ollama's options the way
+/// Ollama's compatibility layer maps them (temperature and top_p default to 1).
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct Sampling {
+    max_tokens: Option<i32>,
+    max_completion_tokens: Option<i32>,
+    stop: Option<Stop>,
+    seed: Option<i64>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    frequency_penalty: Option<f32>,
+    presence_penalty: Option<f32>,
+    n: Option<u32>,
+}
+
+impl Sampling {
+    fn options(&self) -> std::result::Result<Options, ApiError> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err(ApiError::bad_request("only n = 1 is supported"));
+        }
+        let mut o = Options {
+            temperature: self.temperature.unwrap_or(1.0),
+            top_p: self.top_p.unwrap_or(1.0),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            ..Options::default()
+        };
+        if let Some(seed) = self.seed {
+            o.seed = seed;
+        }
+        if let Some(n) = self.max_completion_tokens.or(self.max_tokens) {
+            if n < 0 {
+                return Err(ApiError::bad_request("max_tokens must be >= 0"));
+            }
+            o.num_predict = n;
+        }
+        o.stop = match &self.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s.clone()],
+            Some(Stop::Many(v)) => v.clone(),
+        };
+        o.stop.retain(|s| !s.is_empty());
+        o.validate()
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        Ok(o)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Value>),
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ChatRequest {
+    model: Option<String>,
+    messages: Vec<ChatMessage>,
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    response_format: Option<Value>,
+    tools: Option<Vec<Value>>,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+fn message_text(m: &ChatMessage) -> std::result::Result<String, ApiError> {
+    match &m.content {
+        None => Ok(String::new()),
+        Some(Content::Text(s)) => Ok(s.clone()),
+        Some(Content::Parts(parts)) => {
+            let mut text = String::new();
+            for p in parts {
+                match p.get("type").and_then(Value::as_str) {
+                    Some("text") => {
+                        text.push_str(p.get("text").and_then(Value::as_str).unwrap_or_default())
+                    }
+                    Some(other) => {
+                        return Err(ApiError::bad_request(format!(
+                            "content part of type '{other}' is not supported (text-only models)"
+                        )))
+                    }
+                    None => return Err(ApiError::bad_request("content part without a type")),
+                }
+            }
+            Ok(text)
+        }
+    }
+}
+
+fn finish_reason(s: &Summary) -> &'static str {
+    s.done_reason.as_str()
+}
+
+async fn chat_completions(State(st): S, body: Bytes) -> Result<Response> {
+    let req: ChatRequest = parse_body(&body)?;
+    let t = st.target(req.model.as_deref())?;
+    if req.messages.is_empty() {
+        return Err(ApiError::bad_request("messages must not be empty").into());
+    }
+    if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
+        return Err(ApiError::bad_request("tool calling is not supported by duet yet").into());
+    }
+    if let Some(kind) = req
+        .response_format
+        .as_ref()
+        .and_then(|f| f.get("type"))
+        .and_then(Value::as_str)
+    {
+        if kind != "text" {
+            return Err(ApiError::bad_request(format!(
+                "response_format '{kind}' is not supported by duet yet"
+            ))
+            .into());
+        }
+    }
+    let mut messages = Vec::with_capacity(req.messages.len());
+    for m in &req.messages {
+        messages.push(Message::new(&m.role, &message_text(m)?));
+    }
+    let mut options = req.sampling.options()?;
+    st.cap_predict(&mut options);
+    let model = loaded(&t)?;
+    let prompt = model.tokenize(&model.render_chat(&messages)?)?;
+    let name = t.slot.name.clone();
+    let running = submit(t, prompt, options)?;
+    let id = completion_id("chatcmpl");
+    let created = unix_now();
+    let chunk = move |delta: Value, finish: Option<&str>| {
+        json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": name,
+               "system_fingerprint": "fp_ollama",
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+    };
+    if req.stream {
+        let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
+        let events = items(running.events).flat_map(move |item| {
+            let out: Vec<String> = match item {
+                Item::Text(text) => vec![sse_event(&chunk(json!({"role": "assistant", "content": text}), None).to_string())],
+                Item::Done(s) => {
+                    let mut v = vec![sse_event(&chunk(json!({"role": "assistant", "content": ""}), Some(finish_reason(&s))).to_string())];
+                    if include_usage {
+                        let mut u = chunk(json!({}), None);
+                        u["choices"] = json!([]);
+                        u["usage"] = usage(&s);
+                        v.push(sse_event(&u.to_string()));
+                    }
+                    v.push(sse_event("[DONE]"));
+                    v
+                }
+                Item::Error(e) => vec![
+                    sse_event(&json!({"error": {"message": e, "type": "api_error", "param": null, "code": null}}).to_string()),
+                    sse_event("[DONE]"),
+                ],
+            };
+            futures_util::stream::iter(out)
+        });
+        return Ok(body_response("text/event-stream", events));
+    }
+    let c = collect(running.events).await?;
+    Ok(Json(json!({
+        "id": completion_id("chatcmpl"),
+        "object": "chat.completion",
+        "created": created,
+        "model": model.name,
+        "system_fingerprint": "fp_ollama",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text}, "finish_reason": finish_reason(&c.summary)}],
+        "usage": usage(&c.summary),
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct CompletionRequest {
+    model: Option<String>,
+    prompt: Option<Value>,
+    suffix: Option<String>,
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    #[serde(flatten)]
+    sampling: Sampling,
+}
+
+async fn completions(State(st): S, body: Bytes) -> Result<Response> {
+    let req: CompletionRequest = parse_body(&body)?;
+    let t = st.target(req.model.as_deref())?;
+    let prompt = match &req.prompt {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
+            a[0].as_str().unwrap_or_default().to_string()
+        }
+        None => return Err(ApiError::bad_request("prompt is required").into()),
+        Some(_) => return Err(ApiError::bad_request("prompt must be a string").into()),
+    };
+    let mut options = req.sampling.options()?;
+    st.cap_predict(&mut options);
+    let model = loaded(&t)?;
+    // As Ollama does: the prompt goes through the chat template, or FIM with a suffix.
+    let text = match req.suffix.as_deref().filter(|s| !s.is_empty()) {
+        Some(suffix) => format!("<|fim_prefix|>{prompt}<|fim_suffix|>{suffix}<|fim_middle|>"),
+        None => model.render_chat(&[Message::new("user", &prompt)])?,
+    };
+    let tokens = model.tokenize(&text)?;
+    let name = t.slot.name.clone();
+    let running = submit(t, tokens, options)?;
+    let id = completion_id("cmpl");
+    let created = unix_now();
+    let chunk = move |text: &str, finish: Option<&str>| {
+        json!({"id": id, "object": "text_completion", "created": created, "model": name,
+               "system_fingerprint": "fp_ollama",
+               "choices": [{"text": text, "index": 0, "finish_reason": finish}]})
+    };
+    if req.stream {
+        let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
+        let events = items(running.events).flat_map(move |item| {
+            let out: Vec<String> = match item {
+                Item::Text(text) => vec![sse_event(&chunk(&text, None).to_string())],
+                Item::Done(s) => {
+                    let mut v = vec![sse_event(&chunk("", Some(finish_reason(&s))).to_string())];
+                    if include_usage {
+                        let mut u = chunk("", None);
+                        u["choices"] = json!([]);
+                        u["usage"] = usage(&s);
+                        v.push(sse_event(&u.to_string()));
+                    }
+                    v.push(sse_event("[DONE]"));
+                    v
+                }
+                Item::Error(e) => vec![
+                    sse_event(&json!({"error": {"message": e, "type": "api_error", "param": null, "code": null}}).to_string()),
+                    sse_event("[DONE]"),
+                ],
+            };
+            futures_util::stream::iter(out)
+        });
+        return Ok(body_response("text/event-stream", events));
+    }
+    let c = collect(running.events).await?;
+    Ok(Json(json!({
+        "id": completion_id("cmpl"),
+        "object": "text_completion",
+        "created": created,
+        "model": model.name,
+        "system_fingerprint": "fp_ollama",
+        "choices": [{"text": c.text, "index": 0, "finish_reason": finish_reason(&c.summary)}],
+        "usage": usage(&c.summary),
+    }))
+    .into_response())
+}
+
+fn model_object(name: &str, created: u64) -> Value {
+    json!({"id": name, "object": "model", "created": created, "owned_by": "library"})
+}
+
+fn created_of(path: &std::path::Path) -> u64 {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+async fn models(State(st): S) -> Json<Value> {
+    let data: Vec<Value> = st
+        .slots
+        .iter()
+        .map(|s| model_object(&s.name, created_of(&s.path)))
+        .collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+async fn model(State(st): S, Path(id): Path<String>) -> Result<Json<Value>> {
+    let t = st.target(Some(&id))?;
+    Ok(Json(model_object(&id, created_of(&t.slot.path))))
+}

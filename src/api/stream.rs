@@ -1,0 +1,90 @@
+//! Turning a job's events into HTTP bodies: NDJSON lines (Ollama), SSE (OpenAI), or one
+//! collected answer for non-streamed requests.
+
+use super::ApiError;
+use crate::engine::worker::Event;
+use crate::engine::Summary;
+use axum::body::Body;
+use axum::http::{header, StatusCode};
+use axum::response::Response;
+use futures_util::Stream;
+use tokio::sync::mpsc::Receiver;
+
+/// The whole answer of a non-streamed request.
+pub struct Collected {
+    pub text: String,
+    pub summary: Summary,
+}
+
+/// Waits for the job to end and gathers its text.
+pub async fn collect(mut events: Receiver<Event>) -> Result<Collected, ApiError> {
+    let mut text = String::new();
+    while let Some(ev) = events.recv().await {
+        match ev {
+            Event::Started { .. } => {}
+            Event::Text(t) => text.push_str(&t),
+            Event::Done(summary) => return Ok(Collected { text, summary }),
+            Event::Error(e) => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e)),
+        }
+    }
+    Err(ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "the worker stopped before the answer was complete",
+    ))
+}
+
+/// What a streamed body is made of, in order.
+pub enum Item {
+    Text(String),
+    Done(Summary),
+    Error(String),
+}
+
+/// The job's events as a stream of items; ends after Done or Error.
+pub fn items(events: Receiver<Event>) -> impl Stream<Item = Item> + Send {
+    futures_util::stream::unfold((events, false), |(mut rx, finished)| async move {
+        if finished {
+            return None;
+        }
+        loop {
+            match rx.recv().await {
+                Some(Event::Started { .. }) => continue,
+                Some(Event::Text(t)) => return Some((Item::Text(t), (rx, false))),
+                Some(Event::Done(s)) => return Some((Item::Done(s), (rx, true))),
+                Some(Event::Error(e)) => return Some((Item::Error(e), (rx, true))),
+                None => {
+                    return Some((
+                        Item::Error("the worker stopped before the answer was complete".into()),
+                        (rx, true),
+                    ))
+                }
+            }
+        }
+    })
+}
+
+/// A streamed body of text chunks with the given content type.
+pub fn body_response<S>(content_type: &'static str, chunks: S) -> Response
+where
+    S: Stream<Item = String> + Send + 'static,
+{
+    use futures_util::StreamExt;
+    let body = Body::from_stream(chunks.map(Ok::<_, std::convert::Infallible>));
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, content_type)
+        .body(body)
+        .unwrap_or_else(|_| Response::new(Body::empty()))
+}
+
+/// One NDJSON line.
+pub fn ndjson_line(v: &serde_json::Value) -> String {
+    let mut s = v.to_string();
+    s.push('\n');
+    s
+}
+
+/// One server-sent event carrying JSON (or the literal `[DONE]`).
+pub fn sse_event(data: &str) -> String {
+    format!("data: {data}\n\n")
+}

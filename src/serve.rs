@@ -1,0 +1,226 @@
+//! `duet serve`: load every model of the layout on its device's worker, then answer the
+//! Ollama and OpenAI-compatible APIs until SIGINT/SIGTERM.
+
+use crate::api::{self, AppState, Limits};
+use crate::engine::worker::{self, ModelSlot, Placement};
+use crate::engine::GgufFile;
+use crate::layout::Deployment;
+use anyhow::{Context, Result};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+pub const DEFAULT_HOST: &str = "127.0.0.1:11434";
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// host[:port], scheme allowed, as OLLAMA_HOST is written.
+    pub host: String,
+    /// Requests that may wait per model before 503.
+    pub max_queue: usize,
+    pub limits: Limits,
+    pub origins: Option<String>,
+}
+
+/// Parses OLLAMA_HOST-style addresses: "0.0.0.0", ":8080", "http://host:1234", "[::1]:11434".
+pub fn parse_host(s: &str) -> Result<SocketAddr> {
+    let s = s.trim();
+    let s = s
+        .strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"))
+        .unwrap_or(s)
+        .trim_end_matches('/');
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, _)) if !h.ends_with(']') && h.contains(':') => (s, "11434"), // bare IPv6
+        Some((h, p)) => (h, p),
+        None => (s, "11434"),
+    };
+    let host = match host.trim_start_matches('[').trim_end_matches(']') {
+        "" => "127.0.0.1",
+        "localhost" => "127.0.0.1",
+        h => h,
+    };
+    let port: u16 = port
+        .parse()
+        .with_context(|| format!("bad port in host address '{s}'"))?;
+    let ip: std::net::IpAddr = host.parse().with_context(|| {
+        format!("bad host address '{s}' (expected an IP address, optionally with :port)")
+    })?;
+    Ok(SocketAddr::new(ip, port))
+}
+
+/// Reads each placed model's file header and starts one worker per device.
+fn start_workers(d: &Deployment, max_queue: usize) -> Result<Vec<Arc<ModelSlot>>> {
+    let mut by_device: BTreeMap<_, Vec<Placement>> = BTreeMap::new();
+    for p in &d.layout().place {
+        let Some(m) = d.model(&p.model) else { continue };
+        let path = match m.weights {
+            Ok(path) => path,
+            Err(e) => {
+                tracing::error!(model = %p.model, "unavailable: {e}");
+                continue;
+            }
+        };
+        let info = match GgufFile::open(&path).and_then(|g| g.info()) {
+            Ok(info) => info,
+            Err(e) => {
+                tracing::error!(model = %p.model, "unavailable: {e}");
+                continue;
+            }
+        };
+        by_device.entry(p.device).or_default().push(Placement {
+            name: p.model.clone(),
+            path,
+            info,
+        });
+    }
+    if by_device.is_empty() {
+        anyhow::bail!("no model of layout '{}' can be loaded", d.layout_name);
+    }
+    let mut slots = Vec::new();
+    for (device, placements) in by_device {
+        slots.extend(worker::spawn(device, placements, max_queue));
+    }
+    Ok(slots)
+}
+
+/// Shows loading progress until every model is loaded (or failed).
+async fn report_progress(state: Arc<AppState>) {
+    let start = Instant::now();
+    let multi = indicatif::MultiProgress::new();
+    let bars: Vec<_> = state
+        .slots
+        .iter()
+        .map(|s| {
+            let bar = multi.add(indicatif::ProgressBar::new_spinner());
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {msg} [{elapsed}]")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            bar.set_message(format!("loading {} on {}", s.name, s.device));
+            bar.enable_steady_tick(Duration::from_millis(120));
+            bar
+        })
+        .collect();
+    let mut done = vec![false; bars.len()];
+    loop {
+        for (i, s) in state.slots.iter().enumerate() {
+            if done[i] {
+                continue;
+            }
+            if s.is_ready() {
+                bars[i].finish_with_message(format!("{} ready on {}", s.name, s.device));
+                done[i] = true;
+            } else if let Some(e) = s.failure() {
+                bars[i].abandon_with_message(format!("{} failed on {}: {e}", s.name, s.device));
+                done[i] = true;
+            }
+        }
+        if done.iter().all(|d| *d) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let failed: Vec<&str> = state
+        .slots
+        .iter()
+        .filter(|s| s.failure().is_some())
+        .map(|s| s.name.as_str())
+        .collect();
+    if failed.is_empty() {
+        tracing::info!(
+            secs = start.elapsed().as_secs_f64(),
+            "all models loaded and warm: ready"
+        );
+        eprintln!("duet is ready ({:.1}s)", start.elapsed().as_secs_f64());
+    } else {
+        tracing::warn!(?failed, "some models failed to load; serving the others");
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down: finishing in-flight requests");
+}
+
+pub fn serve(d: Deployment, opts: ServeOptions) -> Result<()> {
+    let addr = parse_host(&opts.host)?;
+    let slots = start_workers(&d, opts.max_queue)?;
+    let layout = d.layout();
+    let default_model = layout
+        .place
+        .iter()
+        .map(|p| p.model.clone())
+        .find(|m| slots.iter().any(|s| &s.name == m))
+        .unwrap_or_default();
+    let mut routed_names = vec!["auto".to_string()];
+    routed_names.extend(d.config.routing.aliases.iter().cloned());
+    let aliases = d
+        .config
+        .models
+        .iter()
+        .flat_map(|(name, spec)| spec.aliases.iter().map(move |a| (a.clone(), name.clone())))
+        .collect();
+    let state = Arc::new(AppState {
+        slots,
+        routed_names,
+        default_model,
+        aliases,
+        limits: opts.limits.clone(),
+        started: SystemTime::now(),
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        eprintln!(
+            "duet listening on http://{} (layout {}): loading models",
+            listener.local_addr()?,
+            d.layout_name
+        );
+        tokio::spawn(report_progress(state.clone()));
+        let app = api::router(state, opts.origins.clone());
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .context("server error")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_parse_like_ollama_host() {
+        let p = |s| parse_host(s).unwrap().to_string();
+        assert_eq!(p("127.0.0.1:11434"), "127.0.0.1:11434");
+        assert_eq!(p("0.0.0.0"), "0.0.0.0:11434");
+        assert_eq!(p(":8080"), "127.0.0.1:8080");
+        assert_eq!(p("http://localhost:1234/"), "127.0.0.1:1234");
+        assert_eq!(p("[::1]:9000"), "[::1]:9000");
+        assert!(parse_host("nowhere:x").is_err());
+    }
+}

@@ -1,0 +1,84 @@
+//! A real `duet serve` process for HTTP tests. It is started from a thread that lives as
+//! long as the test binary and is killed (PR_SET_PDEATHSIG) when the binary exits.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub struct Server {
+    pub base: String,
+    pub pid: u32,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn spawn_child(args: Vec<String>, port: u16) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_duet"));
+    cmd.args(&args)
+        .args(["serve", "--host", &format!("127.0.0.1:{port}")])
+        .current_dir(super::repo_root())
+        .env("HF_HUB_OFFLINE", "1")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    cmd.spawn().expect("spawn duet serve")
+}
+
+/// Starts `duet [args] serve` on a free port and waits until /ready answers 200.
+pub fn start(args: &[&str]) -> Server {
+    let port = free_port();
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut child = spawn_child(args, port);
+        let pid = child.id();
+        let stderr = child.stderr.take().unwrap();
+        tx.send(pid).unwrap();
+        // Keep the spawning thread alive (PDEATHSIG is tied to it) and relay the log.
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("[duet serve :{port}] {line}");
+        }
+        let _ = child.wait();
+        loop {
+            std::thread::park();
+        }
+    });
+    let pid = rx.recv().unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let client = reqwest::blocking::Client::new();
+    loop {
+        if let Ok(r) = client.get(format!("{base}/ready")).send() {
+            if r.status() == 200 {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "duet serve did not become ready");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Server { base, pid }
+}
+
+pub fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(600))
+        .build()
+        .unwrap()
+}
