@@ -52,7 +52,8 @@ async fn ready(State(st): S) -> Response {
             } else {
                 "loading"
             };
-            json!({"name": s.name, "device": s.device.to_string(), "state": state, "error": s.failure()})
+            json!({"name": s.name, "device": s.device.to_string(), "state": state, "error": s.failure(),
+                   "queued": s.queue_depth(), "in_flight": s.in_flight()})
         })
         .collect();
     let ok = st.all_ready();

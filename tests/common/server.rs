@@ -22,10 +22,11 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn spawn_child(args: Vec<String>, port: u16) -> Child {
+fn spawn_child(global: Vec<String>, serve: Vec<String>, port: u16) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_duet"));
-    cmd.args(&args)
+    cmd.args(&global)
         .args(["serve", "--host", &format!("127.0.0.1:{port}")])
+        .args(&serve)
         .current_dir(super::repo_root())
         .env("HF_HUB_OFFLINE", "1")
         .env("RUST_LOG", "warn")
@@ -43,11 +44,17 @@ fn spawn_child(args: Vec<String>, port: u16) -> Child {
 
 /// Starts `duet [args] serve` on a free port and waits until /ready answers 200.
 pub fn start(args: &[&str]) -> Server {
+    start_with(args, &[])
+}
+
+/// Starts `duet [global] serve [serve]` on a free port and waits until /ready answers 200.
+pub fn start_with(global: &[&str], serve: &[&str]) -> Server {
     let port = free_port();
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let global: Vec<String> = global.iter().map(|s| s.to_string()).collect();
+    let serve: Vec<String> = serve.iter().map(|s| s.to_string()).collect();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        let mut child = spawn_child(args, port);
+        let mut child = spawn_child(global, serve, port);
         let pid = child.id();
         let stderr = child.stderr.take().unwrap();
         tx.send(pid).unwrap();

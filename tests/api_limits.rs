@@ -1,0 +1,173 @@
+//! Server limits on single-model servers: the bounded queue, client disconnects, the
+//! request body and num_predict caps, CORS, and graceful shutdown.
+
+mod common;
+#[path = "common/server.rs"]
+mod server;
+
+use common::*;
+use serde_json::{json, Value};
+use server::{client, Server};
+use std::io::{BufRead, BufReader};
+use std::time::{Duration, Instant};
+
+/// A models.toml with only the 0.5B model, on cpu:0.
+fn small_only() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "[models.\"{SMALL}\"]\npath = \"{}\"\n[[layouts.one.place]]\nmodel = \"{SMALL}\"\ndevice = \"cpu:0\"\ntiers = [\"simple\", \"moderate\", \"complex\"]\n",
+        weights(SMALL).display()
+    );
+    std::fs::write(dir.path().join("models.toml"), toml).unwrap();
+    dir
+}
+
+fn start(dir: &tempfile::TempDir, extra: &[&str]) -> Server {
+    let cfg = dir.path().join("models.toml");
+    server::start_with(&["--config", cfg.to_str().unwrap()], extra)
+}
+
+fn slot(srv: &Server) -> Value {
+    let v: Value = client()
+        .get(format!("{}/ready", srv.base))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    v["models"][0].clone()
+}
+
+fn wait_for(srv: &Server, what: &str, pred: impl Fn(&Value) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !pred(&slot(srv)) {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {}",
+            slot(srv)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn long_stream(srv: &Server) -> BufReader<reqwest::blocking::Response> {
+    let r = client()
+        .post(format!("{}/api/generate", srv.base))
+        .json(&json!({"model": SMALL, "prompt": "Count from 1 to 10000.", "options": {"num_predict": 5000}}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut lines = BufReader::new(r);
+    let mut first = String::new();
+    lines.read_line(&mut first).unwrap(); // the generation is running
+    lines
+}
+
+#[test]
+fn full_queue_is_503_and_a_disconnect_frees_the_worker() {
+    let dir = small_only();
+    let srv = start(&dir, &["--max-queue", "1"]);
+    let running = long_stream(&srv);
+    wait_for(&srv, "the long request to start", |m| m["in_flight"] == 1);
+    // One more request may wait in the queue...
+    let base = srv.base.clone();
+    let queued = std::thread::spawn(move || {
+        let r = client()
+            .post(format!("{base}/api/generate"))
+            .json(&json!({"model": SMALL, "prompt": "hi", "stream": false, "options": {"num_predict": 1}}))
+            .send()
+            .unwrap();
+        r.status().as_u16()
+    });
+    wait_for(&srv, "the second request to queue", |m| m["queued"] == 1);
+    // ...the next one is refused with Ollama's message.
+    let r = client()
+        .post(format!("{}/api/generate", srv.base))
+        .json(&json!({"model": SMALL, "prompt": "hi", "stream": false}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().unwrap();
+    assert_eq!(
+        v["error"],
+        "server busy, please try again.  maximum pending requests exceeded"
+    );
+    // The client of the 5000-token generation goes away: the worker stops it and takes
+    // the queued request, long before 5000 tokens could have been generated.
+    drop(running);
+    assert_eq!(queued.join().unwrap(), 200);
+    wait_for(&srv, "the worker to be idle", |m| {
+        m["in_flight"] == 0 && m["queued"] == 0
+    });
+}
+
+#[test]
+fn body_size_and_num_predict_caps_and_cors() {
+    let dir = small_only();
+    let srv = start(&dir, &["--max-body", "2048", "--max-predict", "3"]);
+    let big = json!({"model": SMALL, "prompt": "x".repeat(4096)});
+    let r = client()
+        .post(format!("{}/api/generate", srv.base))
+        .json(&big)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let r = client()
+        .post(format!("{}/api/generate", srv.base))
+        .json(&json!({"model": SMALL, "prompt": "Write a poem.", "stream": false, "options": {"num_predict": 100}}))
+        .send()
+        .unwrap();
+    let v: Value = r.json().unwrap();
+    assert_eq!(v["eval_count"], 3, "{v}");
+    assert_eq!(v["done_reason"], "length");
+
+    let preflight = |origin: &str| {
+        client()
+            .request(reqwest::Method::OPTIONS, format!("{}/api/chat", srv.base))
+            .header("Origin", origin)
+            .header("Access-Control-Request-Method", "POST")
+            .send()
+            .unwrap()
+    };
+    let ok = preflight("http://localhost:3000");
+    assert_eq!(
+        ok.headers()["access-control-allow-origin"],
+        "http://localhost:3000"
+    );
+    let evil = preflight("https://evil.example");
+    assert!(evil.headers().get("access-control-allow-origin").is_none());
+}
+
+#[test]
+fn sigterm_finishes_in_flight_requests_then_exits() {
+    let dir = small_only();
+    let srv = start(&dir, &[]);
+    let r = client()
+        .post(format!("{}/api/generate", srv.base))
+        .json(&json!({"model": SMALL, "prompt": "Count to 20.", "options": {"num_predict": 24, "temperature": 0}}))
+        .send()
+        .unwrap();
+    let mut lines = BufReader::new(r).lines();
+    let first: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["done"], false);
+    unsafe {
+        libc::kill(srv.pid as i32, libc::SIGTERM);
+    }
+    let rest: Vec<Value> = lines
+        .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
+        .collect();
+    assert_eq!(
+        rest.last().unwrap()["done"],
+        true,
+        "the in-flight answer was cut"
+    );
+    assert_eq!(rest.last().unwrap()["eval_count"], 24);
+    // New connections are refused once it has stopped.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client().get(format!("{}/", srv.base)).send().is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "server still answering after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
