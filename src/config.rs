@@ -132,6 +132,31 @@ pub struct Placement {
 #[serde(deny_unknown_fields)]
 pub struct Layout {
     pub place: Vec<Placement>,
+    /// Tier → models to try in order (the first available one serves). When absent, a
+    /// tier goes to the models placed for it, then to the layout's other models.
+    #[serde(default)]
+    pub route: BTreeMap<Tier, Vec<String>>,
+}
+
+impl Layout {
+    /// The ordered fallback chain of a tier.
+    pub fn chain(&self, tier: Tier) -> Vec<String> {
+        if let Some(list) = self.route.get(&tier) {
+            return list.clone();
+        }
+        let mut chain: Vec<String> = self
+            .place
+            .iter()
+            .filter(|p| p.tiers.contains(&tier))
+            .map(|p| p.model.clone())
+            .collect();
+        for p in &self.place {
+            if !chain.contains(&p.model) {
+                chain.push(p.model.clone());
+            }
+        }
+        chain
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -148,13 +173,90 @@ struct RawConfig {
     routing: Routing,
 }
 
-/// How requests for the routed model are recognised.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+/// The router's configuration: which names are routed and the classifier's rules.
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Routing {
     /// Model names that mean "pick the model for me", besides "auto".
     #[serde(default)]
     pub aliases: Vec<String>,
+    /// Tier when no rule or signal fires.
+    #[serde(default = "default_tier")]
+    pub default_tier: Tier,
+    /// A SIMPLE decision with less confidence than this goes to MODERATE.
+    #[serde(default)]
+    pub escalate_below: f32,
+    #[serde(default)]
+    pub signals: Signals,
+    /// Phrase rules; when a models.toml has none, the built-in ones apply.
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+}
+
+/// The classifier's rules are the routing section itself.
+pub type RoutingRules = Routing;
+
+fn default_tier() -> Tier {
+    Tier::Moderate
+}
+
+impl Default for Routing {
+    fn default() -> Self {
+        Self {
+            aliases: Vec::new(),
+            default_tier: default_tier(),
+            escalate_below: 0.0,
+            signals: Signals::default(),
+            rules: Vec::new(),
+        }
+    }
+}
+
+/// Weights and thresholds of the non-phrase signals (see router::classifier).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Signals {
+    /// Attached code at least this long adds `code_weight` to MODERATE…
+    pub long_code_lines: usize,
+    /// …and at least this long, to COMPLEX instead.
+    pub huge_code_lines: usize,
+    pub code_weight: f32,
+    /// A conversation of at least this many messages adds `turns_weight` to MODERATE.
+    pub many_turns: usize,
+    pub turns_weight: f32,
+    /// num_predict at most this adds `answer_weight` to SIMPLE…
+    pub short_answer_tokens: i32,
+    /// …and at least this, to COMPLEX.
+    pub long_answer_tokens: i32,
+    pub answer_weight: f32,
+    /// Rule weights found in the system prompt count this much.
+    pub system_factor: f32,
+}
+
+impl Default for Signals {
+    fn default() -> Self {
+        Self {
+            long_code_lines: 40,
+            huge_code_lines: 200,
+            code_weight: 1.0,
+            many_turns: 6,
+            turns_weight: 0.5,
+            short_answer_tokens: 64,
+            long_answer_tokens: 1024,
+            answer_weight: 1.0,
+            system_factor: 0.5,
+        }
+    }
+}
+
+/// Phrases that, found in what is asked, count `weight` toward `tier`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub name: String,
+    pub tier: Tier,
+    pub weight: f32,
+    pub phrases: Vec<String>,
 }
 
 fn default_layout() -> String {
@@ -207,6 +309,15 @@ impl Config {
             origin: origin.to_string(),
             message: e.to_string(),
         })?;
+        let mut raw = raw;
+        if raw.routing.rules.is_empty() && text != BUILTIN_MODELS_TOML {
+            // A deployment that does not write its own rules gets the built-in ones.
+            if let Ok(builtin) = toml::from_str::<RawConfig>(BUILTIN_MODELS_TOML) {
+                let aliases = std::mem::take(&mut raw.routing.aliases);
+                raw.routing = builtin.routing;
+                raw.routing.aliases = aliases;
+            }
+        }
         let cfg = Config {
             origin: origin.to_string(),
             base_dir,
@@ -257,6 +368,43 @@ impl Config {
                 return Err(self.invalid(format!(
                     "routed name '{alias}' is already a model name or alias"
                 )));
+            }
+        }
+        let r = &self.routing;
+        if !(0.0..=1.0).contains(&r.escalate_below) {
+            return Err(self.invalid("routing.escalate_below must be between 0 and 1".into()));
+        }
+        for rule in &r.rules {
+            if rule.name.trim().is_empty() {
+                return Err(self.invalid("a routing rule has no name".into()));
+            }
+            if !rule.weight.is_finite() || rule.weight <= 0.0 {
+                return Err(self.invalid(format!(
+                    "routing rule '{}': weight must be a positive number",
+                    rule.name
+                )));
+            }
+            if rule.phrases.is_empty() || rule.phrases.iter().any(|p| p.trim().is_empty()) {
+                return Err(self.invalid(format!(
+                    "routing rule '{}': phrases must be a non-empty list of non-empty strings",
+                    rule.name
+                )));
+            }
+        }
+        for (lname, layout) in &self.layouts {
+            for (tier, list) in &layout.route {
+                if list.is_empty() {
+                    return Err(self.invalid(format!(
+                        "layout '{lname}': the model list of tier {tier} is empty"
+                    )));
+                }
+                for m in list {
+                    if !layout.place.iter().any(|p| &p.model == m) {
+                        return Err(self.invalid(format!(
+                            "layout '{lname}': tier {tier} lists model '{m}', which the layout does not place"
+                        )));
+                    }
+                }
             }
         }
         for (lname, layout) in &self.layouts {
@@ -422,6 +570,34 @@ mod tests {
             ),
             ("[models.a]\npath = \"a.gguf\"\n[layouts.l]\nplace = []\n", "places no model"),
             ("this is not toml", "invalid config test.toml"),
+            (
+                "[models.a]\npath = \"a.gguf\"\n[[routing.rules]]\nname = \"r\"\ntier = \"trivial\"\nweight = 1.0\nphrases = [\"x\"]\n",
+                "unknown variant `trivial`",
+            ),
+            (
+                "[models.a]\npath = \"a.gguf\"\n[[routing.rules]]\nname = \"r\"\ntier = \"simple\"\nweight = 1.0\nphrases = []\n",
+                "phrases must be a non-empty list",
+            ),
+            (
+                "[models.a]\npath = \"a.gguf\"\n[[routing.rules]]\nname = \"r\"\ntier = \"simple\"\nweight = -1.0\nphrases = [\"x\"]\n",
+                "weight must be a positive number",
+            ),
+            (
+                "[models.a]\npath = \"a.gguf\"\n[layouts.l.route]\nsimple = [\"b\"]\n[[layouts.l.place]]\nmodel = \"a\"\ndevice = \"cpu:0\"\n",
+                "tier SIMPLE lists model 'b'",
+            ),
+            (
+                "[models.a]\npath = \"a.gguf\"\n[layouts.l.route]\ncomplex = []\n[[layouts.l.place]]\nmodel = \"a\"\ndevice = \"cpu:0\"\n",
+                "tier COMPLEX is empty",
+            ),
+            (
+                "[models.a]\npath = \"a.gguf\"\n[layouts.l.route]\nhard = [\"a\"]\n[[layouts.l.place]]\nmodel = \"a\"\ndevice = \"cpu:0\"\n",
+                "unknown variant `hard`",
+            ),
+            (
+                "[models.a]\npath = \"a.gguf\"\n[routing]\naliases = [\"a\"]\n",
+                "routed name 'a'",
+            ),
         ];
         for (text, want) in cases {
             let err = parse(text).expect_err(text).to_string();
@@ -466,6 +642,38 @@ mod tests {
         assert!(err.to_string().contains("unknown layout 'tpu'"), "{err}");
         let (name, _) = cfg.choose_layout(Some("gpu"), |_| Err("x".into())).unwrap();
         assert_eq!(name, "gpu");
+    }
+
+    #[test]
+    fn tier_chains_come_from_route_or_placements() {
+        let cfg = parse(BUILTIN_MODELS_TOML).unwrap();
+        let cpu = &cfg.layouts["cpu"];
+        assert_eq!(
+            cpu.chain(Tier::Simple),
+            vec!["qwen2.5-coder:0.5b", "qwen2.5-coder:1.5b"]
+        );
+        assert_eq!(
+            cpu.chain(Tier::Complex),
+            vec!["qwen2.5-coder:1.5b", "qwen2.5-coder:0.5b"]
+        );
+        let mut derived = cpu.clone();
+        derived.route.clear();
+        assert_eq!(
+            derived.chain(Tier::Moderate),
+            vec!["qwen2.5-coder:1.5b", "qwen2.5-coder:0.5b"]
+        );
+        assert_eq!(
+            derived.chain(Tier::Simple),
+            vec!["qwen2.5-coder:0.5b", "qwen2.5-coder:1.5b"]
+        );
+    }
+
+    #[test]
+    fn a_config_without_rules_gets_the_built_in_ones() {
+        let cfg =
+            parse("[models.a]\npath = \"a.gguf\"\n[routing]\naliases = [\"pick\"]\n").unwrap();
+        assert!(!cfg.routing.rules.is_empty());
+        assert_eq!(cfg.routing.aliases, vec!["pick".to_string()]);
     }
 
     #[test]

@@ -6,4 +6,5 @@ pub mod config;
 pub mod engine;
 pub mod hub;
 pub mod layout;
+pub mod router;
 pub mod serve;

@@ -32,6 +32,8 @@ enum Command {
     Serve(ServeArgs),
     /// Generate an answer and stream it to stdout
     Run(RunArgs),
+    /// Show how the router classifies a prompt, or score it on a labelled JSONL file
+    Classify(ClassifyArgs),
     /// List the configured models, where they run and whether their weights are present
     List,
     /// Show a model's details: architecture, size, quantization, context, device, tier, file
@@ -57,6 +59,28 @@ struct ServeArgs {
     /// Cap on tokens generated per request (num_predict / max_tokens); unlimited if unset
     #[arg(long, env = "DUET_MAX_PREDICT")]
     max_predict: Option<i32>,
+}
+
+#[derive(clap::Args)]
+struct ClassifyArgs {
+    /// The prompt to classify
+    #[arg(required_unless_present = "eval")]
+    prompt: Option<String>,
+    /// Score a JSONL file of {"prompt", "tier"} lines: accuracy and confusion matrix
+    #[arg(long, value_name = "FILE.jsonl")]
+    eval: Option<PathBuf>,
+    /// Print the decision as one JSON object
+    #[arg(long)]
+    json: bool,
+    /// System prompt that comes with the request
+    #[arg(long)]
+    system: Option<String>,
+    /// Messages in the conversation (1 for a single prompt)
+    #[arg(long, default_value_t = 1)]
+    turns: usize,
+    /// num_predict the client asked for
+    #[arg(long, allow_hyphen_values = true)]
+    num_predict: Option<i32>,
 }
 
 #[derive(clap::Args)]
@@ -146,6 +170,7 @@ fn real_main(cli: Cli) -> Result<()> {
             let deployment = deployment(config, cli.layout.as_deref())?;
             run(&deployment, args)
         }
+        Command::Classify(args) => classify(config, cli.layout.as_deref(), args),
         Command::List => list(&deployment(config, cli.layout.as_deref())?),
         Command::Show { model, template } => show(
             &deployment(config, cli.layout.as_deref())?,
@@ -363,6 +388,148 @@ fn show(d: &Deployment, name: &str, template: bool) -> Result<()> {
             "{}",
             info.chat_template.as_deref().unwrap_or("(none: ChatML)")
         );
+    }
+    Ok(())
+}
+
+/// The tier → model chains of the layout that would serve here (or, when none can, of
+/// the layout named or preferred, so classification works without weights).
+fn chains_for(config: &Config, layout: Option<&str>) -> Vec<(duet::config::Tier, Vec<String>)> {
+    let name = match Deployment::new(config.clone(), layout) {
+        Ok(d) => d.layout_name,
+        Err(_) => layout
+            .map(str::to_string)
+            .or_else(|| config.prefer.first().cloned())
+            .or_else(|| config.layouts.keys().next().cloned())
+            .unwrap_or_default(),
+    };
+    use duet::config::Tier::*;
+    config
+        .layouts
+        .get(&name)
+        .map(|l| {
+            [Simple, Moderate, Complex]
+                .into_iter()
+                .map(|t| (t, l.chain(t)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn classify(config: Config, layout: Option<&str>, args: ClassifyArgs) -> Result<()> {
+    use duet::config::Tier;
+    use duet::router::{Classifier, Request};
+    let chains = chains_for(&config, layout);
+    let model_for = |t: Tier| {
+        chains
+            .iter()
+            .find(|(tier, _)| *tier == t)
+            .and_then(|(_, c)| c.first().cloned())
+            .unwrap_or_default()
+    };
+    let classifier = Classifier::new(config.routing.clone())?;
+    if let Some(path) = args.eval {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let tiers = [Tier::Simple, Tier::Moderate, Tier::Complex];
+        let mut matrix = [[0usize; 3]; 3];
+        let mut misses = Vec::new();
+        for (n, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("{}:{}: not JSON", path.display(), n + 1))?;
+            let prompt = v["prompt"]
+                .as_str()
+                .with_context(|| format!("{}:{}: no \"prompt\"", path.display(), n + 1))?;
+            let want: Tier = serde_json::from_value(serde_json::Value::String(
+                v["tier"].as_str().unwrap_or_default().to_lowercase(),
+            ))
+            .with_context(|| {
+                format!(
+                    "{}:{}: \"tier\" must be SIMPLE, MODERATE or COMPLEX",
+                    path.display(),
+                    n + 1
+                )
+            })?;
+            let d = classifier.classify(&Request {
+                prompt,
+                system: None,
+                turns: 1,
+                num_predict: None,
+            });
+            let (wi, gi) = (
+                tiers.iter().position(|t| *t == want).unwrap_or(0),
+                tiers.iter().position(|t| *t == d.tier).unwrap_or(0),
+            );
+            matrix[wi][gi] += 1;
+            if wi != gi {
+                misses.push(format!(
+                    "  {want} → {}: {}",
+                    d.tier,
+                    prompt.lines().next().unwrap_or_default()
+                ));
+            }
+        }
+        let total: usize = matrix.iter().flatten().sum();
+        let right: usize = (0..3).map(|i| matrix[i][i]).sum();
+        let accuracy = right as f64 / total.max(1) as f64;
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({"total": total, "correct": right, "accuracy": accuracy,
+                "confusion": {"rows": "expected", "columns": "predicted", "order": ["SIMPLE", "MODERATE", "COMPLEX"], "matrix": matrix}})
+            );
+            return Ok(());
+        }
+        println!("accuracy: {right}/{total} = {:.1}%", accuracy * 100.0);
+        println!();
+        println!(
+            "{:<20} {:>8} {:>8} {:>8}",
+            "expected \\ predicted", "SIMPLE", "MODERATE", "COMPLEX"
+        );
+        for (i, t) in tiers.iter().enumerate() {
+            println!(
+                "{:<20} {:>8} {:>8} {:>8}",
+                t.to_string(),
+                matrix[i][0],
+                matrix[i][1],
+                matrix[i][2]
+            );
+        }
+        if !misses.is_empty() {
+            println!("\nmisclassified:\n{}", misses.join("\n"));
+        }
+        return Ok(());
+    }
+    let prompt = args.prompt.unwrap_or_default();
+    let d = classifier.classify(&Request {
+        prompt: &prompt,
+        system: args.system.as_deref(),
+        turns: args.turns,
+        num_predict: args.num_predict,
+    });
+    let model = model_for(d.tier);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"tier": d.tier.to_string(), "confidence": d.confidence,
+            "reasons": d.reasons, "model": model, "scores": {"simple": d.scores[0], "moderate": d.scores[1], "complex": d.scores[2]}})
+        );
+    } else {
+        println!("tier:       {}", d.tier);
+        println!("confidence: {:.2}", d.confidence);
+        println!("model:      {model}");
+        println!(
+            "scores:     SIMPLE {:.2}  MODERATE {:.2}  COMPLEX {:.2}",
+            d.scores[0], d.scores[1], d.scores[2]
+        );
+        println!("reasons:");
+        for r in &d.reasons {
+            println!("  - {r}");
+        }
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! Ollama and OpenAI-compatible APIs until SIGINT/SIGTERM.
 
 use crate::api::{self, AppState, Limits};
+use crate::config::Tier;
 use crate::engine::worker::{self, ModelSlot, Placement};
 use crate::engine::GgufFile;
 use crate::layout::Deployment;
@@ -165,12 +166,14 @@ pub fn serve(d: Deployment, opts: ServeOptions) -> Result<()> {
     let addr = parse_host(&opts.host)?;
     let slots = start_workers(&d, opts.max_queue)?;
     let layout = d.layout();
-    let default_model = layout
-        .place
-        .iter()
-        .map(|p| p.model.clone())
-        .find(|m| slots.iter().any(|s| &s.name == m))
-        .unwrap_or_default();
+    let classifier = crate::router::Classifier::new(d.config.routing.clone())?;
+    let chains = [Tier::Simple, Tier::Moderate, Tier::Complex]
+        .into_iter()
+        .map(|t| (t, layout.chain(t)))
+        .collect();
+    if slots.len() == 1 {
+        tracing::warn!(model = %slots[0].name, "single-model mode: every request goes to this model");
+    }
     let mut routed_names = vec!["auto".to_string()];
     routed_names.extend(d.config.routing.aliases.iter().cloned());
     let aliases = d
@@ -182,7 +185,8 @@ pub fn serve(d: Deployment, opts: ServeOptions) -> Result<()> {
     let state = Arc::new(AppState {
         slots,
         routed_names,
-        default_model,
+        classifier,
+        chains,
         aliases,
         limits: opts.limits.clone(),
         started: SystemTime::now(),

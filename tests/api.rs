@@ -236,19 +236,55 @@ fn chat_multi_turn_streamed_and_seeded() {
     assert_eq!(lines.last().unwrap()["done"], true);
 }
 
+fn routed(path: &str, body: Value) -> (reqwest::header::HeaderMap, Value) {
+    let r = client().post(url(path)).json(&body).send().unwrap();
+    assert_eq!(r.status(), 200);
+    let headers = r.headers().clone();
+    (headers, r.json().unwrap())
+}
+
 #[test]
-fn auto_and_aliases_reach_a_model() {
-    let (s, v) = post(
+fn auto_routes_simple_to_the_fast_model_and_complex_to_the_quality_model() {
+    let simple = "Write a docstring for: def add(a, b): return a + b";
+    let complex = "Implement a thread-safe LRU cache in Rust with O(1) get and put, with tests.";
+    let (h, v) = routed(
         "/api/generate",
-        json!({"model": "auto", "prompt": "hi", "stream": false, "options": {"num_predict": 2}}),
+        json!({"model": "auto", "prompt": simple, "stream": false, "options": {"num_predict": 2}}),
     );
-    assert_eq!(s, 200, "{v}");
+    assert_eq!(h["x-duet-tier"], "SIMPLE");
+    assert_eq!(h["x-duet-model"], SMALL);
+    assert_eq!(h["x-duet-fallback"], "false");
+    let confidence: f32 = h["x-duet-confidence"].to_str().unwrap().parse().unwrap();
+    assert!(confidence > 0.5 && confidence <= 1.0);
     assert_eq!(v["model"], SMALL);
-    let (s, v) = post(
-        "/api/generate",
-        json!({"model": "qwen2.5-coder:1.5b-instruct", "prompt": "hi", "stream": false, "options": {"num_predict": 2}}),
+
+    let (h, v) = routed(
+        "/api/chat",
+        json!({"model": "auto", "stream": false, "options": {"num_predict": 2},
+        "messages": [{"role": "user", "content": complex}]}),
     );
-    assert_eq!(s, 200, "{v}");
+    assert_eq!(h["x-duet-tier"], "COMPLEX");
+    assert_eq!(h["x-duet-model"], LARGE);
+    assert_eq!(v["model"], LARGE);
+
+    // The configured alias is routed too, and so is the OpenAI API.
+    let (h, v) = routed(
+        "/v1/chat/completions",
+        json!({"model": "duet", "max_tokens": 2,
+        "messages": [{"role": "user", "content": complex}]}),
+    );
+    assert_eq!(h["x-duet-model"], LARGE);
+    assert_eq!(v["model"], LARGE);
+    let (h, _) = routed(
+        "/v1/completions",
+        json!({"model": "auto", "max_tokens": 2, "prompt": simple}),
+    );
+    assert_eq!(h["x-duet-tier"], "SIMPLE");
+
+    // A named model bypasses the classifier: no routing headers.
+    let r = client().post(url("/api/generate")).json(&json!({"model": "qwen2.5-coder:1.5b-instruct", "prompt": simple, "stream": false, "options": {"num_predict": 1}})).send().unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers().get("x-duet-tier").is_none());
 }
 
 #[test]

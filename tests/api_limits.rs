@@ -171,3 +171,36 @@ fn sigterm_finishes_in_flight_requests_then_exits() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn complex_requests_fall_back_when_the_quality_model_is_unavailable() {
+    // The layout places the 1.5B, but its weights are missing: it cannot load.
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "[models.\"{SMALL}\"]\npath = \"{}\"\n[models.\"{LARGE}\"]\npath = \"/nonexistent/large.gguf\"\n\
+         [layouts.two.route]\nsimple = [\"{SMALL}\", \"{LARGE}\"]\ncomplex = [\"{LARGE}\", \"{SMALL}\"]\nmoderate = [\"{LARGE}\", \"{SMALL}\"]\n\
+         [[layouts.two.place]]\nmodel = \"{SMALL}\"\ndevice = \"cpu:0\"\n[[layouts.two.place]]\nmodel = \"{LARGE}\"\ndevice = \"cpu:1\"\n",
+        weights(SMALL).display()
+    );
+    std::fs::write(dir.path().join("models.toml"), toml).unwrap();
+    let cfg = dir.path().join("models.toml");
+    let srv = server::start_with(&["--config", cfg.to_str().unwrap(), "--layout", "two"], &[]);
+    let r = client()
+        .post(format!("{}/api/generate", srv.base))
+        .json(&json!({"model": "auto", "prompt": "Design and implement a distributed rate limiter.", "stream": false, "options": {"num_predict": 2}}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-duet-tier"], "COMPLEX");
+    assert_eq!(r.headers()["x-duet-model"], SMALL);
+    assert_eq!(r.headers()["x-duet-fallback"], "true");
+    let v: Value = r.json().unwrap();
+    assert_eq!(v["model"], SMALL);
+    // Naming the missing model is a clear 404, not a hang.
+    let r = client()
+        .post(format!("{}/api/generate", srv.base))
+        .json(&json!({"model": LARGE, "prompt": "hi"}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}

@@ -108,3 +108,53 @@ fn show_describes_the_model() {
         assert!(out.contains(want), "missing {want:?} in\n{out}");
     }
 }
+
+fn eval_accuracy(file: &str) -> f64 {
+    let (out, _) = duet(&["classify", "--json", "--eval", file]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let m = &v["confusion"]["matrix"];
+    assert_eq!(v["confusion"]["order"][0], "SIMPLE");
+    assert_eq!(m.as_array().unwrap().len(), 3);
+    v["accuracy"].as_f64().unwrap()
+}
+
+#[test]
+fn classify_scores_the_dev_set_and_a_held_out_set() {
+    // tests/routing/dev.jsonl is the shared labelled development set; heldout.jsonl was
+    // written separately, to catch rules fitted to the dev set's exact wording.
+    assert!(eval_accuracy("tests/routing/dev.jsonl") >= 0.95);
+    assert!(eval_accuracy("tests/routing/heldout.jsonl") >= 0.90);
+    let (out, _) = duet(&["classify", "--eval", "tests/routing/dev.jsonl"]);
+    assert!(out.starts_with("accuracy: "), "{out}");
+    assert!(out.contains("expected \\ predicted"), "{out}");
+}
+
+#[test]
+fn classify_prints_the_decision_with_reasons() {
+    let (out, _) = duet(&[
+        "classify",
+        "--json",
+        "Write a tool that generates docstrings for a whole package",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["tier"], "COMPLEX");
+    assert_eq!(v["model"], LARGE);
+    let c = v["confidence"].as_f64().unwrap();
+    assert!(c > 0.0 && c <= 1.0);
+    let reasons: Vec<&str> = v["reasons"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r.contains("whole package")),
+        "{reasons:?}"
+    );
+    let (out, _) = duet(&["classify", "Add type hints: def f(x): return x"]);
+    assert!(
+        out.contains("tier:       SIMPLE") && out.contains(SMALL),
+        "{out}"
+    );
+    assert!(out.contains("rule mechanical-edit"), "{out}");
+}

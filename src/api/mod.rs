@@ -5,9 +5,11 @@ pub mod ollama;
 pub mod openai;
 mod stream;
 
+use crate::config::Tier;
 use crate::engine::worker::{Event, Job, ModelSlot, SubmitError};
 use crate::engine::{Model, Options};
-use axum::http::{HeaderValue, Method, StatusCode};
+use crate::router::{self, Classifier, Decision};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use serde::de::DeserializeOwned;
@@ -32,8 +34,9 @@ pub struct AppState {
     pub slots: Vec<Arc<ModelSlot>>,
     /// Names that mean "route this request" ("auto" and configured aliases).
     pub routed_names: Vec<String>,
-    /// Model served for routed names until the router lands.
-    pub default_model: String,
+    pub classifier: Classifier,
+    /// Tier → models to try in order.
+    pub chains: Vec<(Tier, Vec<String>)>,
     /// Alias → canonical name.
     pub aliases: Vec<(String, String)>,
     pub limits: Limits,
@@ -101,12 +104,58 @@ pub fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
+/// How a routed request was routed.
+pub struct Route {
+    pub decision: Decision,
+    pub fallback: bool,
+    pub skipped: Vec<String>,
+}
+
 /// A model picked for a request.
 pub struct Target {
     pub slot: Arc<ModelSlot>,
     /// The name the client asked for ("auto" for a routed request).
     pub requested: String,
     pub routed: bool,
+    pub route: Option<Route>,
+}
+
+impl Target {
+    /// The X-Duet-* headers every routed response carries.
+    pub fn headers(&self) -> Vec<(HeaderName, HeaderValue)> {
+        let Some(r) = &self.route else {
+            return Vec::new();
+        };
+        let h = |name: &'static str, v: String| {
+            HeaderValue::from_str(&v)
+                .ok()
+                .map(|v| (HeaderName::from_static(name), v))
+        };
+        [
+            h("x-duet-tier", r.decision.tier.to_string()),
+            h("x-duet-model", self.slot.name.clone()),
+            h("x-duet-confidence", format!("{:.3}", r.decision.confidence)),
+            h("x-duet-fallback", r.fallback.to_string()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+}
+
+/// Adds a target's routing headers to whatever the handler answered, error or not.
+pub fn with_headers<E: IntoResponse>(
+    headers: Vec<(HeaderName, HeaderValue)>,
+    result: Result<Response, E>,
+) -> Response {
+    let mut resp = match result {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    for (k, v) in headers {
+        resp.headers_mut().insert(k, v);
+    }
+    resp
 }
 
 impl AppState {
@@ -124,25 +173,59 @@ impl AppState {
             .unwrap_or(name)
     }
 
-    /// Resolves a requested model name: missing → 400, unknown → 404.
-    pub fn target(&self, name: Option<&str>) -> Result<Target, ApiError> {
+    /// Resolves a requested model name: missing → 400, unknown → 404. A routed name
+    /// (`auto`, a routing alias) classifies `request()` and takes its tier's model.
+    pub fn target<'r>(
+        &self,
+        name: Option<&str>,
+        request: impl FnOnce() -> router::Request<'r>,
+    ) -> Result<Target, ApiError> {
         let name = name.map(str::trim).unwrap_or_default();
         if name.is_empty() {
             return Err(ApiError::bad_request("model is required"));
         }
-        let routed = self.routed_names.iter().any(|r| r == name);
-        let canonical = if routed {
-            self.default_model.as_str()
-        } else {
-            self.canonical(name)
-        };
-        let slot = self
-            .slot(canonical)
-            .ok_or_else(|| ApiError::not_found(name))?;
+        if !self.routed_names.iter().any(|r| r == name) {
+            let slot = self
+                .slot(self.canonical(name))
+                .ok_or_else(|| ApiError::not_found(name))?;
+            return Ok(Target {
+                slot: slot.clone(),
+                requested: name.to_string(),
+                routed: false,
+                route: None,
+            });
+        }
+        let decision = self.classifier.classify(&request());
+        let chain = self
+            .chains
+            .iter()
+            .find(|(t, _)| *t == decision.tier)
+            .map(|(_, c)| c.as_slice())
+            .unwrap_or_default();
+        let pick = router::pick(chain, &self.slots).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("no model is available for {} requests", decision.tier),
+            )
+        })?;
+        tracing::info!(
+            tier = %decision.tier,
+            confidence = decision.confidence,
+            model = %pick.slot.name,
+            fallback = pick.fallback,
+            skipped = ?pick.skipped,
+            reasons = ?decision.reasons,
+            "routed"
+        );
         Ok(Target {
-            slot: slot.clone(),
+            slot: pick.slot,
             requested: name.to_string(),
-            routed,
+            routed: true,
+            route: Some(Route {
+                decision,
+                fallback: pick.fallback,
+                skipped: pick.skipped,
+            }),
         })
     }
 

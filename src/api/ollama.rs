@@ -1,8 +1,9 @@
 //! Ollama's native API (docs/api.md): version, tags, show, ps, generate, chat.
 
 use super::stream::{body_response, collect, items, ndjson_line, Item};
-use super::{loaded, parse_body, submit, ApiError, AppState, Target, OLLAMA_VERSION};
+use super::{loaded, parse_body, submit, with_headers, ApiError, AppState, Target, OLLAMA_VERSION};
 use crate::engine::{Message, Model, Options, Summary};
+use crate::router::Request;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -136,7 +137,10 @@ struct ShowRequest {
 
 async fn show(State(st): S, body: Bytes) -> Result<Json<Value>, ApiError> {
     let req: ShowRequest = parse_body(&body)?;
-    let t = st.target(req.model.as_deref().or(req.name.as_deref()))?;
+    let t = st.target(
+        req.model.as_deref().or(req.name.as_deref()),
+        Request::default,
+    )?;
     let info = &t.slot.info;
     let a = &info.architecture;
     let mut model_info = serde_json::Map::new();
@@ -304,9 +308,32 @@ fn fim_prompt(prefix: &str, suffix: &str) -> String {
     format!("<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>")
 }
 
+/// num_predict as the client set it in `options`, for the router.
+pub fn requested_predict(options: &Option<Value>) -> Option<i32> {
+    options
+        .as_ref()?
+        .get("num_predict")?
+        .as_i64()
+        .map(|n| n.clamp(i32::MIN as i64, i32::MAX as i64) as i32)
+}
+
 async fn generate(State(st): S, body: Bytes) -> Result<Response, ApiError> {
     let req: GenerateRequest = parse_body(&body)?;
-    let t = st.target(req.model.as_deref())?;
+    let t = st.target(req.model.as_deref(), || Request {
+        prompt: &req.prompt,
+        system: req.system.as_deref(),
+        turns: 1,
+        num_predict: requested_predict(&req.options),
+    })?;
+    let headers = t.headers();
+    Ok(with_headers(headers, generate_routed(st, req, t).await))
+}
+
+async fn generate_routed(
+    st: Arc<AppState>,
+    req: GenerateRequest,
+    t: Target,
+) -> Result<Response, ApiError> {
     reject_images(req.images.as_deref().unwrap_or_default(), &t.requested)?;
     reject_format(&req.format)?;
     if req.template.as_deref().is_some_and(|s| !s.is_empty()) {
@@ -395,9 +422,44 @@ struct ChatRequest {
     keep_alive: Option<Value>,
 }
 
+/// What the router sees of a conversation: the last user message is what is asked.
+pub fn chat_request<'a>(
+    messages: impl DoubleEndedIterator<Item = (&'a str, &'a str)> + Clone,
+    num_predict: Option<i32>,
+) -> Request<'a> {
+    let turns = messages.clone().count();
+    let system = messages
+        .clone()
+        .find(|(r, _)| *r == "system")
+        .map(|(_, c)| c);
+    let prompt = messages
+        .rev()
+        .find(|(r, _)| *r == "user")
+        .map(|(_, c)| c)
+        .unwrap_or_default();
+    Request {
+        prompt,
+        system,
+        turns,
+        num_predict,
+    }
+}
+
 async fn chat(State(st): S, body: Bytes) -> Result<Response, ApiError> {
     let req: ChatRequest = parse_body(&body)?;
-    let t = st.target(req.model.as_deref())?;
+    let t = st.target(req.model.as_deref(), || {
+        chat_request(
+            req.messages
+                .iter()
+                .map(|m| (m.role.as_str(), m.content.as_deref().unwrap_or_default())),
+            requested_predict(&req.options),
+        )
+    })?;
+    let headers = t.headers();
+    Ok(with_headers(headers, chat_routed(st, req, t).await))
+}
+
+async fn chat_routed(st: Arc<AppState>, req: ChatRequest, t: Target) -> Result<Response, ApiError> {
     reject_format(&req.format)?;
     if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
         return Err(ApiError::bad_request(

@@ -1,9 +1,11 @@
 //! The OpenAI-compatible API Ollama also serves: /v1/chat/completions, /v1/completions,
 //! /v1/models. Errors take OpenAI's shape, `{"error": {"message", "type", ...}}`.
 
+use super::ollama::chat_request;
 use super::stream::{body_response, collect, items, sse_event, Item};
-use super::{loaded, parse_body, submit, ApiError, AppState};
+use super::{loaded, parse_body, submit, with_headers, ApiError, AppState, Target};
 use crate::engine::{Message, Options, Summary};
+use crate::router::Request;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
@@ -195,7 +197,27 @@ fn finish_reason(s: &Summary) -> &'static str {
 
 async fn chat_completions(State(st): S, body: Bytes) -> Result<Response> {
     let req: ChatRequest = parse_body(&body)?;
-    let t = st.target(req.model.as_deref())?;
+    let texts: Vec<String> = req
+        .messages
+        .iter()
+        .map(|m| message_text(m).unwrap_or_default())
+        .collect();
+    let t = st.target(req.model.as_deref(), || {
+        chat_request(
+            req.messages
+                .iter()
+                .zip(&texts)
+                .map(|(m, t)| (m.role.as_str(), t.as_str())),
+            req.sampling
+                .max_completion_tokens
+                .or(req.sampling.max_tokens),
+        )
+    })?;
+    let headers = t.headers();
+    Ok(with_headers(headers, chat_routed(st, req, t).await))
+}
+
+async fn chat_routed(st: Arc<AppState>, req: ChatRequest, t: Target) -> Result<Response> {
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages must not be empty").into());
     }
@@ -227,35 +249,14 @@ async fn chat_completions(State(st): S, body: Bytes) -> Result<Response> {
     let running = submit(t, prompt, options)?;
     let id = completion_id("chatcmpl");
     let created = unix_now();
-    let chunk = move |delta: Value, finish: Option<&str>| {
+    let chunk = move |text: &str, finish: Option<&str>| {
         json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": name,
                "system_fingerprint": "fp_ollama",
-               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+               "choices": [{"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": finish}]})
     };
     if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-        let events = items(running.events).flat_map(move |item| {
-            let out: Vec<String> = match item {
-                Item::Text(text) => vec![sse_event(&chunk(json!({"role": "assistant", "content": text}), None).to_string())],
-                Item::Done(s) => {
-                    let mut v = vec![sse_event(&chunk(json!({"role": "assistant", "content": ""}), Some(finish_reason(&s))).to_string())];
-                    if include_usage {
-                        let mut u = chunk(json!({}), None);
-                        u["choices"] = json!([]);
-                        u["usage"] = usage(&s);
-                        v.push(sse_event(&u.to_string()));
-                    }
-                    v.push(sse_event("[DONE]"));
-                    v
-                }
-                Item::Error(e) => vec![
-                    sse_event(&json!({"error": {"message": e, "type": "api_error", "param": null, "code": null}}).to_string()),
-                    sse_event("[DONE]"),
-                ],
-            };
-            futures_util::stream::iter(out)
-        });
-        return Ok(body_response("text/event-stream", events));
+        return Ok(sse_body(running.events, include_usage, chunk));
     }
     let c = collect(running.events).await?;
     Ok(Json(json!({
@@ -284,7 +285,30 @@ struct CompletionRequest {
 
 async fn completions(State(st): S, body: Bytes) -> Result<Response> {
     let req: CompletionRequest = parse_body(&body)?;
-    let t = st.target(req.model.as_deref())?;
+    let text = req
+        .prompt
+        .as_ref()
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let t = st.target(req.model.as_deref(), || Request {
+        prompt: &text,
+        system: None,
+        turns: 1,
+        num_predict: req
+            .sampling
+            .max_completion_tokens
+            .or(req.sampling.max_tokens),
+    })?;
+    let headers = t.headers();
+    Ok(with_headers(headers, completions_routed(st, req, t).await))
+}
+
+async fn completions_routed(
+    st: Arc<AppState>,
+    req: CompletionRequest,
+    t: Target,
+) -> Result<Response> {
     let prompt = match &req.prompt {
         Some(Value::String(s)) => s.clone(),
         Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
@@ -313,28 +337,7 @@ async fn completions(State(st): S, body: Bytes) -> Result<Response> {
     };
     if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-        let events = items(running.events).flat_map(move |item| {
-            let out: Vec<String> = match item {
-                Item::Text(text) => vec![sse_event(&chunk(&text, None).to_string())],
-                Item::Done(s) => {
-                    let mut v = vec![sse_event(&chunk("", Some(finish_reason(&s))).to_string())];
-                    if include_usage {
-                        let mut u = chunk("", None);
-                        u["choices"] = json!([]);
-                        u["usage"] = usage(&s);
-                        v.push(sse_event(&u.to_string()));
-                    }
-                    v.push(sse_event("[DONE]"));
-                    v
-                }
-                Item::Error(e) => vec![
-                    sse_event(&json!({"error": {"message": e, "type": "api_error", "param": null, "code": null}}).to_string()),
-                    sse_event("[DONE]"),
-                ],
-            };
-            futures_util::stream::iter(out)
-        });
-        return Ok(body_response("text/event-stream", events));
+        return Ok(sse_body(running.events, include_usage, chunk));
     }
     let c = collect(running.events).await?;
     Ok(Json(json!({
@@ -347,6 +350,38 @@ async fn completions(State(st): S, body: Bytes) -> Result<Response> {
         "usage": usage(&c.summary),
     }))
     .into_response())
+}
+
+/// Server-sent events of a streamed completion: one chunk per piece of text (built by
+/// `chunk(text, finish_reason)`), a final chunk with the finish reason, the usage chunk
+/// when asked for, then `[DONE]`. An error after the stream started is sent as an event.
+fn sse_body(
+    events: tokio::sync::mpsc::Receiver<crate::engine::worker::Event>,
+    include_usage: bool,
+    chunk: impl Fn(&str, Option<&str>) -> Value + Send + 'static,
+) -> Response {
+    let events = items(events).flat_map(move |item| {
+        let out: Vec<String> = match item {
+            Item::Text(text) => vec![sse_event(&chunk(&text, None).to_string())],
+            Item::Done(s) => {
+                let mut v = vec![sse_event(&chunk("", Some(finish_reason(&s))).to_string())];
+                if include_usage {
+                    let mut u = chunk("", None);
+                    u["choices"] = json!([]);
+                    u["usage"] = usage(&s);
+                    v.push(sse_event(&u.to_string()));
+                }
+                v.push(sse_event("[DONE]"));
+                v
+            }
+            Item::Error(e) => vec![
+                sse_event(&json!({"error": {"message": e, "type": "api_error", "param": null, "code": null}}).to_string()),
+                sse_event("[DONE]"),
+            ],
+        };
+        futures_util::stream::iter(out)
+    });
+    body_response("text/event-stream", events)
 }
 
 fn model_object(name: &str, created: u64) -> Value {
@@ -372,6 +407,6 @@ async fn models(State(st): S) -> Json<Value> {
 }
 
 async fn model(State(st): S, Path(id): Path<String>) -> Result<Json<Value>> {
-    let t = st.target(Some(&id))?;
+    let t = st.target(Some(&id), Request::default)?;
     Ok(Json(model_object(&id, created_of(&t.slot.path))))
 }
