@@ -6,5 +6,6 @@ pub mod config;
 pub mod engine;
 pub mod hub;
 pub mod layout;
+pub mod metrics;
 pub mod router;
 pub mod serve;

@@ -190,6 +190,7 @@ pub fn serve(d: Deployment, opts: ServeOptions) -> Result<()> {
         aliases,
         limits: opts.limits.clone(),
         started: SystemTime::now(),
+        metrics: Arc::new(crate::metrics::Metrics::new()?),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -379,3 +379,113 @@ fn both_models_generate_at_the_same_time() {
         "a {a_inside}, b {b_inside} tokens in the overlap"
     );
 }
+
+fn scrape() -> prometheus_parse::Scrape {
+    let r = client().get(url("/metrics")).send().unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let body = r.text().unwrap();
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
+        .expect("Prometheus text format")
+}
+
+/// Sum of a counter's (or a histogram's count's) samples whose labels include `labels`.
+fn total(s: &prometheus_parse::Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    s.samples
+        .iter()
+        .filter(|x| x.metric == metric && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .map(|x| match &x.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => *v,
+            prometheus_parse::Value::Histogram(h) => h.last().map(|b| b.count).unwrap_or(0.0),
+            _ => 0.0,
+        })
+        .sum()
+}
+
+#[test]
+fn metrics_parse_and_move_after_routed_requests() {
+    let before = scrape();
+    let simple = "Write a docstring for: def add(a, b): return a + b";
+    routed(
+        "/api/generate",
+        json!({"model": "auto", "prompt": simple, "stream": false, "options": {"num_predict": 3}}),
+    );
+    routed(
+        "/api/chat",
+        json!({"model": "auto", "stream": false, "options": {"num_predict": 3},
+        "messages": [{"role": "user", "content": "Implement a B-tree in Rust."}]}),
+    );
+    let after = scrape();
+    let grew = |metric: &str, labels: &[(&str, &str)], by: f64| {
+        let (b, a) = (
+            total(&before, metric, labels),
+            total(&after, metric, labels),
+        );
+        assert!(a >= b + by, "{metric} {labels:?}: {b} -> {a}");
+    };
+    grew(
+        "duet_requests_total",
+        &[
+            ("model", SMALL),
+            ("tier", "SIMPLE"),
+            ("device", "cpu:0"),
+            ("endpoint", "/api/generate"),
+            ("status", "200"),
+        ],
+        1.0,
+    );
+    grew(
+        "duet_requests_total",
+        &[
+            ("model", LARGE),
+            ("tier", "COMPLEX"),
+            ("endpoint", "/api/chat"),
+        ],
+        1.0,
+    );
+    grew(
+        "duet_routing_decisions_total",
+        &[("tier", "SIMPLE"), ("fallback", "false")],
+        1.0,
+    );
+    grew("duet_routing_decisions_total", &[("tier", "COMPLEX")], 1.0);
+    grew("duet_generated_tokens_total", &[("model", SMALL)], 3.0);
+    grew("duet_prompt_tokens_total", &[("model", LARGE)], 5.0);
+    for h in [
+        "duet_time_to_first_token_seconds_count",
+        "duet_request_duration_seconds_count",
+        "duet_time_per_output_token_seconds_count",
+        "duet_queue_wait_seconds_count",
+    ] {
+        grew(h, &[("model", SMALL)], 1.0);
+    }
+    // The SIMPLE request ran on the 0.5B instead of the 1.5B: routing saved time.
+    grew(
+        "duet_routing_time_saved_seconds_total",
+        &[("model", SMALL)],
+        1e-9,
+    );
+    assert_eq!(
+        total(
+            &after,
+            "duet_model_loaded",
+            &[("model", LARGE), ("device", "cpu:1")]
+        ),
+        1.0
+    );
+    assert!(
+        total(
+            &after,
+            "duet_model_tokens_per_second",
+            &[("model", SMALL), ("phase", "eval")]
+        ) > 0.0
+    );
+    for g in ["duet_queue_depth", "duet_in_flight_requests"] {
+        assert!(after.samples.iter().any(|x| x.metric == g), "{g} missing");
+    }
+}

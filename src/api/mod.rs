@@ -6,7 +6,7 @@ pub mod openai;
 mod stream;
 
 use crate::config::Tier;
-use crate::engine::worker::{Event, Job, ModelSlot, SubmitError};
+use crate::engine::worker::{Job, ModelSlot, SubmitError};
 use crate::engine::{Model, Options};
 use crate::router::{self, Classifier, Decision};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
@@ -41,6 +41,7 @@ pub struct AppState {
     pub aliases: Vec<(String, String)>,
     pub limits: Limits,
     pub started: SystemTime,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// An API error: the HTTP status and Ollama's `{"error": "..."}` message.
@@ -121,6 +122,19 @@ pub struct Target {
 }
 
 impl Target {
+    /// Labels for the request counter: model, tier ("" when not routed), device.
+    pub fn labels(&self) -> RequestLabels {
+        RequestLabels {
+            model: self.slot.name.clone(),
+            tier: self
+                .route
+                .as_ref()
+                .map(|r| r.decision.tier.to_string())
+                .unwrap_or_default(),
+            device: self.slot.device.to_string(),
+        }
+    }
+
     /// The X-Duet-* headers every routed response carries.
     pub fn headers(&self) -> Vec<(HeaderName, HeaderValue)> {
         let Some(r) = &self.route else {
@@ -143,19 +157,87 @@ impl Target {
     }
 }
 
-/// Adds a target's routing headers to whatever the handler answered, error or not.
-pub fn with_headers<E: IntoResponse>(
-    headers: Vec<(HeaderName, HeaderValue)>,
-    result: Result<Response, E>,
-) -> Response {
+/// Which model served a request, for the request counter (a response extension).
+#[derive(Debug, Clone, Default)]
+pub struct RequestLabels {
+    pub model: String,
+    pub tier: String,
+    pub device: String,
+}
+
+/// What a handler hands back about its target: routing headers and metric labels.
+pub struct Served(pub Vec<(HeaderName, HeaderValue)>, pub RequestLabels);
+
+impl Served {
+    pub fn of(t: &Target) -> Self {
+        Self(t.headers(), t.labels())
+    }
+}
+
+/// Adds a target's routing headers and labels to whatever the handler answered.
+pub fn with_headers<E: IntoResponse>(served: Served, result: Result<Response, E>) -> Response {
     let mut resp = match result {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
-    for (k, v) in headers {
+    for (k, v) in served.0 {
         resp.headers_mut().insert(k, v);
     }
+    resp.extensions_mut().insert(served.1);
     resp
+}
+
+/// Counts every routed-to endpoint's requests by model, tier, device, endpoint, status.
+async fn count_requests(
+    axum::extract::State(st): axum::extract::State<Arc<AppState>>,
+    path: Option<axum::extract::MatchedPath>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let endpoint = path.map(|p| p.as_str().to_string()).unwrap_or_default();
+    let resp = next.run(req).await;
+    if endpoint != "/metrics" {
+        let l = resp
+            .extensions()
+            .get::<RequestLabels>()
+            .cloned()
+            .unwrap_or_default();
+        st.metrics
+            .requests
+            .with_label_values(&[
+                &l.model,
+                &l.tier,
+                &l.device,
+                &endpoint,
+                resp.status().as_str(),
+            ])
+            .inc();
+    }
+    resp
+}
+
+/// `GET /metrics`: refreshes the gauges from the workers, then renders everything.
+async fn metrics(axum::extract::State(st): axum::extract::State<Arc<AppState>>) -> Response {
+    let m = &st.metrics;
+    for s in &st.slots {
+        m.queue_depth
+            .with_label_values(&[&s.name])
+            .set(s.queue_depth() as i64);
+        m.in_flight
+            .with_label_values(&[&s.name])
+            .set(s.in_flight() as i64);
+        m.loaded
+            .with_label_values(&[&s.name, &s.device.to_string()])
+            .set(i64::from(s.is_ready()));
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        m.render(),
+    )
+        .into_response()
 }
 
 impl AppState {
@@ -208,6 +290,10 @@ impl AppState {
                 format!("no model is available for {} requests", decision.tier),
             )
         })?;
+        self.metrics
+            .routing
+            .with_label_values(&[&decision.tier.to_string(), &pick.fallback.to_string()])
+            .inc();
         tracing::info!(
             tier = %decision.tier,
             confidence = decision.confidence,
@@ -252,31 +338,49 @@ impl AppState {
 
 /// A submitted job: the event stream and what it needs to answer.
 pub struct Running {
-    pub events: tokio::sync::mpsc::Receiver<Event>,
+    pub events: stream::Events,
     pub model: Arc<Model>,
     pub target: Target,
 }
 
-/// Tokenizes nothing: hands prompt tokens to the target's worker.
-pub fn submit(target: Target, prompt: Vec<u32>, options: Options) -> Result<Running, ApiError> {
-    let model = target
-        .slot
-        .model()
-        .cloned()
-        .ok_or_else(|| ApiError::from(SubmitError::Loading(target.slot.name.clone())))?;
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    target.slot.submit(Job {
-        model: target.slot.name.clone(),
-        prompt,
-        options,
-        events: tx,
-        enqueued: Instant::now(),
-    })?;
-    Ok(Running {
-        events: rx,
-        model,
-        target,
-    })
+impl AppState {
+    /// Hands prompt tokens to the target's worker; the events come back recorded.
+    pub fn submit(
+        &self,
+        target: Target,
+        prompt: Vec<u32>,
+        options: Options,
+    ) -> Result<Running, ApiError> {
+        let model = loaded(&target)?;
+        // Routed to a smaller model than the layout's largest: routing saved time.
+        let largest = self.slots.iter().max_by_key(|s| s.info.parameter_count);
+        let larger = largest
+            .filter(|l| target.routed && l.name != target.slot.name)
+            .map(|l| {
+                let ratio =
+                    l.info.parameter_count as f64 / target.slot.info.parameter_count.max(1) as f64;
+                (l.name.clone(), ratio)
+            });
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        target.slot.submit(Job {
+            model: target.slot.name.clone(),
+            prompt,
+            options,
+            events: tx,
+            enqueued: Instant::now(),
+        })?;
+        let recorder = crate::metrics::Recorder::new(
+            self.metrics.clone(),
+            &target.slot.name,
+            &target.slot.device.to_string(),
+            larger,
+        );
+        Ok(Running {
+            events: stream::Events { rx, recorder },
+            model,
+            target,
+        })
+    }
 }
 
 /// The loaded model of a target, or 503 while it loads.
@@ -376,6 +480,11 @@ pub fn router(state: Arc<AppState>, origins_env: Option<String>) -> Router {
     Router::new()
         .merge(ollama::routes())
         .merge(openai::routes())
+        .route("/metrics", axum::routing::get(metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .layer(cors(origins_env))
         .with_state(state)

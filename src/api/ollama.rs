@@ -1,7 +1,7 @@
 //! Ollama's native API (docs/api.md): version, tags, show, ps, generate, chat.
 
 use super::stream::{body_response, collect, items, ndjson_line, Item};
-use super::{loaded, parse_body, submit, with_headers, ApiError, AppState, Target, OLLAMA_VERSION};
+use super::{loaded, parse_body, with_headers, ApiError, AppState, Served, Target, OLLAMA_VERSION};
 use crate::engine::{Message, Model, Options, Summary};
 use crate::router::Request;
 use axum::body::Bytes;
@@ -325,8 +325,8 @@ async fn generate(State(st): S, body: Bytes) -> Result<Response, ApiError> {
         turns: 1,
         num_predict: requested_predict(&req.options),
     })?;
-    let headers = t.headers();
-    Ok(with_headers(headers, generate_routed(st, req, t).await))
+    let served = Served::of(&t);
+    Ok(with_headers(served, generate_routed(st, req, t).await))
 }
 
 async fn generate_routed(
@@ -371,7 +371,7 @@ async fn generate_routed(
             "context holds token id {bad}, outside the vocabulary"
         )));
     }
-    let running = submit(t, tokens, options)?;
+    let running = st.submit(t, tokens, options)?;
     let final_fields = move |s: &Summary| {
         let mut m = stats(s);
         m.insert("context".into(), json!(s.context));
@@ -455,8 +455,8 @@ async fn chat(State(st): S, body: Bytes) -> Result<Response, ApiError> {
             requested_predict(&req.options),
         )
     })?;
-    let headers = t.headers();
-    Ok(with_headers(headers, chat_routed(st, req, t).await))
+    let served = Served::of(&t);
+    Ok(with_headers(served, chat_routed(st, req, t).await))
 }
 
 async fn chat_routed(st: Arc<AppState>, req: ChatRequest, t: Target) -> Result<Response, ApiError> {
@@ -485,7 +485,7 @@ async fn chat_routed(st: Arc<AppState>, req: ChatRequest, t: Target) -> Result<R
         return Ok(Json(json!({"model": name, "created_at": now_rfc3339(), "message": {"role": "assistant", "content": ""}, "done_reason": "load", "done": true})).into_response());
     }
     let prompt = model.tokenize(&model.render_chat(&messages)?)?;
-    let running = submit(t, prompt, options)?;
+    let running = st.submit(t, prompt, options)?;
     let finish = move |name: &str, s: &Summary, content: String| {
         let mut m = stats(s);
         m.insert("model".into(), json!(name));

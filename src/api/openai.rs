@@ -3,7 +3,7 @@
 
 use super::ollama::chat_request;
 use super::stream::{body_response, collect, items, sse_event, Item};
-use super::{loaded, parse_body, submit, with_headers, ApiError, AppState, Target};
+use super::{loaded, parse_body, with_headers, ApiError, AppState, Served, Target};
 use crate::engine::{Message, Options, Summary};
 use crate::router::Request;
 use axum::body::Bytes;
@@ -213,8 +213,8 @@ async fn chat_completions(State(st): S, body: Bytes) -> Result<Response> {
                 .or(req.sampling.max_tokens),
         )
     })?;
-    let headers = t.headers();
-    Ok(with_headers(headers, chat_routed(st, req, t).await))
+    let served = Served::of(&t);
+    Ok(with_headers(served, chat_routed(st, req, t).await))
 }
 
 async fn chat_routed(st: Arc<AppState>, req: ChatRequest, t: Target) -> Result<Response> {
@@ -246,7 +246,7 @@ async fn chat_routed(st: Arc<AppState>, req: ChatRequest, t: Target) -> Result<R
     let model = loaded(&t)?;
     let prompt = model.tokenize(&model.render_chat(&messages)?)?;
     let name = t.slot.name.clone();
-    let running = submit(t, prompt, options)?;
+    let running = st.submit(t, prompt, options)?;
     let id = completion_id("chatcmpl");
     let created = unix_now();
     let chunk = move |text: &str, finish: Option<&str>| {
@@ -300,8 +300,8 @@ async fn completions(State(st): S, body: Bytes) -> Result<Response> {
             .max_completion_tokens
             .or(req.sampling.max_tokens),
     })?;
-    let headers = t.headers();
-    Ok(with_headers(headers, completions_routed(st, req, t).await))
+    let served = Served::of(&t);
+    Ok(with_headers(served, completions_routed(st, req, t).await))
 }
 
 async fn completions_routed(
@@ -327,7 +327,7 @@ async fn completions_routed(
     };
     let tokens = model.tokenize(&text)?;
     let name = t.slot.name.clone();
-    let running = submit(t, tokens, options)?;
+    let running = st.submit(t, tokens, options)?;
     let id = completion_id("cmpl");
     let created = unix_now();
     let chunk = move |text: &str, finish: Option<&str>| {
@@ -356,7 +356,7 @@ async fn completions_routed(
 /// `chunk(text, finish_reason)`), a final chunk with the finish reason, the usage chunk
 /// when asked for, then `[DONE]`. An error after the stream started is sent as an event.
 fn sse_body(
-    events: tokio::sync::mpsc::Receiver<crate::engine::worker::Event>,
+    events: super::stream::Events,
     include_usage: bool,
     chunk: impl Fn(&str, Option<&str>) -> Value + Send + 'static,
 ) -> Response {

@@ -10,6 +10,20 @@ use axum::response::Response;
 use futures_util::Stream;
 use tokio::sync::mpsc::Receiver;
 
+/// A job's events, recorded into the metrics as they are read.
+pub struct Events {
+    pub rx: Receiver<Event>,
+    pub recorder: crate::metrics::Recorder,
+}
+
+impl Events {
+    pub async fn recv(&mut self) -> Option<Event> {
+        let ev = self.rx.recv().await?;
+        self.recorder.observe(&ev);
+        Some(ev)
+    }
+}
+
 /// The whole answer of a non-streamed request.
 pub struct Collected {
     pub text: String,
@@ -17,7 +31,7 @@ pub struct Collected {
 }
 
 /// Waits for the job to end and gathers its text.
-pub async fn collect(mut events: Receiver<Event>) -> Result<Collected, ApiError> {
+pub async fn collect(mut events: Events) -> Result<Collected, ApiError> {
     let mut text = String::new();
     while let Some(ev) = events.recv().await {
         match ev {
@@ -41,7 +55,7 @@ pub enum Item {
 }
 
 /// The job's events as a stream of items; ends after Done or Error.
-pub fn items(events: Receiver<Event>) -> impl Stream<Item = Item> + Send {
+pub fn items(events: Events) -> impl Stream<Item = Item> + Send {
     futures_util::stream::unfold((events, false), |(mut rx, finished)| async move {
         if finished {
             return None;
