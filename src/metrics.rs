@@ -352,3 +352,65 @@ mod tests {
         assert!(m.render().contains("duet_model_tokens_per_second"));
     }
 }
+
+#[cfg(test)]
+mod dashboard_tests {
+    use super::*;
+
+    /// Every metric the server can expose, each touched once so that it renders.
+    fn exposed_names() -> std::collections::BTreeSet<String> {
+        let m = Metrics::new().unwrap();
+        m.requests
+            .with_label_values(&["m", "t", "d", "e", "200"])
+            .inc();
+        m.routing.with_label_values(&["t", "false"]).inc();
+        m.generations.with_label_values(&["m", "done"]).inc();
+        m.prompt_tokens.with_label_values(&["m"]).inc();
+        m.generated_tokens.with_label_values(&["m"]).inc();
+        for h in [&m.ttft, &m.latency, &m.tpot, &m.queue_wait] {
+            h.with_label_values(&["m"]).observe(1.0);
+        }
+        m.queue_depth.with_label_values(&["m"]).set(1);
+        m.in_flight.with_label_values(&["m"]).set(1);
+        m.loaded.with_label_values(&["m", "d"]).set(1);
+        m.tokens_per_second
+            .with_label_values(&["m", "d", "eval"])
+            .set(1.0);
+        m.time_saved.with_label_values(&["m"]).inc();
+        m.render()
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn dashboard_is_grafana_json_querying_only_exposed_metrics() {
+        let text = include_str!("../deploy/grafana/duet-dashboard.json");
+        let d: serde_json::Value = serde_json::from_str(text).unwrap();
+        assert!(d["schemaVersion"].as_u64().unwrap() >= 30);
+        assert!(d["title"].is_string() && d["uid"].is_string());
+        let names = exposed_names();
+        let panels = d["panels"].as_array().unwrap();
+        assert!(panels.len() >= 5);
+        for p in panels {
+            assert!(
+                p["id"].is_u64() && p["type"].is_string() && p["gridPos"]["w"].is_u64(),
+                "{p}"
+            );
+            for t in p["targets"].as_array().unwrap() {
+                let expr = t["expr"].as_str().unwrap();
+                for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                    if word.starts_with("duet_") {
+                        assert!(
+                            names.contains(word),
+                            "panel '{}' queries unknown metric {word}",
+                            p["title"]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
