@@ -2,6 +2,7 @@
 //! device, behind the Ollama API.
 
 pub mod api;
+pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod hub;

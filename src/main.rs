@@ -34,6 +34,8 @@ enum Command {
     Run(RunArgs),
     /// Show how the router classifies a prompt, or score it on a labelled JSONL file
     Classify(ClassifyArgs),
+    /// Measure each device's token throughput, alone and all at once
+    Bench(BenchArgs),
     /// List the configured models, where they run and whether their weights are present
     List,
     /// Show a model's details: architecture, size, quantization, context, device, tier, file
@@ -59,6 +61,31 @@ struct ServeArgs {
     /// Cap on tokens generated per request (num_predict / max_tokens); unlimited if unset
     #[arg(long, env = "DUET_MAX_PREDICT")]
     max_predict: Option<i32>,
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// A short run (32-token prompts, 8 generated tokens, 1 repetition), as CI runs it
+    #[arg(long)]
+    quick: bool,
+    /// Print the report as JSON instead of Markdown
+    #[arg(long)]
+    json: bool,
+    /// Repetitions of each measurement
+    #[arg(long)]
+    reps: Option<usize>,
+    /// Tokens generated per generation measurement
+    #[arg(long)]
+    gen_tokens: Option<usize>,
+    /// Prompt sizes for prompt processing, comma-separated
+    #[arg(long, value_delimiter = ',')]
+    prompt_sizes: Option<Vec<usize>>,
+    /// Only these models of the layout (repeatable; default: all)
+    #[arg(long)]
+    model: Vec<String>,
+    /// CPU threads (default: all cores)
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(clap::Args)]
@@ -171,6 +198,7 @@ fn real_main(cli: Cli) -> Result<()> {
             run(&deployment, args)
         }
         Command::Classify(args) => classify(config, cli.layout.as_deref(), args),
+        Command::Bench(args) => bench(&deployment(config, cli.layout.as_deref())?, args),
         Command::List => list(&deployment(config, cli.layout.as_deref())?),
         Command::Show { model, template } => show(
             &deployment(config, cli.layout.as_deref())?,
@@ -530,6 +558,55 @@ fn classify(config: Config, layout: Option<&str>, args: ClassifyArgs) -> Result<
         for r in &d.reasons {
             println!("  - {r}");
         }
+    }
+    Ok(())
+}
+
+fn bench(d: &Deployment, args: BenchArgs) -> Result<()> {
+    let threads = args.threads.unwrap_or_else(available_cores);
+    set_threads(threads);
+    let mut opts = if args.quick {
+        duet::bench::BenchOptions::quick()
+    } else {
+        duet::bench::BenchOptions::full()
+    };
+    if let Some(r) = args.reps {
+        opts.reps = r.max(1);
+    }
+    if let Some(n) = args.gen_tokens {
+        opts.gen_tokens = n.max(1);
+    }
+    if let Some(p) = args.prompt_sizes {
+        opts.prompt_sizes = p;
+    }
+    let mut models = Vec::new();
+    for p in &d.layout().place {
+        if !args.model.is_empty()
+            && !args
+                .model
+                .iter()
+                .any(|m| d.config.canonical_name(m) == Some(p.model.as_str()))
+        {
+            continue;
+        }
+        let m = d
+            .model(&p.model)
+            .ok_or_else(|| anyhow::anyhow!(d.unknown_model_message(&p.model)))?;
+        models.push((p.model.clone(), m.weights?, p.device));
+    }
+    for m in &args.model {
+        if !models
+            .iter()
+            .any(|(n, _, _)| d.config.canonical_name(m) == Some(n.as_str()))
+        {
+            bail!("model '{m}' is not placed in layout '{}'", d.layout_name);
+        }
+    }
+    let report = duet::bench::run(&d.layout_name, models, &opts, threads)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", duet::bench::markdown(&report));
     }
     Ok(())
 }

@@ -158,3 +158,40 @@ fn classify_prints_the_decision_with_reasons() {
     );
     assert!(out.contains("rule mechanical-edit"), "{out}");
 }
+
+#[test]
+fn bench_quick_emits_json_with_alone_and_concurrent_rates() {
+    let (out, _) = duet(&["bench", "--quick", "--json", "--model", SMALL]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(v["layout"], "cpu");
+    let r = &v["results"].as_array().unwrap()[0];
+    assert_eq!(r["model"], SMALL);
+    assert_eq!(r["device"], "cpu:0");
+    assert_eq!(r["prompt"][0]["tokens"], 32);
+    assert!(
+        r["prompt"][0]["tokens_per_second"]["median"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    assert!(
+        r["generation_tokens_per_second"]["median"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    assert!(r["time_to_first_token_ms"]["median"].as_f64().unwrap() > 0.0);
+    assert!(
+        r["concurrent_tokens_per_second"]["median"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    // The Markdown report has the per-device and the concurrent tables.
+    let (md, _) = duet(&["bench", "--quick", "--model", SMALL]);
+    assert!(
+        md.contains("| model | device | load s |")
+            && md.contains("All devices generating at the same moment"),
+        "{md}"
+    );
+}

@@ -113,6 +113,8 @@ pub struct Generation<'m> {
     eval_count: usize,
     done: Option<DoneReason>,
     finished: bool,
+    /// Benchmarks generate a fixed number of tokens: end-of-turn tokens do not stop them.
+    ignore_stop_tokens: bool,
 }
 
 impl<'m> Generation<'m> {
@@ -156,6 +158,7 @@ impl<'m> Generation<'m> {
             eval_count: 0,
             done: None,
             finished: false,
+            ignore_stop_tokens: false,
             opts,
         })
     }
@@ -218,7 +221,7 @@ impl<'m> Generation<'m> {
         let t = Instant::now();
         let mut logits = self.logits.take().unwrap_or_default();
         let token = self.sampler.sample(&mut logits, &self.tokens);
-        if self.model.codec.is_stop(token) {
+        if self.model.codec.is_stop(token) && !self.ignore_stop_tokens {
             self.eval += t.elapsed();
             return self.finish(DoneReason::Stop);
         }
@@ -258,6 +261,12 @@ impl<'m> Generation<'m> {
         }
         self.eval += t.elapsed();
         Ok(Some(out))
+    }
+
+    /// Keeps generating past end-of-turn tokens (for fixed-length benchmarks).
+    pub fn ignore_stop_tokens(mut self) -> Self {
+        self.ignore_stop_tokens = true;
+        self
     }
 
     /// Tokens generated so far.
