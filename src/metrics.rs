@@ -160,7 +160,7 @@ impl Metrics {
 }
 
 /// Seconds the largest model would have needed for this request's token counts minus the
-/// seconds it took. The largest model's measured rates are used when it has served
+/// seconds this model computed (prompt evaluation plus generation; queue wait excluded). The largest model's measured rates are used when it has served
 /// requests; before that, this model's own durations scaled by the ratio of parameter
 /// counts (decode on these machines is bound by reading the weights).
 pub fn time_saved(
@@ -253,12 +253,13 @@ impl Recorder {
                     (s.eval_count, s.eval_duration),
                 );
                 if let Some((largest, ratio)) = &self.larger {
+                    // Compute time on both sides: queue waits depend on load, not on the model.
                     let saved = time_saved(
                         m.rates(largest),
                         *ratio,
                         s.prompt_eval_count,
                         s.eval_count,
-                        total,
+                        s.prompt_eval_duration + s.eval_duration,
                         s.prompt_eval_duration,
                         s.eval_duration,
                     );
