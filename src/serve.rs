@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 pub const DEFAULT_HOST: &str = "127.0.0.1:11434";
 
@@ -189,7 +189,6 @@ pub fn serve(d: Deployment, opts: ServeOptions) -> Result<()> {
         chains,
         aliases,
         limits: opts.limits.clone(),
-        started: SystemTime::now(),
         metrics: Arc::new(crate::metrics::Metrics::new()?),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()

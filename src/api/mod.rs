@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use serde::de::DeserializeOwned;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::Instant;
 
 /// The Ollama version duet reports: clients gate features on it, so it names the
 /// Ollama release whose API duet follows.
@@ -40,7 +40,6 @@ pub struct AppState {
     /// Alias → canonical name.
     pub aliases: Vec<(String, String)>,
     pub limits: Limits,
-    pub started: SystemTime,
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -313,13 +312,6 @@ impl AppState {
                 skipped: pick.skipped,
             }),
         })
-    }
-
-    /// Whether every model has finished loading (loaded or failed).
-    pub fn all_settled(&self) -> bool {
-        self.slots
-            .iter()
-            .all(|s| s.is_ready() || s.failure().is_some())
     }
 
     pub fn all_ready(&self) -> bool {

@@ -57,7 +57,6 @@ pub struct ModelSlot {
     in_flight: AtomicUsize,
     max_queue: usize,
     jobs: mpsc::Sender<Job>,
-    pub loaded_at: OnceLock<std::time::SystemTime>,
 }
 
 impl ModelSlot {
@@ -140,7 +139,6 @@ pub fn spawn(
                 in_flight: AtomicUsize::new(0),
                 max_queue,
                 jobs: tx.clone(),
-                loaded_at: OnceLock::new(),
             })
         })
         .collect();
@@ -162,7 +160,6 @@ fn worker_main(device: DeviceSpec, slots: Vec<Arc<ModelSlot>>, rx: mpsc::Receive
         match load_and_warm(slot, device) {
             Ok(model) => {
                 let _ = slot.model.set(Arc::new(model));
-                let _ = slot.loaded_at.set(std::time::SystemTime::now());
             }
             Err(e) => {
                 tracing::error!(model = %slot.name, %device, error = %e, "model failed to load");
