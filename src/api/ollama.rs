@@ -304,7 +304,7 @@ struct GenerateRequest {
 }
 
 /// Qwen2.5-Coder's fill-in-the-middle prompt, as Ollama's template writes it for `suffix`.
-fn fim_prompt(prefix: &str, suffix: &str) -> String {
+pub fn fim_prompt(prefix: &str, suffix: &str) -> String {
     format!("<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>")
 }
 

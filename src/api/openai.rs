@@ -1,7 +1,7 @@
 //! The OpenAI-compatible API Ollama also serves: /v1/chat/completions, /v1/completions,
 //! /v1/models. Errors take OpenAI's shape, `{"error": {"message", "type", ...}}`.
 
-use super::ollama::chat_request;
+use super::ollama::{chat_request, fim_prompt};
 use super::stream::{body_response, collect, items, sse_event, Item};
 use super::{loaded, parse_body, with_headers, ApiError, AppState, Served, Target};
 use crate::engine::{Message, Options, Summary};
@@ -322,7 +322,7 @@ async fn completions_routed(
     let model = loaded(&t)?;
     // As Ollama does: the prompt goes through the chat template, or FIM with a suffix.
     let text = match req.suffix.as_deref().filter(|s| !s.is_empty()) {
-        Some(suffix) => format!("<|fim_prefix|>{prompt}<|fim_suffix|>{suffix}<|fim_middle|>"),
+        Some(suffix) => fim_prompt(&prompt, suffix),
         None => model.render_chat(&[Message::new("user", &prompt)])?,
     };
     let tokens = model.tokenize(&text)?;
