@@ -140,7 +140,13 @@ impl<'m> Generation<'m> {
         }
         Ok(Self {
             model,
-            cache: model.weights.new_cache(),
+            // Room for the prompt and the answer, bounded by the context.
+            cache: model
+                .weights
+                .new_cache(match usize::try_from(opts.num_predict) {
+                    Ok(n) => (tokens.len() + n + 1).min(opts.num_ctx),
+                    Err(_) => opts.num_ctx,
+                }),
             sampler: Sampler::new(&opts),
             decoder: StreamDecoder::default(),
             stop: StopMatcher {

@@ -261,9 +261,10 @@ impl GgufFile {
             architecture: arch,
         })
     }
+}
 
-    /// Reads one tensor onto `device`.
-    pub fn tensor(
+impl super::qwen2::WeightSource for GgufFile {
+    fn tensor(
         &mut self,
         name: &str,
         device: &candle_core::Device,
@@ -271,7 +272,7 @@ impl GgufFile {
         self.content.tensor(&mut self.reader, name, device)
     }
 
-    pub fn has_tensor(&self, name: &str) -> bool {
+    fn has_tensor(&self, name: &str) -> bool {
         self.content.tensor_infos.contains_key(name)
     }
 }

@@ -1,15 +1,21 @@
 //! The Qwen2 forward pass over quantized GGUF weights.
 //!
-//! Started from candle-transformers' `quantized_qwen2` with one structural change: the KV
-//! cache lives outside the weights ([`KvCache`]), so one loaded model can serve several
-//! sequences and a new request never silently inherits or resets another's state.
+//! Started from candle-transformers' `quantized_qwen2`, changed where it costs time or
+//! memory:
+//! - the KV cache lives outside the weights ([`KvCache`]), so one loaded model can serve
+//!   several sequences; it is allocated once per sequence and written in place (no
+//!   `Tensor::cat` per token), and grouped-query attention reads it without `repeat_kv`
+//!   copies;
+//! - the token embedding stays quantized: only the rows of the tokens fed are dequantized
+//!   (stock candle dequantizes the whole table to f32 at load, 0.9 GB for the 1.5B);
+//! - on the CPU, Q5_0 matrices are rewritten as Q8_0 (same values) to reach candle's SIMD
+//!   kernels.
 
-use super::gguf::{GgufFile, ModelInfo};
-use candle_core::quantized::QMatMul;
+use super::gguf::ModelInfo;
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
-use candle_nn::Embedding;
 use candle_transformers::quantized_nn::RmsNorm;
-use candle_transformers::utils::{build_causal_mask, repeat_kv};
+use candle_transformers::utils::build_causal_mask;
 
 struct Mlp {
     gate: QMatMul,
@@ -38,17 +44,22 @@ struct Layer {
     ffn_norm: RmsNorm,
 }
 
-/// Per-sequence attention state: keys and values of every position seen so far.
+/// Per-sequence attention state: keys and values of every position seen so far, in
+/// buffers allocated once per sequence (for the expected length, doubling if it is
+/// exceeded) and written in place, one (1, kv_heads, capacity, head_dim) pair per layer.
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
+    capacity: usize,
 }
 
 impl KvCache {
-    pub fn new(n_layers: usize) -> Self {
+    /// A cache for about `capacity` positions (it grows past that if needed).
+    pub fn new(n_layers: usize, capacity: usize) -> Self {
         Self {
             layers: vec![None; n_layers],
             len: 0,
+            capacity: capacity.max(1),
         }
     }
 
@@ -61,14 +72,139 @@ impl KvCache {
         self.len == 0
     }
 
+    /// Forgets every position; the buffers stay allocated for reuse.
     pub fn clear(&mut self) {
-        self.layers.iter_mut().for_each(|l| *l = None);
         self.len = 0;
+    }
+
+    /// Keeps the first `len` positions (a shared prefix), forgetting the rest.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
+    /// Positions the buffers hold before they must grow.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Makes room for `needed` positions, allocating or doubling every layer's buffers.
+    fn reserve(
+        &mut self,
+        needed: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        device: &Device,
+    ) -> Result<()> {
+        let allocated = self.layers.iter().all(|l| l.is_some());
+        if allocated && needed <= self.capacity {
+            return Ok(());
+        }
+        let mut capacity = self.capacity;
+        while capacity < needed {
+            capacity *= 2;
+        }
+        for slot in &mut self.layers {
+            let k = Tensor::zeros((1, kv_heads, capacity, head_dim), DType::F32, device)?;
+            let v = Tensor::zeros((1, kv_heads, capacity, head_dim), DType::F32, device)?;
+            if let Some((old_k, old_v)) = slot.take() {
+                if self.len > 0 {
+                    k.slice_set(&old_k.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                    v.slice_set(&old_v.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                }
+            }
+            *slot = Some((k, v));
+        }
+        self.capacity = capacity;
+        Ok(())
     }
 }
 
+/// Where a model's tensors come from: a GGUF file, or generated weights of a real shape.
+pub trait WeightSource {
+    /// Reads one tensor onto `device`, in the format it is stored in.
+    fn tensor(&mut self, name: &str, device: &Device) -> Result<QTensor>;
+    fn has_tensor(&self, name: &str) -> bool;
+}
+
+/// A quantized weight ready for matmuls on its device. On the CPU, Q5_0 blocks (the
+/// 0.5B's format) are rewritten as Q8_0 blocks of the same values: candle has no SIMD
+/// kernel for Q5_0 but fast ones for Q8_0, and every Q5_0 value (an integer in -16..=15
+/// times the block scale) is exactly a Q8_0 value with the same scale.
+pub fn linear(t: QTensor, device: &Device) -> Result<QMatMul> {
+    if device.is_cpu() && t.dtype() == GgmlDType::Q5_0 {
+        let dims = t.shape().dims().to_vec();
+        let q8 = q5_0_to_q8_0(&t.data()?);
+        return QMatMul::from_qtensor(qtensor_from_ggml(GgmlDType::Q8_0, &q8, dims, device)?);
+    }
+    QMatMul::from_qtensor(t)
+}
+
+/// Rewrites Q5_0 blocks (f16 d, 4 bytes of fifth bits, 16 bytes of nibbles) as Q8_0
+/// blocks (f16 d, 32 signed bytes) holding the same values.
+pub fn q5_0_to_q8_0(q5: &[u8]) -> Vec<u8> {
+    const Q5: usize = 22;
+    const Q8: usize = 34;
+    let mut out = vec![0u8; q5.len() / Q5 * Q8];
+    for (src, dst) in q5.chunks_exact(Q5).zip(out.chunks_exact_mut(Q8)) {
+        dst[..2].copy_from_slice(&src[..2]);
+        let qh = u32::from_le_bytes([src[2], src[3], src[4], src[5]]);
+        let qs = &src[6..];
+        for j in 0..16 {
+            let lo = (qs[j] & 0x0f) | ((((qh >> j) & 1) as u8) << 4);
+            let hi = (qs[j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
+            dst[2 + j] = (lo as i8 - 16) as u8;
+            dst[2 + j + 16] = (hi as i8 - 16) as u8;
+        }
+    }
+    out
+}
+
+/// Writes this step's keys and values (1, kv_heads, seq, head_dim) into the cache at
+/// `pos`, then attends the queries (1, heads, seq, head_dim, already rotated) over every
+/// cached position; returns (1, heads, seq, head_dim). Grouped-query attention without
+/// copying keys per query head: the query heads that share a key head are stacked as
+/// extra rows against that key head's cache. `mask` is the causal mask (seq, pos + seq)
+/// of a multi-token step.
+pub fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    (k_cache, v_cache): &(Tensor, Tensor),
+    pos: usize,
+    mask: Option<&Tensor>,
+    neg_inf: &Tensor,
+) -> Result<Tensor> {
+    let (b, n_head, seq_len, hd) = q.dims4()?;
+    let n_kv = k.dim(1)?;
+    let n_rep = n_head / n_kv;
+    // Keys and values are kept at f16 precision, as llama.cpp's default cache holds
+    // them: greedy output then follows the reference engine's through near-ties.
+    let k = k.to_dtype(DType::F16)?.to_dtype(DType::F32)?;
+    let v = v.to_dtype(DType::F16)?.to_dtype(DType::F32)?;
+    k_cache.slice_set(&k, 2, pos)?;
+    v_cache.slice_set(&v, 2, pos)?;
+    let len = pos + seq_len;
+    let k = k_cache.narrow(2, 0, len)?;
+    let v = v_cache.narrow(2, 0, len)?;
+
+    let q = q.reshape((b, n_kv, n_rep * seq_len, hd))?;
+    let att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+    let att = match mask {
+        Some(mask) => {
+            let grouped = att.reshape((b, n_kv, n_rep, seq_len, len))?;
+            mask.broadcast_as(grouped.shape())?
+                .where_cond(&neg_inf.broadcast_as(grouped.shape())?, &grouped)?
+                .reshape((b, n_kv, n_rep * seq_len, len))?
+        }
+        None => att,
+    };
+    let att = candle_nn::ops::softmax_last_dim(&att)?;
+    att.matmul(&v)?.reshape((b, n_head, seq_len, hd))
+}
+
 pub struct Qwen2 {
-    embeddings: Embedding,
+    /// The token embedding table as stored in the file; rows are dequantized on lookup.
+    embeddings: QTensor,
     layers: Vec<Layer>,
     norm: RmsNorm,
     output: QMatMul,
@@ -80,6 +216,18 @@ pub struct Qwen2 {
     hidden: usize,
     neg_inf: Tensor,
     device: Device,
+    /// Bytes of matrix weights one token's forward pass reads (every layer's matrices
+    /// and the output projection; the embedding contributes one row).
+    weight_bytes_per_token: u64,
+}
+
+fn matmul_bytes(m: &QMatMul) -> u64 {
+    match m {
+        QMatMul::QTensor(t) => t.storage_size_in_bytes() as u64,
+        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
+            (t.elem_count() * t.dtype().size_in_bytes()) as u64
+        }
+    }
 }
 
 fn rope_tables(info: &ModelInfo, head_dim: usize, device: &Device) -> Result<(Tensor, Tensor)> {
@@ -96,23 +244,21 @@ fn rope_tables(info: &ModelInfo, head_dim: usize, device: &Device) -> Result<(Te
 }
 
 impl Qwen2 {
-    pub fn load(gguf: &mut GgufFile, info: &ModelInfo, device: &Device) -> Result<Self> {
+    pub fn load(src: &mut impl WeightSource, info: &ModelInfo, device: &Device) -> Result<Self> {
         let eps = info.rms_norm_eps;
         let head_dim = info.embedding_length / info.head_count;
-        let embeddings = gguf
-            .tensor("token_embd.weight", device)?
-            .dequantize(device)?;
-        let norm = RmsNorm::from_qtensor(gguf.tensor("output_norm.weight", device)?, eps)?;
-        // Qwen2.5 0.5B ties its output projection to the embeddings.
-        let output = if gguf.has_tensor("output.weight") {
-            QMatMul::from_qtensor(gguf.tensor("output.weight", device)?)?
+        let embeddings = src.tensor("token_embd.weight", device)?;
+        let norm = RmsNorm::from_qtensor(src.tensor("output_norm.weight", device)?, eps)?;
+        // Qwen2.5 models without an output projection tie it to the embeddings.
+        let output = if src.has_tensor("output.weight") {
+            linear(src.tensor("output.weight", device)?, device)?
         } else {
-            QMatMul::from_qtensor(gguf.tensor("token_embd.weight", device)?)?
+            linear(src.tensor("token_embd.weight", device)?, device)?
         };
         let mut layers = Vec::with_capacity(info.block_count);
         for i in 0..info.block_count {
             let mut q = |name: &str| -> Result<QMatMul> {
-                QMatMul::from_qtensor(gguf.tensor(&format!("blk.{i}.{name}"), device)?)
+                linear(src.tensor(&format!("blk.{i}.{name}"), device)?, device)
             };
             let (wq, wk, wv, wo) = (
                 q("attn_q.weight")?,
@@ -125,19 +271,15 @@ impl Qwen2 {
                 up: q("ffn_up.weight")?,
                 down: q("ffn_down.weight")?,
             };
-            let mut f = |name: &str| -> Result<Tensor> {
-                gguf.tensor(&format!("blk.{i}.{name}"), device)?
-                    .dequantize(device)
-            };
-            let (bq, bk, bv) = (f("attn_q.bias")?, f("attn_k.bias")?, f("attn_v.bias")?);
-            let attn_norm = RmsNorm::from_qtensor(
-                gguf.tensor(&format!("blk.{i}.attn_norm.weight"), device)?,
-                eps,
-            )?;
-            let ffn_norm = RmsNorm::from_qtensor(
-                gguf.tensor(&format!("blk.{i}.ffn_norm.weight"), device)?,
-                eps,
-            )?;
+            let mut f =
+                |name: &str| -> Result<QTensor> { src.tensor(&format!("blk.{i}.{name}"), device) };
+            let (bq, bk, bv) = (
+                f("attn_q.bias")?.dequantize(device)?,
+                f("attn_k.bias")?.dequantize(device)?,
+                f("attn_v.bias")?.dequantize(device)?,
+            );
+            let attn_norm = RmsNorm::from_qtensor(f("attn_norm.weight")?, eps)?;
+            let ffn_norm = RmsNorm::from_qtensor(f("ffn_norm.weight")?, eps)?;
             layers.push(Layer {
                 wq,
                 wk,
@@ -152,8 +294,25 @@ impl Qwen2 {
             });
         }
         let (cos, sin) = rope_tables(info, head_dim, device)?;
+        let weight_bytes_per_token = matmul_bytes(&output)
+            + layers
+                .iter()
+                .flat_map(|l| {
+                    [
+                        &l.wq,
+                        &l.wk,
+                        &l.wv,
+                        &l.wo,
+                        &l.mlp.gate,
+                        &l.mlp.up,
+                        &l.mlp.down,
+                    ]
+                })
+                .map(matmul_bytes)
+                .sum::<u64>();
         Ok(Self {
-            embeddings: Embedding::new(embeddings, info.embedding_length),
+            weight_bytes_per_token,
+            embeddings,
             layers,
             norm,
             output,
@@ -168,12 +327,18 @@ impl Qwen2 {
         })
     }
 
-    pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.layers.len())
+    /// A cache for a sequence expected to reach `capacity` positions.
+    pub fn new_cache(&self, capacity: usize) -> KvCache {
+        KvCache::new(self.layers.len(), capacity.min(self.max_positions()))
     }
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Bytes of weights read per generated token: the numerator of a bandwidth roofline.
+    pub fn weight_bytes_per_token(&self) -> u64 {
+        self.weight_bytes_per_token
     }
 
     /// Largest position the rotary tables cover (the model's trained context).
@@ -185,52 +350,31 @@ impl Qwen2 {
         let seq_len = x.dim(2)?;
         let cos = self.cos.narrow(0, pos, seq_len)?;
         let sin = self.sin.narrow(0, pos, seq_len)?;
-        candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+        candle_nn::rotary_emb::rope(x, &cos, &sin)
     }
 
+    /// Self-attention of `x` (positions `pos..`) over the cached positions and itself.
     fn attention(
         &self,
         layer: &Layer,
-        slot: &mut Option<(Tensor, Tensor)>,
+        kv: &(Tensor, Tensor),
         x: &Tensor,
         mask: Option<&Tensor>,
         pos: usize,
     ) -> Result<Tensor> {
         let (b, seq_len, _) = x.dims3()?;
+        let (hd, n_kv) = (self.head_dim, self.n_kv_head);
         let heads = |t: Tensor, n: usize| -> Result<Tensor> {
-            t.reshape((b, seq_len, n, self.head_dim))?
+            t.reshape((b, seq_len, n, hd))?
                 .transpose(1, 2)?
                 .contiguous()
         };
         let q = heads(layer.wq.forward(x)?.broadcast_add(&layer.bq)?, self.n_head)?;
-        let k = heads(
-            layer.wk.forward(x)?.broadcast_add(&layer.bk)?,
-            self.n_kv_head,
-        )?;
-        let v = heads(
-            layer.wv.forward(x)?.broadcast_add(&layer.bv)?,
-            self.n_kv_head,
-        )?;
+        let k = heads(layer.wk.forward(x)?.broadcast_add(&layer.bk)?, n_kv)?;
+        let v = heads(layer.wv.forward(x)?.broadcast_add(&layer.bv)?, n_kv)?;
         let q = self.rope(&q, pos)?;
         let k = self.rope(&k, pos)?;
-        let (k, v) = match slot.take() {
-            Some((kc, vc)) => (Tensor::cat(&[&kc, &k], 2)?, Tensor::cat(&[&vc, &v], 2)?),
-            None => (k, v),
-        };
-        *slot = Some((k.clone(), v.clone()));
-
-        let n_rep = self.n_head / self.n_kv_head;
-        let k = repeat_kv(k, n_rep)?;
-        let v = repeat_kv(v, n_rep)?;
-        let att = (q.matmul(&k.t()?)? / (self.head_dim as f64).sqrt())?;
-        let att = match mask {
-            Some(mask) => mask
-                .broadcast_as(att.shape())?
-                .where_cond(&self.neg_inf.broadcast_as(att.shape())?, &att)?,
-            None => att,
-        };
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v.contiguous()?)?;
+        let y = attend(&q, &k, &v, kv, pos, mask, &self.neg_inf)?;
         let y = y.transpose(1, 2)?.reshape((b, seq_len, self.hidden))?;
         layer.wo.forward(&y)
     }
@@ -250,17 +394,21 @@ impl Qwen2 {
                 self.max_positions()
             );
         }
+        cache.reserve(pos + seq_len, self.n_kv_head, self.head_dim, &self.device)?;
         let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
         let mask = if seq_len == 1 {
             None
         } else {
             Some(build_causal_mask(seq_len, pos, &self.device)?)
         };
-        let mut h = self.embeddings.forward(&input)?;
-        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        let mut h = self.embeddings.embedding(&input)?;
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter()) {
+            let Some(kv) = slot else {
+                candle_core::bail!("kv cache not allocated");
+            };
             let residual = h.clone();
             let x = layer.attn_norm.forward(&h)?;
-            let x = (self.attention(layer, slot, &x, mask.as_ref(), pos)? + residual)?;
+            let x = (self.attention(layer, kv, &x, mask.as_ref(), pos)? + residual)?;
             let residual = x.clone();
             let y = layer.mlp.forward(&layer.ffn_norm.forward(&x)?)?;
             h = (y + residual)?;
@@ -269,5 +417,41 @@ impl Qwen2 {
         let h = self.norm.forward(&h)?;
         let last = h.i((.., seq_len - 1, ..))?;
         self.output.forward(&last)?.squeeze(0)?.to_dtype(DType::F32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::synthetic::{SyntheticWeights, TensorSpec};
+
+    #[test]
+    fn q5_0_blocks_become_q8_0_blocks_of_the_same_values() {
+        let spec = TensorSpec {
+            name: "w".into(),
+            dims: vec![64, 896],
+            dtype: GgmlDType::Q5_0,
+        };
+        let q5 = SyntheticWeights::single(spec, 3)
+            .tensor("w", &Device::Cpu)
+            .unwrap();
+        let q8 = q5_0_to_q8_0(&q5.data().unwrap());
+        let q8 = qtensor_from_ggml(GgmlDType::Q8_0, &q8, vec![64, 896], &Device::Cpu).unwrap();
+        let a: Vec<f32> = q5
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let b: Vec<f32> = q8
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(a, b);
+        assert!(a.iter().any(|&x| x != 0.0));
     }
 }
