@@ -5,7 +5,8 @@
 //! moment, to show what true concurrency gives.
 
 use crate::config::DeviceSpec;
-use crate::engine::{Model, Options};
+use crate::engine::synthetic::Shape;
+use crate::engine::{create_device, Model, Options};
 use anyhow::{Context, Result};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -75,17 +76,45 @@ pub struct PromptResult {
     pub tokens_per_second: Stat,
 }
 
+/// Where a benchmarked model's weights come from.
+#[derive(Debug, Clone)]
+pub enum Weights {
+    File(PathBuf),
+    /// Generated weights of a real model's shape (`--dummy-weights`).
+    Generated(Shape),
+}
+
+/// One model to measure, on its device.
+#[derive(Debug, Clone)]
+pub struct BenchModel {
+    pub name: String,
+    pub weights: Weights,
+    pub device: DeviceSpec,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct DeviceResult {
     pub model: String,
     pub device: String,
+    /// Whether the weights were generated (random values of the real shapes).
+    pub generated_weights: bool,
     pub load_seconds: f64,
+    /// Bytes of weights one generated token reads.
+    pub weight_bytes_per_token: u64,
     pub prompt: Vec<PromptResult>,
     pub generation_tokens: usize,
     pub generation_tokens_per_second: Stat,
     pub time_to_first_token_ms: Stat,
     /// Generation rate while every device generates at once.
     pub concurrent_tokens_per_second: Option<Stat>,
+}
+
+impl DeviceResult {
+    /// Weight bytes read per second at the median generation rate: set beside the
+    /// device's memory bandwidth, how close decoding runs to its roofline.
+    pub fn decode_bandwidth(&self) -> f64 {
+        self.weight_bytes_per_token as f64 * self.generation_tokens_per_second.median
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -156,6 +185,9 @@ fn measure(model: &Model, task: &Task, seed: u64) -> Result<Measured> {
                 ttft.get_or_insert_with(|| start.elapsed());
             }
             let s = g.summary();
+            if s.eval_count != n {
+                anyhow::bail!("generation stopped after {} of {n} tokens", s.eval_count);
+            }
             Ok(Measured {
                 tokens_per_second: s.eval_count as f64 / s.eval_duration.as_secs_f64().max(1e-9),
                 ttft: ttft.unwrap_or_default(),
@@ -167,22 +199,36 @@ fn measure(model: &Model, task: &Task, seed: u64) -> Result<Measured> {
 struct Worker {
     name: String,
     device: DeviceSpec,
+    generated: bool,
     load: Duration,
+    weight_bytes: u64,
     tasks: mpsc::Sender<(Task, u64)>,
     results: mpsc::Receiver<Result<Measured>>,
 }
 
-fn start_worker(name: String, path: PathBuf, device: DeviceSpec) -> Result<Worker> {
+/// Starts the thread that creates the device, loads the model there and runs its
+/// measurements: the only thread that drives that model.
+fn start_worker(m: BenchModel) -> Result<Worker> {
     let (task_tx, task_rx) = mpsc::channel::<(Task, u64)>();
     let (res_tx, res_rx) = mpsc::channel::<Result<Measured>>();
-    let (load_tx, load_rx) = mpsc::channel::<Result<Duration>>();
+    let (load_tx, load_rx) = mpsc::channel::<Result<(Duration, u64)>>();
+    let BenchModel {
+        name,
+        weights,
+        device,
+    } = m;
+    let generated = matches!(weights, Weights::Generated(_));
     let thread_name = name.clone();
     std::thread::Builder::new()
         .name(format!("bench-{device}"))
         .spawn(move || {
-            let model = match Model::load(&thread_name, &path, device) {
+            let loaded = create_device(device).and_then(|dev| match &weights {
+                Weights::File(path) => Model::load_on(&thread_name, path, device, &dev),
+                Weights::Generated(shape) => Model::synthetic(*shape, device, &dev),
+            });
+            let model = match loaded {
                 Ok(m) => {
-                    let _ = load_tx.send(Ok(m.load_duration));
+                    let _ = load_tx.send(Ok((m.load_duration, m.weights.weight_bytes_per_token())));
                     m
                 }
                 Err(e) => {
@@ -196,14 +242,16 @@ fn start_worker(name: String, path: PathBuf, device: DeviceSpec) -> Result<Worke
                 }
             }
         })?;
-    let load = load_rx
+    let (load, weight_bytes) = load_rx
         .recv()
         .context("bench worker died while loading")?
         .with_context(|| format!("loading {name} on {device}"))?;
     Ok(Worker {
         name,
         device,
+        generated,
         load,
+        weight_bytes,
         tasks: task_tx,
         results: res_rx,
     })
@@ -218,10 +266,10 @@ impl Worker {
     }
 }
 
-/// Runs the benchmark over `models` (name, weights, device).
+/// Runs the benchmark over `models`.
 pub fn run(
     layout: &str,
-    models: Vec<(String, PathBuf, DeviceSpec)>,
+    models: Vec<BenchModel>,
     opts: &BenchOptions,
     threads: usize,
 ) -> Result<Report> {
@@ -232,9 +280,9 @@ pub fn run(
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     let mut workers = Vec::new();
-    for (name, path, device) in models {
-        bar.set_message(format!("loading {name} on {device}"));
-        workers.push(start_worker(name, path, device)?);
+    for m in models {
+        bar.set_message(format!("loading {} on {}", m.name, m.device));
+        workers.push(start_worker(m)?);
         bar.inc(1);
     }
     // Warm each model up once, one at a time, so lazy set-up is not measured.
@@ -270,7 +318,9 @@ pub fn run(
         results.push(DeviceResult {
             model: w.name.clone(),
             device: w.device.to_string(),
+            generated_weights: w.generated,
             load_seconds: w.load.as_secs_f64(),
+            weight_bytes_per_token: w.weight_bytes,
             prompt,
             generation_tokens: opts.gen_tokens,
             generation_tokens_per_second: Stat::of(rates),
@@ -321,10 +371,10 @@ pub fn markdown(r: &Report) -> String {
         out.push_str(&format!(" prompt {p} tok/s |"));
     }
     out.push_str(&format!(
-        " generate {} tok/s | time to first token ms |\n",
+        " generate {} tok/s | time to first token ms | weights read per token | weight bytes/s while generating |\n",
         r.options.gen_tokens
     ));
-    out.push_str(&"|---".repeat(5 + r.options.prompt_sizes.len()));
+    out.push_str(&"|---".repeat(7 + r.options.prompt_sizes.len()));
     out.push_str("|\n");
     for d in &r.results {
         out.push_str(&format!(
@@ -335,9 +385,11 @@ pub fn markdown(r: &Report) -> String {
             out.push_str(&format!(" {} |", p.tokens_per_second.cell()));
         }
         out.push_str(&format!(
-            " {} | {} |\n",
+            " {} | {} | {:.3} GB | {:.1} GB/s |\n",
             d.generation_tokens_per_second.cell(),
-            d.time_to_first_token_ms.cell()
+            d.time_to_first_token_ms.cell(),
+            d.weight_bytes_per_token as f64 / 1e9,
+            d.decode_bandwidth() / 1e9,
         ));
     }
     out.push_str("\nAll devices generating at the same moment:\n\n");

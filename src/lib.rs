@@ -4,6 +4,7 @@
 pub mod api;
 pub mod bench;
 pub mod config;
+pub mod device_check;
 pub mod engine;
 pub mod hub;
 pub mod layout;

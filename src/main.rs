@@ -45,6 +45,19 @@ enum Command {
         #[arg(long)]
         template: bool,
     },
+    /// Check a device: each operation the model uses, and a whole forward pass of
+    /// generated weights, against the CPU's result (exit status 1 when one fails)
+    DeviceCheck {
+        /// The device to check, e.g. cuda:0
+        #[arg(long, default_value = "cuda:0")]
+        device: String,
+        /// Print the results as JSON
+        #[arg(long)]
+        json: bool,
+        /// CPU threads for the reference results (default: all cores)
+        #[arg(long)]
+        threads: Option<usize>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -71,6 +84,9 @@ struct BenchArgs {
     /// Print the report as JSON instead of Markdown
     #[arg(long)]
     json: bool,
+    /// Also write the report as JSON to this file
+    #[arg(long, value_name = "FILE")]
+    json_out: Option<PathBuf>,
     /// Repetitions of each measurement
     #[arg(long)]
     reps: Option<usize>,
@@ -86,6 +102,13 @@ struct BenchArgs {
     /// CPU threads (default: all cores)
     #[arg(long)]
     threads: Option<usize>,
+    /// Measure generated weights of a real model's shape instead of the layout's models
+    /// (comma-separated: 1.5b-q4_k_m, 7b-q8_0); no weights file or configuration needed
+    #[arg(long, value_delimiter = ',', value_name = "SHAPE")]
+    dummy_weights: Vec<String>,
+    /// Device for --dummy-weights (each shape gets its own worker on it)
+    #[arg(long, default_value = "cpu:0", requires = "dummy_weights")]
+    device: String,
 }
 
 #[derive(clap::Args)]
@@ -198,6 +221,12 @@ fn real_main(cli: Cli) -> Result<()> {
             run(&deployment, args)
         }
         Command::Classify(args) => classify(config, cli.layout.as_deref(), args),
+        Command::DeviceCheck {
+            device,
+            json,
+            threads,
+        } => device_check(&device, json, threads),
+        Command::Bench(args) if !args.dummy_weights.is_empty() => bench_generated(args),
         Command::Bench(args) => bench(&deployment(config, cli.layout.as_deref())?, args),
         Command::List => list(&deployment(config, cli.layout.as_deref())?),
         Command::Show { model, template } => show(
@@ -562,9 +591,25 @@ fn classify(config: Config, layout: Option<&str>, args: ClassifyArgs) -> Result<
     Ok(())
 }
 
-fn bench(d: &Deployment, args: BenchArgs) -> Result<()> {
-    let threads = args.threads.unwrap_or_else(available_cores);
-    set_threads(threads);
+fn device_check(device: &str, json: bool, threads: Option<usize>) -> Result<()> {
+    set_threads(threads.unwrap_or_else(available_cores));
+    let spec: duet::config::DeviceSpec = device
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--device {device}: {e}"))?;
+    let checks = duet::device_check::run(spec)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&checks)?);
+    } else {
+        print!("{}", duet::device_check::markdown(spec, &checks));
+    }
+    let failed = checks.iter().filter(|c| !c.passed).count();
+    if failed > 0 {
+        bail!("{failed} of {} device checks failed", checks.len());
+    }
+    Ok(())
+}
+
+fn bench_options(args: &BenchArgs) -> duet::bench::BenchOptions {
     let mut opts = if args.quick {
         duet::bench::BenchOptions::quick()
     } else {
@@ -576,9 +621,53 @@ fn bench(d: &Deployment, args: BenchArgs) -> Result<()> {
     if let Some(n) = args.gen_tokens {
         opts.gen_tokens = n.max(1);
     }
-    if let Some(p) = args.prompt_sizes {
-        opts.prompt_sizes = p;
+    if let Some(p) = &args.prompt_sizes {
+        opts.prompt_sizes = p.clone();
     }
+    opts
+}
+
+fn print_report(report: &duet::bench::Report, args: &BenchArgs) -> Result<()> {
+    if let Some(path) = &args.json_out {
+        std::fs::write(path, serde_json::to_string_pretty(report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+    } else {
+        print!("{}", duet::bench::markdown(report));
+    }
+    Ok(())
+}
+
+/// `duet bench --dummy-weights`: generated weights of real shapes, each on a worker of
+/// its own on one device.
+fn bench_generated(args: BenchArgs) -> Result<()> {
+    use duet::bench::{BenchModel, Weights};
+    use duet::engine::synthetic::Shape;
+    let threads = args.threads.unwrap_or_else(available_cores);
+    set_threads(threads);
+    let device: duet::config::DeviceSpec = args
+        .device
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--device {}: {e}", args.device))?;
+    let mut models = Vec::new();
+    for s in &args.dummy_weights {
+        let shape = Shape::parse(s).map_err(|e| anyhow::anyhow!("--dummy-weights: {e}"))?;
+        models.push(BenchModel {
+            name: shape.model_name(),
+            weights: Weights::Generated(shape),
+            device,
+        });
+    }
+    let report = duet::bench::run("generated", models, &bench_options(&args), threads)?;
+    print_report(&report, &args)
+}
+
+fn bench(d: &Deployment, args: BenchArgs) -> Result<()> {
+    let threads = args.threads.unwrap_or_else(available_cores);
+    set_threads(threads);
+    let opts = bench_options(&args);
     let mut models = Vec::new();
     for p in &d.layout().place {
         if !args.model.is_empty()
@@ -592,21 +681,20 @@ fn bench(d: &Deployment, args: BenchArgs) -> Result<()> {
         let m = d
             .model(&p.model)
             .ok_or_else(|| anyhow::anyhow!(d.unknown_model_message(&p.model)))?;
-        models.push((p.model.clone(), m.weights?, p.device));
+        models.push(duet::bench::BenchModel {
+            name: p.model.clone(),
+            weights: duet::bench::Weights::File(m.weights?),
+            device: p.device,
+        });
     }
     for m in &args.model {
         if !models
             .iter()
-            .any(|(n, _, _)| d.config.canonical_name(m) == Some(n.as_str()))
+            .any(|b| d.config.canonical_name(m) == Some(b.name.as_str()))
         {
             bail!("model '{m}' is not placed in layout '{}'", d.layout_name);
         }
     }
     let report = duet::bench::run(&d.layout_name, models, &opts, threads)?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print!("{}", duet::bench::markdown(&report));
-    }
-    Ok(())
+    print_report(&report, &args)
 }

@@ -4,7 +4,7 @@ mod common;
 use common::*;
 use std::process::Command;
 
-fn duet(args: &[&str]) -> (String, String) {
+fn duet_status(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_duet"))
         .args(args)
         .current_dir(repo_root())
@@ -13,7 +13,12 @@ fn duet(args: &[&str]) -> (String, String) {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "duet {args:?} failed:\n{stderr}");
+    (out.status.success(), stdout, stderr)
+}
+
+fn duet(args: &[&str]) -> (String, String) {
+    let (ok, stdout, stderr) = duet_status(args);
+    assert!(ok, "duet {args:?} failed:\n{stderr}");
     (stdout, stderr)
 }
 
@@ -194,4 +199,54 @@ fn bench_quick_emits_json_with_alone_and_concurrent_rates() {
             && md.contains("All devices generating at the same moment"),
         "{md}"
     );
+}
+
+#[test]
+fn bench_runs_generated_weights_of_the_real_1_5b_shape() {
+    let (out, _) = duet(&[
+        "bench",
+        "--quick",
+        "--json",
+        "--dummy-weights",
+        "1.5b-q4_k_m",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let r = &v["results"].as_array().unwrap()[0];
+    assert_eq!(r["model"], "dummy:1.5b-q4_k_m");
+    assert_eq!(r["generated_weights"], true);
+    // Every token reads the 28 layers' matrices and the Q6_K output projection: 0.98 GB.
+    let bytes = r["weight_bytes_per_token"].as_u64().unwrap();
+    assert!((975_000_000..990_000_000).contains(&bytes), "{bytes}");
+    // bench fails unless all 8 tokens were generated (no stop on random weights).
+    assert_eq!(r["generation_tokens"], 8);
+    assert!(
+        r["generation_tokens_per_second"]["median"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+}
+
+#[test]
+fn bench_refuses_an_unknown_weight_shape() {
+    let (ok, _, err) = duet_status(&["bench", "--dummy-weights", "13b-q2"]);
+    assert!(!ok);
+    assert!(
+        err.contains("unknown weight shape '13b-q2' (known: 1.5b-q4_k_m, 7b-q8_0)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn device_check_compares_the_cpu_paths_and_refuses_cuda_without_it() {
+    // On the CPU the Q5_0 matmuls go through the Q8_0 rewrite and are compared with
+    // candle's own Q5_0 kernel.
+    let (out, _) = duet(&["device-check", "--device", "cpu:0"]);
+    assert!(out.contains("| qmatmul Q5_0 128x896 · 896x896 |"), "{out}");
+    assert!(out.contains("0 failed"), "{out}");
+    if !cfg!(feature = "cuda") {
+        let (ok, _, err) = duet_status(&["device-check", "--device", "cuda:0"]);
+        assert!(!ok);
+        assert!(err.contains("built without CUDA"), "{err}");
+    }
 }

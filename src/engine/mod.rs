@@ -5,6 +5,7 @@ pub mod generate;
 pub mod gguf;
 pub mod qwen2;
 pub mod sampling;
+pub mod synthetic;
 pub mod template;
 pub mod tokenizer;
 pub mod worker;
@@ -53,12 +54,77 @@ pub fn create_device(spec: DeviceSpec) -> Result<Device, EngineError> {
                         .into(),
                 });
             }
-            Device::new_cuda(n).map_err(|e| EngineError::Device {
+            let device = Device::new_cuda(n).map_err(|e| EngineError::Device {
                 device: spec,
                 message: e.to_string(),
-            })
+            })?;
+            check_cuda_device(&device).map_err(|message| EngineError::Device {
+                device: spec,
+                message,
+            })?;
+            Ok(device)
         }
     }
+}
+
+/// Compute capability the CUDA kernels of this binary were compiled for
+/// (`CUDA_COMPUTE_CAP` at build time, e.g. 90).
+pub fn built_compute_cap() -> Option<u32> {
+    option_env!("CUDA_COMPUTE_CAP").and_then(|s| s.trim().parse().ok())
+}
+
+/// Oldest compute capability candle's quantized CUDA kernels run on (they use dp4a).
+pub const MIN_COMPUTE_CAP: u32 = 61;
+
+/// Why a GPU of compute capability `major.minor` cannot run this binary's kernels, if it
+/// cannot: older than candle's quantized kernels support, or of another architecture than
+/// the one compiled in (its kernels are machine code for exactly that architecture).
+pub fn compute_cap_problem(
+    name: &str,
+    (major, minor): (u32, u32),
+    built: Option<u32>,
+) -> Option<String> {
+    let have = major * 10 + minor;
+    if have < MIN_COMPUTE_CAP {
+        return Some(format!(
+            "{name} has compute capability {major}.{minor}; duet's quantized CUDA kernels need \
+             {}.{} or newer (run its models on a CPU device instead)",
+            MIN_COMPUTE_CAP / 10,
+            MIN_COMPUTE_CAP % 10
+        ));
+    }
+    let built = built?;
+    if major != built / 10 || minor < built % 10 {
+        return Some(format!(
+            "{name} has compute capability {major}.{minor} but this binary's CUDA kernels are \
+             compiled for {}.{}: rebuild with CUDA_COMPUTE_CAP={have} scripts/build-cuda",
+            built / 10,
+            built % 10
+        ));
+    }
+    None
+}
+
+#[cfg(feature = "cuda")]
+fn check_cuda_device(device: &Device) -> Result<(), String> {
+    let Device::Cuda(cuda) = device else {
+        return Ok(());
+    };
+    let stream = cuda.cuda_stream();
+    let ctx = stream.context();
+    let (major, minor) = ctx
+        .compute_capability()
+        .map_err(|e| format!("cannot read its compute capability: {e}"))?;
+    let name = ctx.name().unwrap_or_else(|_| "the GPU".into());
+    match compute_cap_problem(&name, (major as u32, minor as u32), built_compute_cap()) {
+        Some(problem) => Err(problem),
+        None => Ok(()),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn check_cuda_device(_: &Device) -> Result<(), String> {
+    Ok(())
 }
 
 /// A loaded model on its device.
@@ -73,26 +139,63 @@ pub struct Model {
 }
 
 impl Model {
-    /// Opens, checks and loads a GGUF file onto `device`.
+    /// Opens, checks and loads a GGUF file onto a device of its own.
     pub fn load(name: &str, path: &Path, device: DeviceSpec) -> Result<Self, EngineError> {
+        let dev = create_device(device)?;
+        Self::load_on(name, path, device, &dev)
+    }
+
+    /// Opens, checks and loads a GGUF file onto `dev`, the device `spec` names (a worker
+    /// creates its device once and loads every model placed on it there).
+    pub fn load_on(
+        name: &str,
+        path: &Path,
+        device: DeviceSpec,
+        dev: &Device,
+    ) -> Result<Self, EngineError> {
         let start = Instant::now();
         let mut gguf = GgufFile::open(path)?;
         let info = gguf.info()?;
         let codec = TextCodec::load(&gguf)?;
         let template =
             ChatTemplate::new(info.chat_template.as_deref().unwrap_or(template::CHATML))?;
-        let dev = create_device(device)?;
-        let weights =
-            qwen2::Qwen2::load(&mut gguf, &info, &dev).map_err(|e| EngineError::Load {
-                path: path.display().to_string(),
-                message: e.to_string(),
-            })?;
+        let weights = qwen2::Qwen2::load(&mut gguf, &info, dev).map_err(|e| EngineError::Load {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
         Ok(Self {
             name: name.to_string(),
             device,
             info,
             codec,
             template,
+            weights,
+            load_duration: start.elapsed(),
+        })
+    }
+
+    /// A model of a real shape with generated weights and a placeholder vocabulary
+    /// (`duet bench --dummy-weights`): it computes exactly what the real model computes
+    /// per token, but its text is noise.
+    pub fn synthetic(
+        shape: synthetic::Shape,
+        device: DeviceSpec,
+        dev: &Device,
+    ) -> Result<Self, EngineError> {
+        let start = Instant::now();
+        let info = shape.info();
+        let mut source = synthetic::SyntheticWeights::new(shape, 0x5eed);
+        let weights =
+            qwen2::Qwen2::load(&mut source, &info, dev).map_err(|e| EngineError::Load {
+                path: info.path.display().to_string(),
+                message: e.to_string(),
+            })?;
+        Ok(Self {
+            name: shape.model_name(),
+            device,
+            codec: TextCodec::placeholder(info.vocab_size)?,
+            template: ChatTemplate::new(template::CHATML)?,
+            info,
             weights,
             load_duration: start.elapsed(),
         })
@@ -114,5 +217,31 @@ impl Model {
         opts: &Options,
     ) -> Result<Generation<'_>, EngineError> {
         Generation::new(self, prompt, opts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn old_or_foreign_gpus_are_refused_with_the_fix() {
+        // The seed box's Quadro M4000.
+        let m4000 = compute_cap_problem("Quadro M4000", (5, 2), Some(90)).unwrap();
+        assert!(
+            m4000.contains("compute capability 5.2") && m4000.contains("6.1 or newer"),
+            "{m4000}"
+        );
+        // An RTX 4080 SUPER running an H100 build.
+        let ada = compute_cap_problem("RTX 4080 SUPER", (8, 9), Some(90)).unwrap();
+        assert!(ada.contains("CUDA_COMPUTE_CAP=89"), "{ada}");
+        assert_eq!(compute_cap_problem("H100", (9, 0), Some(90)), None);
+        assert_eq!(
+            compute_cap_problem("RTX 4080 SUPER", (8, 9), Some(89)),
+            None
+        );
+        // sm_86 machine code runs on 8.9; 8.9 code does not run on 8.6.
+        assert_eq!(compute_cap_problem("RTX 4090", (8, 9), Some(86)), None);
+        assert!(compute_cap_problem("RTX 3090", (8, 6), Some(89)).is_some());
     }
 }

@@ -54,6 +54,29 @@ impl TextCodec {
         })
     }
 
+    /// A vocabulary of `size` placeholder words ("t0", "t1", …), the last one ending a
+    /// sequence: for generated weights, which have no real vocabulary.
+    pub fn placeholder(size: usize) -> Result<Self, TokenizerError> {
+        use tokenizers::models::wordlevel::WordLevel;
+        let err = |message: String| TokenizerError::Load {
+            path: "<placeholder vocabulary>".into(),
+            message,
+        };
+        if size == 0 {
+            return Err(err("empty vocabulary".into()));
+        }
+        let vocab = (0..size as u32).map(|i| (format!("t{i}"), i)).collect();
+        let model = WordLevel::builder()
+            .vocab(vocab)
+            .unk_token("t0".into())
+            .build()
+            .map_err(|e| err(e.to_string()))?;
+        Ok(Self {
+            tokenizer: Tokenizer::new(model),
+            stop_ids: vec![size as u32 - 1],
+        })
+    }
+
     /// Encodes text; special tokens written in the text (`<|im_start|>`) become their ids.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
         self.tokenizer

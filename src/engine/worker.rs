@@ -156,8 +156,19 @@ pub fn spawn(
 }
 
 fn worker_main(device: DeviceSpec, slots: Vec<Arc<ModelSlot>>, rx: mpsc::Receiver<Job>) {
+    // The device is created once, here, and only this thread drives it.
+    let dev = match super::create_device(device) {
+        Ok(dev) => dev,
+        Err(e) => {
+            for slot in &slots {
+                tracing::error!(model = %slot.name, %device, error = %e, "device unavailable: model not loaded");
+                let _ = slot.failed.set(e.to_string());
+            }
+            return;
+        }
+    };
     for slot in &slots {
-        match load_and_warm(slot, device) {
+        match load_and_warm(slot, device, &dev) {
             Ok(model) => {
                 let _ = slot.model.set(Arc::new(model));
             }
@@ -188,10 +199,14 @@ fn worker_main(device: DeviceSpec, slots: Vec<Arc<ModelSlot>>, rx: mpsc::Receive
     }
 }
 
-fn load_and_warm(slot: &ModelSlot, device: DeviceSpec) -> Result<Model, EngineError> {
+fn load_and_warm(
+    slot: &ModelSlot,
+    device: DeviceSpec,
+    dev: &candle_core::Device,
+) -> Result<Model, EngineError> {
     let start = Instant::now();
     tracing::info!(model = %slot.name, %device, path = %slot.path.display(), "loading");
-    let model = Model::load(&slot.name, &slot.path, device)?;
+    let model = Model::load_on(&slot.name, &slot.path, device, dev)?;
     // One short forward pass so the first request does not pay for lazy set-up
     // (weight repacking, allocator growth, kernel compilation on GPUs).
     let warm = Options {
