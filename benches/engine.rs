@@ -55,7 +55,7 @@ fn attention(c: &mut Criterion) {
 fn decode_step(c: &mut Criterion) {
     let cpu = Device::Cpu;
     let shape = Shape::Coder1_5bQ4KM;
-    let model = Qwen2::load(&mut SyntheticWeights::new(shape, 1), &shape.info(), &cpu).unwrap();
+    let model = Qwen2::load(&SyntheticWeights::new(shape, 1), &shape.info(), &cpu).unwrap();
     let mut cache = model.new_cache(256);
     let prompt: Vec<u32> = (0..128).map(|i| 1000 + 7 * i).collect();
     model.forward(&prompt, &mut cache).unwrap();

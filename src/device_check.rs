@@ -90,7 +90,7 @@ pub fn run(spec: DeviceSpec) -> Result<Vec<Check>> {
         for m in [1usize, 7, 128] {
             let got = (|| -> Result<(Tensor, Tensor)> {
                 let x = randn(&[1, m, k])?;
-                let mut w = SyntheticWeights::single(spec.clone(), m as u64);
+                let w = SyntheticWeights::single(spec.clone(), m as u64);
                 let on_cpu = QMatMul::from_qtensor(w.tensor("check", &Device::Cpu)?)?;
                 // The device side goes through the model's own loading path (on the CPU,
                 // Q5_0 is rewritten as Q8_0; the reference keeps candle's Q5_0 kernel).
@@ -202,7 +202,7 @@ pub fn run(spec: DeviceSpec) -> Result<Vec<Check>> {
     // steps through the cache, logits compared at every step.
     let shape = Shape::Coder1_5bQ4KM;
     let info = shape.info();
-    let model = |d: &Device| Qwen2::load(&mut SyntheticWeights::new(shape, 1), &info, d);
+    let model = |d: &Device| Qwen2::load(&SyntheticWeights::new(shape, 1), &info, d);
     let forward = (|| -> Result<Vec<(Tensor, Tensor)>> {
         let (cpu, gpu) = (model(&Device::Cpu)?, model(&dev)?);
         let (mut c1, mut c2) = (cpu.new_cache(32), gpu.new_cache(32));

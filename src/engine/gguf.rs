@@ -3,6 +3,7 @@
 //! read the metadata `duet show` and the model need.
 
 use candle_core::quantized::gguf_file::{self, Content, Value};
+use candle_core::quantized::{GgmlDType, QStorage, QTensor, QuantizedType};
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
@@ -265,16 +266,99 @@ impl GgufFile {
 
 impl super::qwen2::WeightSource for GgufFile {
     fn tensor(
-        &mut self,
+        &self,
         name: &str,
         device: &candle_core::Device,
     ) -> candle_core::Result<candle_core::quantized::QTensor> {
-        self.content.tensor(&mut self.reader, name, device)
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("tensor '{name}' not found")))?;
+        let start = self.content.tensor_data_offset + info.offset;
+        let file = self.reader.get_ref();
+        if device.is_cpu() {
+            return read_cpu_tensor(file, start, info);
+        }
+        let elems = info.shape.elem_count();
+        let dtype = info.ggml_dtype;
+        let mut bytes = vec![0u8; elems / dtype.block_size() * dtype.type_size()];
+        std::os::unix::fs::FileExt::read_exact_at(file, &mut bytes, start)?;
+        candle_core::quantized::ggml_file::qtensor_from_ggml(
+            dtype,
+            &bytes,
+            info.shape.dims().to_vec(),
+            device,
+        )
     }
 
     fn has_tensor(&self, name: &str) -> bool {
         self.content.tensor_infos.contains_key(name)
     }
+}
+
+/// Reads a tensor straight into the block vector candle computes from: one copy from
+/// the page cache, where candle's own reader zero-fills a byte buffer, reads into it and
+/// copies it again into blocks.
+fn read_cpu_tensor(
+    file: &File,
+    start: u64,
+    info: &gguf_file::TensorInfo,
+) -> candle_core::Result<QTensor> {
+    use candle_core::quantized::k_quants::*;
+    let dtype = info.ggml_dtype;
+    let elems = info.shape.elem_count();
+    if elems % dtype.block_size() != 0 {
+        candle_core::bail!("tensor of {elems} elements is not a whole number of {dtype:?} blocks");
+    }
+    let blocks = elems / dtype.block_size();
+    let storage: Box<dyn QuantizedType> = match dtype {
+        GgmlDType::F32 => read_blocks::<f32>(file, start, blocks)?,
+        GgmlDType::F16 => read_blocks::<half::f16>(file, start, blocks)?,
+        GgmlDType::Q4_0 => read_blocks::<BlockQ4_0>(file, start, blocks)?,
+        GgmlDType::Q4_1 => read_blocks::<BlockQ4_1>(file, start, blocks)?,
+        GgmlDType::Q5_0 => read_blocks::<BlockQ5_0>(file, start, blocks)?,
+        GgmlDType::Q5_1 => read_blocks::<BlockQ5_1>(file, start, blocks)?,
+        GgmlDType::Q8_0 => read_blocks::<BlockQ8_0>(file, start, blocks)?,
+        GgmlDType::Q2K => read_blocks::<BlockQ2K>(file, start, blocks)?,
+        GgmlDType::Q3K => read_blocks::<BlockQ3K>(file, start, blocks)?,
+        GgmlDType::Q4K => read_blocks::<BlockQ4K>(file, start, blocks)?,
+        GgmlDType::Q5K => read_blocks::<BlockQ5K>(file, start, blocks)?,
+        GgmlDType::Q6K => read_blocks::<BlockQ6K>(file, start, blocks)?,
+        other => candle_core::bail!("unsupported tensor format {other:?}"),
+    };
+    QTensor::new(QStorage::Cpu(storage), info.shape.clone())
+}
+
+/// `count` values of a plain-data block type read from `file` at `offset`.
+fn read_blocks<T>(
+    file: &File,
+    offset: u64,
+    count: usize,
+) -> candle_core::Result<Box<dyn QuantizedType>>
+where
+    Vec<T>: QuantizedType + 'static,
+{
+    use std::os::unix::fs::FileExt;
+    if count == 0 {
+        return Ok(Box::new(Vec::<T>::new()));
+    }
+    let layout = std::alloc::Layout::array::<T>(count)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    // SAFETY: the GGML block types are plain data (integers, f16 and byte arrays) for
+    // which every bit pattern, all-zero included, is a valid value; the vector takes the
+    // allocation with the layout it was made with.
+    let mut blocks: Vec<T> = unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout) as *mut T;
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Vec::from_raw_parts(ptr, count, count)
+    };
+    let bytes =
+        unsafe { std::slice::from_raw_parts_mut(blocks.as_mut_ptr() as *mut u8, layout.size()) };
+    file.read_exact_at(bytes, offset)?;
+    Ok(Box::new(blocks))
 }
 
 fn value_as_u64(v: &Value) -> Option<u64> {

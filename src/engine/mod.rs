@@ -154,12 +154,22 @@ impl Model {
         dev: &Device,
     ) -> Result<Self, EngineError> {
         let start = Instant::now();
-        let mut gguf = GgufFile::open(path)?;
+        let gguf = GgufFile::open(path)?;
         let info = gguf.info()?;
-        let codec = TextCodec::load(&gguf)?;
         let template =
             ChatTemplate::new(info.chat_template.as_deref().unwrap_or(template::CHATML))?;
-        let weights = qwen2::Qwen2::load(&mut gguf, &info, dev).map_err(|e| EngineError::Load {
+        // The tokenizer (151k merges to index) builds on a helper thread while this one,
+        // the device's, reads the weights.
+        let (codec, weights) = std::thread::scope(|s| {
+            let codec = s.spawn(|| TextCodec::load(&gguf));
+            let weights = qwen2::Qwen2::load(&gguf, &info, dev);
+            (codec.join(), weights)
+        });
+        let codec = codec.map_err(|_| EngineError::Load {
+            path: path.display().to_string(),
+            message: "the tokenizer build panicked".into(),
+        })??;
+        let weights = weights.map_err(|e| EngineError::Load {
             path: path.display().to_string(),
             message: e.to_string(),
         })?;

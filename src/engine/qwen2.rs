@@ -122,7 +122,7 @@ impl KvCache {
 /// Where a model's tensors come from: a GGUF file, or generated weights of a real shape.
 pub trait WeightSource {
     /// Reads one tensor onto `device`, in the format it is stored in.
-    fn tensor(&mut self, name: &str, device: &Device) -> Result<QTensor>;
+    fn tensor(&self, name: &str, device: &Device) -> Result<QTensor>;
     fn has_tensor(&self, name: &str) -> bool;
 }
 
@@ -244,7 +244,7 @@ fn rope_tables(info: &ModelInfo, head_dim: usize, device: &Device) -> Result<(Te
 }
 
 impl Qwen2 {
-    pub fn load(src: &mut impl WeightSource, info: &ModelInfo, device: &Device) -> Result<Self> {
+    pub fn load(src: &impl WeightSource, info: &ModelInfo, device: &Device) -> Result<Self> {
         let eps = info.rms_norm_eps;
         let head_dim = info.embedding_length / info.head_count;
         let embeddings = src.tensor("token_embd.weight", device)?;
@@ -257,7 +257,7 @@ impl Qwen2 {
         };
         let mut layers = Vec::with_capacity(info.block_count);
         for i in 0..info.block_count {
-            let mut q = |name: &str| -> Result<QMatMul> {
+            let q = |name: &str| -> Result<QMatMul> {
                 linear(src.tensor(&format!("blk.{i}.{name}"), device)?, device)
             };
             let (wq, wk, wv, wo) = (
@@ -271,7 +271,7 @@ impl Qwen2 {
                 up: q("ffn_up.weight")?,
                 down: q("ffn_down.weight")?,
             };
-            let mut f =
+            let f =
                 |name: &str| -> Result<QTensor> { src.tensor(&format!("blk.{i}.{name}"), device) };
             let (bq, bk, bv) = (
                 f("attn_q.bias")?.dequantize(device)?,

@@ -207,7 +207,7 @@ impl SyntheticWeights {
 }
 
 impl WeightSource for SyntheticWeights {
-    fn tensor(&mut self, name: &str, device: &Device) -> Result<QTensor> {
+    fn tensor(&self, name: &str, device: &Device) -> Result<QTensor> {
         let Some((index, spec)) = self.spec(name) else {
             candle_core::bail!("generated weights have no tensor '{name}'")
         };
@@ -314,7 +314,7 @@ mod tests {
 
     #[test]
     fn generated_tensors_have_finite_values_of_a_sane_size() {
-        let mut w = SyntheticWeights::new(Shape::Coder1_5bQ4KM, 7);
+        let w = SyntheticWeights::new(Shape::Coder1_5bQ4KM, 7);
         for name in [
             "blk.0.attn_q.weight",
             "blk.0.attn_v.weight",
