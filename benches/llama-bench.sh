@@ -71,4 +71,16 @@ for label, d, (lr, lsd) in rows:
     print(f"| {label} | {d['median']:.1f} ({d['min']:.1f}–{d['max']:.1f}) | {lcell} | {ratio} |")
 print(f"\nduet time to first token (16-token prompt): {duet['time_to_first_token_ms']['median']:.0f} ms; load {duet['load_seconds']:.2f} s")
 PY
+  # Load time and resident memory of a one-shot run (a fresh process, file in page cache).
+  size=$(stat -c %s "$path")
+  /usr/bin/time -f "%M" -o "$out/rss-$tag.txt" target/release/duet run "$m" "Hello" \
+    --num-predict 16 --threads "$threads" --verbose > /dev/null 2> "$out/run-$tag.txt"
+  load=$(awk '/load duration:/{print $3}' "$out/run-$tag.txt")
+  rss_kb=$(tail -1 "$out/rss-$tag.txt")
+  python3 - "$load" "$rss_kb" "$size" <<'PY'
+import sys
+load, rss_kb, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+print(f"\n`duet run` (fresh process, 16 tokens): load {load}; max resident {rss_kb/1024:.0f} MiB"
+      f" = {rss_kb*1024/size:.2f}x the file ({size/2**20:.0f} MiB)")
+PY
 done
