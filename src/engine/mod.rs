@@ -1,6 +1,7 @@
 //! The inference engine: a GGUF file becomes a [`Model`] (weights on one device, the
 //! tokenizer and chat template from the file's metadata) that produces [`Generation`]s.
 
+pub mod cpu_matmul;
 pub mod generate;
 pub mod gguf;
 pub mod qwen2;
@@ -194,12 +195,11 @@ impl Model {
     ) -> Result<Self, EngineError> {
         let start = Instant::now();
         let info = shape.info();
-        let mut source = synthetic::SyntheticWeights::new(shape, 0x5eed);
-        let weights =
-            qwen2::Qwen2::load(&mut source, &info, dev).map_err(|e| EngineError::Load {
-                path: info.path.display().to_string(),
-                message: e.to_string(),
-            })?;
+        let source = synthetic::SyntheticWeights::new(shape, 0x5eed);
+        let weights = qwen2::Qwen2::load(&source, &info, dev).map_err(|e| EngineError::Load {
+            path: info.path.display().to_string(),
+            message: e.to_string(),
+        })?;
         Ok(Self {
             name: shape.model_name(),
             device,

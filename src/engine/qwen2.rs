@@ -8,19 +8,20 @@
 //!   copies;
 //! - the token embedding stays quantized: only the rows of the tokens fed are dequantized
 //!   (stock candle dequantizes the whole table to f32 at load, 0.9 GB for the 1.5B);
-//! - on the CPU, Q5_0 matrices are rewritten as Q8_0 (same values) to reach candle's SIMD
-//!   kernels.
+//! - on the CPU, Q5_0 matrices (the 0.5B's) run through our own SIMD kernel
+//!   ([`super::cpu_matmul`]); candle has only a scalar loop for them.
 
+use super::cpu_matmul::{Q5_0Matrix, Q8_0Matrix};
 use super::gguf::ModelInfo;
-use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 use candle_transformers::utils::build_causal_mask;
 
 struct Mlp {
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
 }
 
 impl Mlp {
@@ -32,13 +33,13 @@ impl Mlp {
 }
 
 struct Layer {
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
     bq: Tensor,
     bk: Tensor,
     bv: Tensor,
-    wo: QMatMul,
+    wo: Linear,
     attn_norm: RmsNorm,
     mlp: Mlp,
     ffn_norm: RmsNorm,
@@ -126,37 +127,50 @@ pub trait WeightSource {
     fn has_tensor(&self, name: &str) -> bool;
 }
 
-/// A quantized weight ready for matmuls on its device. On the CPU, Q5_0 blocks (the
-/// 0.5B's format) are rewritten as Q8_0 blocks of the same values: candle has no SIMD
-/// kernel for Q5_0 but fast ones for Q8_0, and every Q5_0 value (an integer in -16..=15
-/// times the block scale) is exactly a Q8_0 value with the same scale.
-pub fn linear(t: QTensor, device: &Device) -> Result<QMatMul> {
-    if device.is_cpu() && t.dtype() == GgmlDType::Q5_0 {
-        let dims = t.shape().dims().to_vec();
-        let q8 = q5_0_to_q8_0(&t.data()?);
-        return QMatMul::from_qtensor(qtensor_from_ggml(GgmlDType::Q8_0, &q8, dims, device)?);
-    }
-    QMatMul::from_qtensor(t)
+/// A quantized weight ready for matmuls on its device: candle's QMatMul, except on the
+/// CPU for Q5_0 (the 0.5B's main format, for which candle has only a scalar loop) and
+/// Q8_0 of widths candle's tiled kernels skip ([`super::cpu_matmul`]).
+pub enum Linear {
+    Candle(QMatMul),
+    Q5_0(Q5_0Matrix),
+    Q8_0(Q8_0Matrix),
 }
 
-/// Rewrites Q5_0 blocks (f16 d, 4 bytes of fifth bits, 16 bytes of nibbles) as Q8_0
-/// blocks (f16 d, 32 signed bytes) holding the same values.
-pub fn q5_0_to_q8_0(q5: &[u8]) -> Vec<u8> {
-    const Q5: usize = 22;
-    const Q8: usize = 34;
-    let mut out = vec![0u8; q5.len() / Q5 * Q8];
-    for (src, dst) in q5.chunks_exact(Q5).zip(out.chunks_exact_mut(Q8)) {
-        dst[..2].copy_from_slice(&src[..2]);
-        let qh = u32::from_le_bytes([src[2], src[3], src[4], src[5]]);
-        let qs = &src[6..];
-        for j in 0..16 {
-            let lo = (qs[j] & 0x0f) | ((((qh >> j) & 1) as u8) << 4);
-            let hi = (qs[j] >> 4) | ((((qh >> (j + 16)) & 1) as u8) << 4);
-            dst[2 + j] = (lo as i8 - 16) as u8;
-            dst[2 + j + 16] = (hi as i8 - 16) as u8;
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Linear::Candle(m) => m.forward(x),
+            Linear::Q5_0(m) => m.forward(x),
+            Linear::Q8_0(m) => m.forward(x),
         }
     }
-    out
+
+    /// Bytes of weights one matmul reads.
+    pub fn storage_bytes(&self) -> u64 {
+        match self {
+            Linear::Candle(QMatMul::QTensor(t)) => t.storage_size_in_bytes() as u64,
+            Linear::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
+                (t.elem_count() * t.dtype().size_in_bytes()) as u64
+            }
+            Linear::Q5_0(m) => m.storage_bytes() as u64,
+            Linear::Q8_0(m) => m.storage_bytes() as u64,
+        }
+    }
+}
+
+pub fn linear(t: QTensor, device: &Device) -> Result<Linear> {
+    if device.is_cpu() {
+        let (n, k) = t.shape().dims2()?;
+        match t.dtype() {
+            GgmlDType::Q5_0 => return Ok(Linear::Q5_0(Q5_0Matrix::from_bytes(&t.data()?, n, k)?)),
+            // candle's tiled Q8_0 kernels need widths that are multiples of 256.
+            GgmlDType::Q8_0 if k % 256 != 0 => {
+                return Ok(Linear::Q8_0(Q8_0Matrix::from_bytes(&t.data()?, n, k)?))
+            }
+            _ => {}
+        }
+    }
+    Ok(Linear::Candle(QMatMul::from_qtensor(t)?))
 }
 
 /// Writes this step's keys and values (1, kv_heads, seq, head_dim) into the cache at
@@ -207,7 +221,7 @@ pub struct Qwen2 {
     embeddings: QTensor,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    output: QMatMul,
+    output: Linear,
     cos: Tensor,
     sin: Tensor,
     n_head: usize,
@@ -219,15 +233,6 @@ pub struct Qwen2 {
     /// Bytes of matrix weights one token's forward pass reads (every layer's matrices
     /// and the output projection; the embedding contributes one row).
     weight_bytes_per_token: u64,
-}
-
-fn matmul_bytes(m: &QMatMul) -> u64 {
-    match m {
-        QMatMul::QTensor(t) => t.storage_size_in_bytes() as u64,
-        QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
-            (t.elem_count() * t.dtype().size_in_bytes()) as u64
-        }
-    }
 }
 
 fn rope_tables(info: &ModelInfo, head_dim: usize, device: &Device) -> Result<(Tensor, Tensor)> {
@@ -257,7 +262,7 @@ impl Qwen2 {
         };
         let mut layers = Vec::with_capacity(info.block_count);
         for i in 0..info.block_count {
-            let q = |name: &str| -> Result<QMatMul> {
+            let q = |name: &str| -> Result<Linear> {
                 linear(src.tensor(&format!("blk.{i}.{name}"), device)?, device)
             };
             let (wq, wk, wv, wo) = (
@@ -294,7 +299,7 @@ impl Qwen2 {
             });
         }
         let (cos, sin) = rope_tables(info, head_dim, device)?;
-        let weight_bytes_per_token = matmul_bytes(&output)
+        let weight_bytes_per_token = output.storage_bytes()
             + layers
                 .iter()
                 .flat_map(|l| {
@@ -308,7 +313,7 @@ impl Qwen2 {
                         &l.mlp.down,
                     ]
                 })
-                .map(matmul_bytes)
+                .map(|m| m.storage_bytes())
                 .sum::<u64>();
         Ok(Self {
             weight_bytes_per_token,
@@ -417,41 +422,5 @@ impl Qwen2 {
         let h = self.norm.forward(&h)?;
         let last = h.i((.., seq_len - 1, ..))?;
         self.output.forward(&last)?.squeeze(0)?.to_dtype(DType::F32)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::engine::synthetic::{SyntheticWeights, TensorSpec};
-
-    #[test]
-    fn q5_0_blocks_become_q8_0_blocks_of_the_same_values() {
-        let spec = TensorSpec {
-            name: "w".into(),
-            dims: vec![64, 896],
-            dtype: GgmlDType::Q5_0,
-        };
-        let q5 = SyntheticWeights::single(spec, 3)
-            .tensor("w", &Device::Cpu)
-            .unwrap();
-        let q8 = q5_0_to_q8_0(&q5.data().unwrap());
-        let q8 = qtensor_from_ggml(GgmlDType::Q8_0, &q8, vec![64, 896], &Device::Cpu).unwrap();
-        let a: Vec<f32> = q5
-            .dequantize(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let b: Vec<f32> = q8
-            .dequantize(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        assert_eq!(a, b);
-        assert!(a.iter().any(|&x| x != 0.0));
     }
 }
