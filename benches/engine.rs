@@ -5,7 +5,7 @@
 //! Run with `cargo bench --bench engine` (threads: CANDLE_NUM_THREADS, default all cores).
 
 use candle_core::quantized::GgmlDType;
-use candle_core::{Device, Module, Tensor};
+use candle_core::{Device, Tensor};
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use duet::engine::qwen2::{attend, linear, Qwen2, WeightSource};
 use duet::engine::synthetic::{Shape, SyntheticWeights, TensorSpec};

@@ -72,7 +72,7 @@ for label, d, (lr, lsd) in rows:
 print(f"\nduet time to first token (16-token prompt): {duet['time_to_first_token_ms']['median']:.0f} ms; load {duet['load_seconds']:.2f} s")
 PY
   # Load time and resident memory of a one-shot run (a fresh process, file in page cache).
-  size=$(stat -c %s "$path")
+  size=$(stat -L -c %s "$path")
   /usr/bin/time -f "%M" -o "$out/rss-$tag.txt" target/release/duet run "$m" "Hello" \
     --num-predict 16 --threads "$threads" --verbose > /dev/null 2> "$out/run-$tag.txt"
   load=$(awk '/load duration:/{print $3}' "$out/run-$tag.txt")
