@@ -204,3 +204,40 @@ fn complex_requests_fall_back_when_the_quality_model_is_unavailable() {
         .unwrap();
     assert_eq!(r.status(), 404);
 }
+
+#[test]
+fn a_model_on_a_missing_gpu_is_unavailable_and_the_router_falls_back() {
+    // The 1.5B is placed on cuda:1, which this machine (or this build) does not have.
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "[models.\"{SMALL}\"]\npath = \"{}\"\n[models.\"{LARGE}\"]\npath = \"{}\"\n\
+         [layouts.gpu1.route]\nsimple = [\"{SMALL}\", \"{LARGE}\"]\ncomplex = [\"{LARGE}\", \"{SMALL}\"]\nmoderate = [\"{LARGE}\", \"{SMALL}\"]\n\
+         [[layouts.gpu1.place]]\nmodel = \"{SMALL}\"\ndevice = \"cpu:0\"\n[[layouts.gpu1.place]]\nmodel = \"{LARGE}\"\ndevice = \"cuda:1\"\n",
+        weights(SMALL).display(),
+        weights(LARGE).display()
+    );
+    std::fs::write(dir.path().join("models.toml"), toml).unwrap();
+    let cfg = dir.path().join("models.toml");
+    let srv = server::start_with(
+        &["--config", cfg.to_str().unwrap(), "--layout", "gpu1"],
+        &[],
+    );
+    let r = client()
+        .post(format!("{}/api/generate", srv.base))
+        .json(&json!({"model": "auto", "prompt": "Design and implement a distributed rate limiter.", "stream": false, "options": {"num_predict": 2}}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-duet-tier"], "COMPLEX");
+    assert_eq!(r.headers()["x-duet-model"], SMALL);
+    assert_eq!(r.headers()["x-duet-fallback"], "true");
+    // Asking for the model by name says why it cannot answer.
+    let r = client()
+        .post(format!("{}/api/generate", srv.base))
+        .json(&json!({"model": LARGE, "prompt": "hi", "stream": false}))
+        .send()
+        .unwrap();
+    assert!(r.status().is_client_error() || r.status().is_server_error());
+    let body = r.text().unwrap();
+    assert!(body.contains("cuda:1"), "{body}");
+}

@@ -314,8 +314,13 @@ impl AppState {
         })
     }
 
-    pub fn all_ready(&self) -> bool {
-        self.slots.iter().all(|s| s.is_ready())
+    /// Every model has settled (loaded and warm, or failed) and at least one answers:
+    /// a model that cannot load (missing GPU, bad file) does not hold the rest back.
+    pub fn ready(&self) -> bool {
+        self.slots
+            .iter()
+            .all(|s| s.is_ready() || s.failure().is_some())
+            && self.slots.iter().any(|s| s.is_ready())
     }
 
     /// Applies the server's num_predict cap.

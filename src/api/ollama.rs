@@ -57,7 +57,7 @@ async fn ready(State(st): S) -> Response {
                    "queued": s.queue_depth(), "in_flight": s.in_flight()})
         })
         .collect();
-    let ok = st.all_ready();
+    let ok = st.ready();
     let status = if ok {
         StatusCode::OK
     } else {
