@@ -7,7 +7,7 @@
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use duet::engine::qwen2::{attend, linear, Qwen2, WeightSource};
+use duet::engine::qwen2::{attend, linear, Qwen2};
 use duet::engine::synthetic::{Shape, SyntheticWeights, TensorSpec};
 
 fn qmatmul(c: &mut Criterion) {
@@ -25,8 +25,7 @@ fn qmatmul(c: &mut Criterion) {
             dims: vec![n, k],
             dtype,
         };
-        let w = SyntheticWeights::single(spec, 1).tensor("w", &cpu).unwrap();
-        let w = linear(w, &cpu).unwrap();
+        let w = linear(&SyntheticWeights::single(spec, 1), "w", &cpu).unwrap();
         for m in [1usize, 128] {
             let x = Tensor::randn(0f32, 1f32, (1, m, k), &cpu).unwrap();
             c.bench_function(&format!("qmatmul {dtype:?} {m}x{k} · {k}x{n}"), |b| {

@@ -94,7 +94,7 @@ pub fn run(spec: DeviceSpec) -> Result<Vec<Check>> {
                 let on_cpu = QMatMul::from_qtensor(w.tensor("check", &Device::Cpu)?)?;
                 // The device side goes through the model's own loading path (on the CPU,
                 // Q5_0 is rewritten as Q8_0; the reference keeps candle's Q5_0 kernel).
-                let on_dev = linear(w.tensor("check", &dev)?, &dev)?;
+                let on_dev = linear(&w, "check", &dev)?;
                 Ok((on_cpu.forward(&x)?, on_dev.forward(&x.to_device(&dev)?)?))
             })();
             checks.push(compare(

@@ -9,6 +9,8 @@
 //! activation rows, and single-row products (decode) keep two blocks in flight. The
 //! work is split over candle's own CPU thread pool.
 
+use super::gguf::{as_bytes_mut, zeroed_plain};
+use super::qwen2::WeightSource;
 use candle_core::{Device, Result, Tensor};
 use half::f16;
 
@@ -34,9 +36,9 @@ pub struct BlockQ8_0 {
 const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
 
 /// A 32-weight block format.
-pub trait WeightBlock: Copy + Send + Sync + 'static {
-    const BYTES: usize;
-    fn parse(b: &[u8]) -> Self;
+/// # Safety
+/// Implementors are `repr(C)` plain data laid out exactly as the format's GGUF block.
+pub unsafe trait WeightBlock: Copy + Send + Sync + 'static {
     /// The scale, as f16 bits.
     fn d(&self) -> u16;
     /// The 32 weights as integers.
@@ -57,15 +59,8 @@ pub trait WeightBlock: Copy + Send + Sync + 'static {
     unsafe fn unpack_unsigned(&self) -> core::arch::x86_64::__m256i;
 }
 
-impl WeightBlock for BlockQ5 {
-    const BYTES: usize = 22;
-    fn parse(b: &[u8]) -> Self {
-        BlockQ5 {
-            d: u16::from_le_bytes([b[0], b[1]]),
-            qh: [b[2], b[3], b[4], b[5]],
-            qs: b[6..22].try_into().expect("16 bytes"),
-        }
-    }
+// SAFETY: repr(C) {u16, [u8; 4], [u8; 16]}: 22 bytes, GGUF's Q5_0 block.
+unsafe impl WeightBlock for BlockQ5 {
     fn d(&self) -> u16 {
         self.d
     }
@@ -91,18 +86,8 @@ impl WeightBlock for BlockQ5 {
     }
 }
 
-impl WeightBlock for BlockQ8_0 {
-    const BYTES: usize = 34;
-    fn parse(b: &[u8]) -> Self {
-        let mut qs = [0i8; 32];
-        for (q, &v) in qs.iter_mut().zip(&b[2..34]) {
-            *q = v as i8;
-        }
-        BlockQ8_0 {
-            d: u16::from_le_bytes([b[0], b[1]]),
-            qs,
-        }
-    }
+// SAFETY: repr(C) {u16, [i8; 32]}: 34 bytes, GGUF's Q8_0 block.
+unsafe impl WeightBlock for BlockQ8_0 {
     fn d(&self) -> u16 {
         self.d
     }
@@ -146,12 +131,15 @@ pub type Q5_0Matrix = BlockMatrix<BlockQ5>;
 pub type Q8_0Matrix = BlockMatrix<BlockQ8_0>;
 
 impl<B: WeightBlock> BlockMatrix<B> {
-    /// From the raw GGUF bytes of an (n, k) tensor.
-    pub fn from_bytes(bytes: &[u8], n: usize, k: usize) -> Result<Self> {
-        if !k.is_multiple_of(QK) || bytes.len() != n * k / QK * B::BYTES {
-            candle_core::bail!("{n}x{k} block matrix does not match {} bytes", bytes.len());
+    /// Reads the (n, k) tensor `name` straight into its blocks: the block types have
+    /// the file's layout, so there is one copy and no transient second one.
+    pub fn read(src: &impl WeightSource, name: &str, n: usize, k: usize) -> Result<Self> {
+        if !k.is_multiple_of(QK) {
+            candle_core::bail!("tensor '{name}': width {k} is not a whole number of blocks");
         }
-        let blocks = bytes.chunks_exact(B::BYTES).map(B::parse).collect();
+        // SAFETY: the block types are plain data (an f16 scale and byte arrays).
+        let mut blocks: Vec<B> = unsafe { zeroed_plain(n * k / QK) };
+        src.read_raw(name, unsafe { as_bytes_mut(&mut blocks) })?;
         Ok(Self { blocks, n, k })
     }
 
@@ -476,7 +464,6 @@ mod vnni {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::qwen2::WeightSource;
     use crate::engine::synthetic::{SyntheticWeights, TensorSpec};
     use candle_core::quantized::{GgmlDType, QMatMul};
     use candle_core::Module;
@@ -506,10 +493,9 @@ mod tests {
             dims: vec![n, k],
             dtype,
         };
-        let q = SyntheticWeights::single(spec, 9)
-            .tensor("w", &Device::Cpu)
-            .unwrap();
-        let ours = BlockMatrix::<B>::from_bytes(&q.data().unwrap(), n, k).unwrap();
+        let src = SyntheticWeights::single(spec, 9);
+        let q = src.tensor("w", &Device::Cpu).unwrap();
+        let ours = BlockMatrix::<B>::read(&src, "w", n, k).unwrap();
         let candle = QMatMul::from_qtensor(q).unwrap();
         // The whole matmul against candle's kernel for the format, decode and prefill sizes.
         for m in [1usize, 3, 9] {

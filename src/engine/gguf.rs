@@ -295,6 +295,27 @@ impl super::qwen2::WeightSource for GgufFile {
     fn has_tensor(&self, name: &str) -> bool {
         self.content.tensor_infos.contains_key(name)
     }
+
+    fn describe(&self, name: &str) -> Option<(GgmlDType, Vec<usize>)> {
+        let info = self.content.tensor_infos.get(name)?;
+        Some((info.ggml_dtype, info.shape.dims().to_vec()))
+    }
+
+    fn read_raw(&self, name: &str, dst: &mut [u8]) -> candle_core::Result<()> {
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("tensor '{name}' not found")))?;
+        let dtype = info.ggml_dtype;
+        let size = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
+        if dst.len() != size {
+            candle_core::bail!("tensor '{name}' has {size} bytes, not {}", dst.len());
+        }
+        let start = self.content.tensor_data_offset + info.offset;
+        std::os::unix::fs::FileExt::read_exact_at(self.reader.get_ref(), dst, start)?;
+        Ok(())
+    }
 }
 
 /// Reads a tensor straight into the block vector candle computes from: one copy from
@@ -340,26 +361,40 @@ where
     Vec<T>: QuantizedType + 'static,
 {
     use std::os::unix::fs::FileExt;
-    if count == 0 {
-        return Ok(Box::new(Vec::<T>::new()));
+    // SAFETY: the GGML block types are plain data (integers, f16 and byte arrays).
+    let mut blocks: Vec<T> = unsafe { zeroed_plain(count) };
+    file.read_exact_at(unsafe { as_bytes_mut(&mut blocks) }, offset)?;
+    Ok(Box::new(blocks))
+}
+
+/// A vector of `count` all-zero values, its memory untouched until written, advised
+/// for huge pages.
+///
+/// # Safety
+/// `T` must be plain data for which every bit pattern, all-zero included, is valid.
+pub(crate) unsafe fn zeroed_plain<T>(count: usize) -> Vec<T> {
+    if count == 0 || std::mem::size_of::<T>() == 0 {
+        return Vec::new();
     }
-    let layout = std::alloc::Layout::array::<T>(count)
-        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-    // SAFETY: the GGML block types are plain data (integers, f16 and byte arrays) for
-    // which every bit pattern, all-zero included, is a valid value; the vector takes the
-    // allocation with the layout it was made with.
-    let mut blocks: Vec<T> = unsafe {
+    let layout = std::alloc::Layout::array::<T>(count).expect("tensor size overflows");
+    // The vector takes the allocation with the layout it was made with.
+    let mut v = unsafe {
         let ptr = std::alloc::alloc_zeroed(layout) as *mut T;
         if ptr.is_null() {
             std::alloc::handle_alloc_error(layout);
         }
         Vec::from_raw_parts(ptr, count, count)
     };
-    let bytes =
-        unsafe { std::slice::from_raw_parts_mut(blocks.as_mut_ptr() as *mut u8, layout.size()) };
-    advise_huge_pages(bytes);
-    file.read_exact_at(bytes, offset)?;
-    Ok(Box::new(blocks))
+    advise_huge_pages(unsafe { as_bytes_mut(&mut v) });
+    v
+}
+
+/// The bytes of a slice of plain data.
+///
+/// # Safety
+/// `T` must be plain data without padding for which every bit pattern is valid.
+pub(crate) unsafe fn as_bytes_mut<T>(v: &mut [T]) -> &mut [u8] {
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(v)) }
 }
 
 /// Asks the kernel to back a large, still untouched allocation with 2 MiB pages: filling
@@ -367,6 +402,9 @@ where
 /// million, which was most of the load time. A no-op where transparent huge pages are
 /// off.
 fn advise_huge_pages(bytes: &mut [u8]) {
+    if bytes.is_empty() {
+        return;
+    }
     const HUGE: usize = 2 << 20;
     let start = (bytes.as_ptr() as usize).next_multiple_of(HUGE);
     let end = (bytes.as_ptr() as usize + bytes.len()) & !(HUGE - 1);

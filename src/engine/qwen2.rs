@@ -45,6 +45,29 @@ struct Layer {
     ffn_norm: RmsNorm,
 }
 
+impl Layer {
+    fn load(src: &impl WeightSource, i: usize, eps: f64, device: &Device) -> Result<Self> {
+        let q = |name: &str| -> Result<Linear> { linear(src, &format!("blk.{i}.{name}"), device) };
+        let f = |name: &str| -> Result<QTensor> { src.tensor(&format!("blk.{i}.{name}"), device) };
+        Ok(Layer {
+            wq: q("attn_q.weight")?,
+            wk: q("attn_k.weight")?,
+            wv: q("attn_v.weight")?,
+            wo: q("attn_output.weight")?,
+            bq: f("attn_q.bias")?.dequantize(device)?,
+            bk: f("attn_k.bias")?.dequantize(device)?,
+            bv: f("attn_v.bias")?.dequantize(device)?,
+            attn_norm: RmsNorm::from_qtensor(f("attn_norm.weight")?, eps)?,
+            mlp: Mlp {
+                gate: q("ffn_gate.weight")?,
+                up: q("ffn_up.weight")?,
+                down: q("ffn_down.weight")?,
+            },
+            ffn_norm: RmsNorm::from_qtensor(f("ffn_norm.weight")?, eps)?,
+        })
+    }
+}
+
 /// Per-sequence attention state: keys and values of every position seen so far, in
 /// buffers allocated once per sequence (for the expected length, doubling if it is
 /// exceeded) and written in place, one (1, kv_heads, capacity, head_dim) pair per layer.
@@ -125,6 +148,10 @@ pub trait WeightSource {
     /// Reads one tensor onto `device`, in the format it is stored in.
     fn tensor(&self, name: &str, device: &Device) -> Result<QTensor>;
     fn has_tensor(&self, name: &str) -> bool;
+    /// Format and shape (rows first, as candle reads GGUF) of a tensor, if present.
+    fn describe(&self, name: &str) -> Option<(GgmlDType, Vec<usize>)>;
+    /// A tensor's bytes as stored, into `dst` (exactly its size).
+    fn read_raw(&self, name: &str, dst: &mut [u8]) -> Result<()>;
 }
 
 /// A quantized weight ready for matmuls on its device: candle's QMatMul, except on the
@@ -158,19 +185,25 @@ impl Linear {
     }
 }
 
-pub fn linear(t: QTensor, device: &Device) -> Result<Linear> {
+/// Loads the matrix `name` for matmuls on `device`.
+pub fn linear(src: &impl WeightSource, name: &str, device: &Device) -> Result<Linear> {
     if device.is_cpu() {
-        let (n, k) = t.shape().dims2()?;
-        match t.dtype() {
-            GgmlDType::Q5_0 => return Ok(Linear::Q5_0(Q5_0Matrix::from_bytes(&t.data()?, n, k)?)),
-            // candle's tiled Q8_0 kernels need widths that are multiples of 256.
-            GgmlDType::Q8_0 if k % 256 != 0 => {
-                return Ok(Linear::Q8_0(Q8_0Matrix::from_bytes(&t.data()?, n, k)?))
+        if let Some((dtype, dims)) = src.describe(name) {
+            if let [n, k] = dims[..] {
+                match dtype {
+                    GgmlDType::Q5_0 => return Ok(Linear::Q5_0(Q5_0Matrix::read(src, name, n, k)?)),
+                    // candle's tiled Q8_0 kernels need widths that are multiples of 256.
+                    GgmlDType::Q8_0 if k % 256 != 0 => {
+                        return Ok(Linear::Q8_0(Q8_0Matrix::read(src, name, n, k)?))
+                    }
+                    _ => {}
+                }
             }
-            _ => {}
         }
     }
-    Ok(Linear::Candle(QMatMul::from_qtensor(t)?))
+    Ok(Linear::Candle(QMatMul::from_qtensor(
+        src.tensor(name, device)?,
+    )?))
 }
 
 /// Writes this step's keys and values (1, kv_heads, seq, head_dim) into the cache at
@@ -249,55 +282,39 @@ fn rope_tables(info: &ModelInfo, head_dim: usize, device: &Device) -> Result<(Te
 }
 
 impl Qwen2 {
-    pub fn load(src: &impl WeightSource, info: &ModelInfo, device: &Device) -> Result<Self> {
+    pub fn load(
+        src: &(impl WeightSource + Sync),
+        info: &ModelInfo,
+        device: &Device,
+    ) -> Result<Self> {
         let eps = info.rms_norm_eps;
         let head_dim = info.embedding_length / info.head_count;
         let embeddings = src.tensor("token_embd.weight", device)?;
         let norm = RmsNorm::from_qtensor(src.tensor("output_norm.weight", device)?, eps)?;
         // Qwen2.5 models without an output projection tie it to the embeddings.
         let output = if src.has_tensor("output.weight") {
-            linear(src.tensor("output.weight", device)?, device)?
+            linear(src, "output.weight", device)?
         } else {
-            linear(src.tensor("token_embd.weight", device)?, device)?
+            linear(src, "token_embd.weight", device)?
         };
-        let mut layers = Vec::with_capacity(info.block_count);
-        for i in 0..info.block_count {
-            let q = |name: &str| -> Result<Linear> {
-                linear(src.tensor(&format!("blk.{i}.{name}"), device)?, device)
-            };
-            let (wq, wk, wv, wo) = (
-                q("attn_q.weight")?,
-                q("attn_k.weight")?,
-                q("attn_v.weight")?,
-                q("attn_output.weight")?,
-            );
-            let mlp = Mlp {
-                gate: q("ffn_gate.weight")?,
-                up: q("ffn_up.weight")?,
-                down: q("ffn_down.weight")?,
-            };
-            let f =
-                |name: &str| -> Result<QTensor> { src.tensor(&format!("blk.{i}.{name}"), device) };
-            let (bq, bk, bv) = (
-                f("attn_q.bias")?.dequantize(device)?,
-                f("attn_k.bias")?.dequantize(device)?,
-                f("attn_v.bias")?.dequantize(device)?,
-            );
-            let attn_norm = RmsNorm::from_qtensor(f("attn_norm.weight")?, eps)?;
-            let ffn_norm = RmsNorm::from_qtensor(f("ffn_norm.weight")?, eps)?;
-            layers.push(Layer {
-                wq,
-                wk,
-                wv,
-                bq,
-                bk,
-                bv,
-                wo,
-                attn_norm,
-                mlp,
-                ffn_norm,
-            });
-        }
+        let load = |range: std::ops::Range<usize>| -> Result<Vec<Layer>> {
+            range.map(|i| Layer::load(src, i, eps, device)).collect()
+        };
+        // On the CPU, two threads copy the layers in (load time is memory copying); a GPU
+        // is driven by this thread alone.
+        let n = info.block_count;
+        let layers = if device.is_cpu() && n > 1 {
+            std::thread::scope(|s| -> Result<Vec<Layer>> {
+                let second = s.spawn(|| load(n / 2..n));
+                let mut layers = load(0..n / 2)?;
+                layers.extend(second.join().map_err(|_| {
+                    candle_core::Error::Msg("a layer loading thread panicked".into())
+                })??);
+                Ok(layers)
+            })?
+        } else {
+            load(0..n)?
+        };
         let (cos, sin) = rope_tables(info, head_dim, device)?;
         let weight_bytes_per_token = output.storage_bytes()
             + layers

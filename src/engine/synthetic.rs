@@ -198,6 +198,11 @@ impl SyntheticWeights {
         }
     }
 
+    /// Each tensor's values come from its own seed, whichever way it is read.
+    fn rng(&self, index: usize) -> rand::rngs::SmallRng {
+        rand::rngs::SmallRng::seed_from_u64(self.seed ^ (index as u64) << 20)
+    }
+
     fn spec(&self, name: &str) -> Option<(usize, &TensorSpec)> {
         self.tensors
             .iter()
@@ -211,13 +216,32 @@ impl WeightSource for SyntheticWeights {
         let Some((index, spec)) = self.spec(name) else {
             candle_core::bail!("generated weights have no tensor '{name}'")
         };
-        let mut rng = rand::rngs::SmallRng::seed_from_u64(self.seed ^ (index as u64) << 20);
-        let data = random_blocks(spec, &mut rng);
+        let data = random_blocks(spec, &mut self.rng(index));
         qtensor_from_ggml(spec.dtype, &data, spec.dims.clone(), device)
     }
 
     fn has_tensor(&self, name: &str) -> bool {
         self.spec(name).is_some()
+    }
+
+    fn describe(&self, name: &str) -> Option<(GgmlDType, Vec<usize>)> {
+        self.spec(name).map(|(_, t)| (t.dtype, t.dims.clone()))
+    }
+
+    fn read_raw(&self, name: &str, dst: &mut [u8]) -> Result<()> {
+        let Some((index, spec)) = self.spec(name) else {
+            candle_core::bail!("generated weights have no tensor '{name}'")
+        };
+        let data = random_blocks(spec, &mut self.rng(index));
+        if dst.len() != data.len() {
+            candle_core::bail!(
+                "tensor '{name}' has {} bytes, not {}",
+                data.len(),
+                dst.len()
+            );
+        }
+        dst.copy_from_slice(&data);
+        Ok(())
     }
 }
 
