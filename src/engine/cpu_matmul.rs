@@ -173,7 +173,28 @@ impl<B: WeightBlock> BlockMatrix<B> {
         const ROWS: usize = 8;
         candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(ROWS), |items| {
             for item in items {
-                for j in item * ROWS..((item + 1) * ROWS).min(n) {
+                let end = ((item + 1) * ROWS).min(n);
+                if m == 1 {
+                    // Decode: four weight rows against the one activation row at a time,
+                    // four independent chains sharing each activation block.
+                    let mut j = item * ROWS;
+                    while j < end {
+                        let cols = (end - j).min(4);
+                        let w: [&[B]; 4] = std::array::from_fn(|c| {
+                            let row = j + c.min(cols - 1);
+                            &self.blocks[row * kb..(row + 1) * kb]
+                        });
+                        let mut acc = [0f32; 4];
+                        kernel.dot_cols(w, &xq, &mut acc);
+                        for (c, v) in acc.iter().take(cols).enumerate() {
+                            // SAFETY: each column of `out` is written by exactly one item.
+                            unsafe { *(out_ptr as *mut f32).add(j + c) = *v };
+                        }
+                        j += cols;
+                    }
+                    continue;
+                }
+                for j in item * ROWS..end {
                     let w = &self.blocks[j * kb..(j + 1) * kb];
                     let mut r = 0;
                     while r < m {
@@ -238,6 +259,27 @@ impl Kernel {
             return Kernel::Avx2;
         }
         Kernel::Scalar
+    }
+
+    /// Dot products of four weight rows with one activation row.
+    fn dot_cols<B: WeightBlock>(self, w: [&[B]; 4], x: &[BlockQ8], acc: &mut [f32; 4]) {
+        match self {
+            Kernel::Scalar => {
+                for (a, w) in acc.iter_mut().zip(w) {
+                    *a = dot_scalar(w, x);
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: detect() saw AVX2, FMA and F16C.
+            Kernel::Avx2 => {
+                for (a, w) in acc.iter_mut().zip(w) {
+                    *a = unsafe { avx2::dot_row(w, x) };
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: detect() saw AVX2, FMA, F16C, AVX512-VNNI and AVX512-VL.
+            Kernel::Vnni => unsafe { vnni::dot_cols(w, x, acc) },
+        }
     }
 
     /// Dot products of one weight row `w` (kb blocks) with `rows` activation rows.
@@ -431,6 +473,30 @@ mod vnni {
         hsum(_mm256_add_ps(s0, s1)) - correction
     }
 
+    /// Four weight rows against one activation row: four independent accumulators, each
+    /// activation block loaded once.
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
+    pub(super) unsafe fn dot_cols<B: WeightBlock>(w: [&[B]; 4], x: &[BlockQ8], acc: &mut [f32; 4]) {
+        let mut sums = [_mm256_setzero_ps(); 4];
+        let mut correction = [0f32; 4];
+        let offset = B::OFFSET as f32;
+        for (i, xb) in x.iter().enumerate() {
+            let qx = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
+            let corr = offset * xb.sum as f32;
+            for c in 0..4 {
+                let wb = w[c].get_unchecked(i);
+                let dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wb.unpack_unsigned(), qx);
+                let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(wb.d() as i32))) * xb.d;
+                correction[c] += d * corr;
+                sums[c] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(dot), sums[c]);
+            }
+        }
+        for c in 0..4 {
+            acc[c] = hsum(sums[c]) - correction[c];
+        }
+    }
+
     #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
     pub(super) unsafe fn dot_rows<B: WeightBlock>(
@@ -526,6 +592,18 @@ mod tests {
         Kernel::Scalar.dot(w, &xq, kb, 4, &mut want);
         assert!(want.iter().all(|v| *v != 0.0));
         for kernel in kernels() {
+            let rows4: [&[B]; 4] = std::array::from_fn(|c| &ours.blocks[c * kb..(c + 1) * kb]);
+            let mut cols = [0f32; 4];
+            kernel.dot_cols(rows4, &xq[..kb], &mut cols);
+            for c in 0..4 {
+                let mut one = [0f32; 4];
+                Kernel::Scalar.dot(rows4[c], &xq, kb, 1, &mut one);
+                let tol = 1e-4 * one[0].abs().max(1.0);
+                assert!(
+                    (cols[c] - one[0]).abs() <= tol,
+                    "{dtype:?} col {c}: {cols:?} vs {one:?}"
+                );
+            }
             for rows in [1, 4] {
                 let mut got = [0f32; 4];
                 kernel.dot(w, &xq, kb, rows, &mut got);
