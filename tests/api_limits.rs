@@ -172,19 +172,24 @@ fn sigterm_finishes_in_flight_requests_then_exits() {
     }
 }
 
-#[test]
-fn complex_requests_fall_back_when_the_quality_model_is_unavailable() {
-    // The layout places the 1.5B, but its weights are missing: it cannot load.
+/// Serves the 0.5B on cpu:0 and the 1.5B from `large_path` on `large_device`, with
+/// COMPLEX routed to the 1.5B first.
+fn serve_pair(large_path: &str, large_device: &str) -> (tempfile::TempDir, Server) {
     let dir = tempfile::tempdir().unwrap();
     let toml = format!(
-        "[models.\"{SMALL}\"]\npath = \"{}\"\n[models.\"{LARGE}\"]\npath = \"/nonexistent/large.gguf\"\n\
+        "[models.\"{SMALL}\"]\npath = \"{}\"\n[models.\"{LARGE}\"]\npath = \"{large_path}\"\n\
          [layouts.two.route]\nsimple = [\"{SMALL}\", \"{LARGE}\"]\ncomplex = [\"{LARGE}\", \"{SMALL}\"]\nmoderate = [\"{LARGE}\", \"{SMALL}\"]\n\
-         [[layouts.two.place]]\nmodel = \"{SMALL}\"\ndevice = \"cpu:0\"\n[[layouts.two.place]]\nmodel = \"{LARGE}\"\ndevice = \"cpu:1\"\n",
+         [[layouts.two.place]]\nmodel = \"{SMALL}\"\ndevice = \"cpu:0\"\n[[layouts.two.place]]\nmodel = \"{LARGE}\"\ndevice = \"{large_device}\"\n",
         weights(SMALL).display()
     );
-    std::fs::write(dir.path().join("models.toml"), toml).unwrap();
     let cfg = dir.path().join("models.toml");
+    std::fs::write(&cfg, toml).unwrap();
     let srv = server::start_with(&["--config", cfg.to_str().unwrap(), "--layout", "two"], &[]);
+    (dir, srv)
+}
+
+/// A COMPLEX request is answered by the 0.5B, marked as a fallback.
+fn assert_complex_falls_back(srv: &Server) {
     let r = client()
         .post(format!("{}/api/generate", srv.base))
         .json(&json!({"model": "auto", "prompt": "Design and implement a distributed rate limiter.", "stream": false, "options": {"num_predict": 2}}))
@@ -196,6 +201,13 @@ fn complex_requests_fall_back_when_the_quality_model_is_unavailable() {
     assert_eq!(r.headers()["x-duet-fallback"], "true");
     let v: Value = r.json().unwrap();
     assert_eq!(v["model"], SMALL);
+}
+
+#[test]
+fn complex_requests_fall_back_when_the_quality_model_is_unavailable() {
+    // The layout places the 1.5B, but its weights are missing: it cannot load.
+    let (_dir, srv) = serve_pair("/nonexistent/large.gguf", "cpu:1");
+    assert_complex_falls_back(&srv);
     // Naming the missing model is a clear 404, not a hang.
     let r = client()
         .post(format!("{}/api/generate", srv.base))
@@ -208,29 +220,24 @@ fn complex_requests_fall_back_when_the_quality_model_is_unavailable() {
 #[test]
 fn a_model_on_a_missing_gpu_is_unavailable_and_the_router_falls_back() {
     // The 1.5B is placed on cuda:1, which this machine (or this build) does not have.
-    let dir = tempfile::tempdir().unwrap();
-    let toml = format!(
-        "[models.\"{SMALL}\"]\npath = \"{}\"\n[models.\"{LARGE}\"]\npath = \"{}\"\n\
-         [layouts.gpu1.route]\nsimple = [\"{SMALL}\", \"{LARGE}\"]\ncomplex = [\"{LARGE}\", \"{SMALL}\"]\nmoderate = [\"{LARGE}\", \"{SMALL}\"]\n\
-         [[layouts.gpu1.place]]\nmodel = \"{SMALL}\"\ndevice = \"cpu:0\"\n[[layouts.gpu1.place]]\nmodel = \"{LARGE}\"\ndevice = \"cuda:1\"\n",
-        weights(SMALL).display(),
-        weights(LARGE).display()
-    );
-    std::fs::write(dir.path().join("models.toml"), toml).unwrap();
-    let cfg = dir.path().join("models.toml");
-    let srv = server::start_with(
-        &["--config", cfg.to_str().unwrap(), "--layout", "gpu1"],
-        &[],
-    );
-    let r = client()
-        .post(format!("{}/api/generate", srv.base))
-        .json(&json!({"model": "auto", "prompt": "Design and implement a distributed rate limiter.", "stream": false, "options": {"num_predict": 2}}))
+    let large = weights(LARGE);
+    let (_dir, srv) = serve_pair(large.to_str().unwrap(), "cuda:1");
+    // Ready once the 0.5B is warm and the 1.5B has failed; /ready says which and why.
+    let ready: Value = client()
+        .get(format!("{}/ready", srv.base))
         .send()
+        .unwrap()
+        .json()
         .unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(r.headers()["x-duet-tier"], "COMPLEX");
-    assert_eq!(r.headers()["x-duet-model"], SMALL);
-    assert_eq!(r.headers()["x-duet-fallback"], "true");
+    let failed = ready["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == LARGE)
+        .unwrap();
+    assert_eq!(failed["state"], "failed");
+    assert_eq!(failed["device"], "cuda:1");
+    assert_complex_falls_back(&srv);
     // Asking for the model by name says why it cannot answer.
     let r = client()
         .post(format!("{}/api/generate", srv.base))

@@ -332,13 +332,13 @@ mod avx2 {
     use super::{BlockQ5, BlockQ8, WeightBlock};
     use core::arch::x86_64::*;
 
-    /// The 32 weights of a Q5_0 block as signed bytes (-16..=15).
+    /// A Q5_0 block's 32 low nibbles (0..=15), and 0xff in each byte whose fifth bit is
+    /// set (ggml's bytes_from_bits_32).
     #[inline(always)]
-    pub(super) unsafe fn unpack_q5(b: &BlockQ5) -> __m256i {
+    unsafe fn q5_parts(b: &BlockQ5) -> (__m256i, __m256i) {
         let nibbles = _mm_loadu_si128(b.qs.as_ptr() as *const __m128i);
         let lo_hi = _mm256_set_m128i(_mm_srli_epi16(nibbles, 4), nibbles);
         let q = _mm256_and_si256(lo_hi, _mm256_set1_epi8(0x0f));
-        // Byte i = 0xff where fifth bit i is set (ggml's bytes_from_bits_32).
         let bits = _mm256_set1_epi32(i32::from_le_bytes(b.qh));
         let shuffle = _mm256_set_epi64x(
             0x0303030303030303,
@@ -348,7 +348,13 @@ mod avx2 {
         );
         let bytes = _mm256_shuffle_epi8(bits, shuffle);
         let bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
-        let set = _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
+        (q, _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1)))
+    }
+
+    /// The 32 weights of a Q5_0 block as signed bytes (-16..=15).
+    #[inline(always)]
+    pub(super) unsafe fn unpack_q5(b: &BlockQ5) -> __m256i {
+        let (q, set) = q5_parts(b);
         // q - 16 where the bit is clear is q | 0xf0 as a signed byte; q where it is set.
         _mm256_or_si256(q, _mm256_andnot_si256(set, _mm256_set1_epi8(0xf0u8 as i8)))
     }
@@ -356,20 +362,29 @@ mod avx2 {
     /// The 32 weights of a Q5_0 block plus 16, as unsigned bytes (0..=31).
     #[inline(always)]
     pub(super) unsafe fn unpack_q5_unsigned(b: &BlockQ5) -> __m256i {
-        let nibbles = _mm_loadu_si128(b.qs.as_ptr() as *const __m128i);
-        let lo_hi = _mm256_set_m128i(_mm_srli_epi16(nibbles, 4), nibbles);
-        let q = _mm256_and_si256(lo_hi, _mm256_set1_epi8(0x0f));
-        let bits = _mm256_set1_epi32(i32::from_le_bytes(b.qh));
-        let shuffle = _mm256_set_epi64x(
-            0x0303030303030303,
-            0x0202020202020202,
-            0x0101010101010101,
-            0x0000000000000000,
-        );
-        let bytes = _mm256_shuffle_epi8(bits, shuffle);
-        let bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
-        let set = _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1));
+        let (q, set) = q5_parts(b);
         _mm256_or_si256(q, _mm256_and_si256(set, _mm256_set1_epi8(0x10)))
+    }
+
+    /// Runs `step` over the blocks in two interleaved accumulator chains, so one block's
+    /// unpacking overlaps the other's arithmetic; returns their sum.
+    #[inline(always)]
+    pub(super) unsafe fn two_chains<B>(
+        w: &[B],
+        x: &[BlockQ8],
+        mut step: impl FnMut(&B, &BlockQ8, __m256) -> __m256,
+    ) -> __m256 {
+        let mut s0 = _mm256_setzero_ps();
+        let mut s1 = _mm256_setzero_ps();
+        for i in 0..w.len() / 2 {
+            s0 = step(w.get_unchecked(2 * i), x.get_unchecked(2 * i), s0);
+            s1 = step(w.get_unchecked(2 * i + 1), x.get_unchecked(2 * i + 1), s1);
+        }
+        if w.len() % 2 == 1 {
+            let last = w.len() - 1;
+            s0 = step(w.get_unchecked(last), x.get_unchecked(last), s0);
+        }
+        _mm256_add_ps(s0, s1)
     }
 
     #[inline(always)]
@@ -385,8 +400,6 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn dot_row<B: WeightBlock>(w: &[B], x: &[BlockQ8]) -> f32 {
         let ones = _mm256_set1_epi16(1);
-        let mut s0 = _mm256_setzero_ps();
-        let mut s1 = _mm256_setzero_ps();
         let step = |wb: &B, xb: &BlockQ8, acc: __m256| {
             let qw = wb.unpack();
             let aw = _mm256_sign_epi8(qw, qw);
@@ -396,16 +409,7 @@ mod avx2 {
             let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(wb.d() as i32)));
             _mm256_fmadd_ps(_mm256_set1_ps(dw * xb.d), _mm256_cvtepi32_ps(dot), acc)
         };
-        let pairs = w.len() / 2;
-        for i in 0..pairs {
-            s0 = step(w.get_unchecked(2 * i), x.get_unchecked(2 * i), s0);
-            s1 = step(w.get_unchecked(2 * i + 1), x.get_unchecked(2 * i + 1), s1);
-        }
-        if w.len() % 2 == 1 {
-            let last = w.len() - 1;
-            s0 = step(w.get_unchecked(last), x.get_unchecked(last), s0);
-        }
-        hsum(_mm256_add_ps(s0, s1))
+        hsum(two_chains(w, x, step))
     }
 
     // Several arrays are indexed by the row; an iterator would obscure it.
@@ -441,7 +445,7 @@ mod avx2 {
 
 #[cfg(target_arch = "x86_64")]
 mod vnni {
-    use super::avx2::hsum;
+    use super::avx2::{hsum, two_chains};
     use super::{BlockQ8, WeightBlock};
     use core::arch::x86_64::*;
 
@@ -449,11 +453,9 @@ mod vnni {
     /// offset·Σx per block, comes back out through the activation block's sum.
     #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
     pub(super) unsafe fn dot_row<B: WeightBlock>(w: &[B], x: &[BlockQ8]) -> f32 {
-        let mut s0 = _mm256_setzero_ps();
-        let mut s1 = _mm256_setzero_ps();
         let mut correction = 0f32;
         let offset = B::OFFSET as f32;
-        let mut step = |wb: &B, xb: &BlockQ8, acc: __m256| {
+        let step = |wb: &B, xb: &BlockQ8, acc: __m256| {
             let qw = wb.unpack_unsigned();
             let qx = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
             let dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), qw, qx);
@@ -461,16 +463,7 @@ mod vnni {
             correction += d * offset * xb.sum as f32;
             _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(dot), acc)
         };
-        let pairs = w.len() / 2;
-        for i in 0..pairs {
-            s0 = step(w.get_unchecked(2 * i), x.get_unchecked(2 * i), s0);
-            s1 = step(w.get_unchecked(2 * i + 1), x.get_unchecked(2 * i + 1), s1);
-        }
-        if w.len() % 2 == 1 {
-            let last = w.len() - 1;
-            s0 = step(w.get_unchecked(last), x.get_unchecked(last), s0);
-        }
-        hsum(_mm256_add_ps(s0, s1)) - correction
+        hsum(two_chains(w, x, step)) - correction
     }
 
     /// Four weight rows against one activation row: four independent accumulators, each
