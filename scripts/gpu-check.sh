@@ -4,7 +4,7 @@
 # then `duet bench --dummy-weights` for the 1.5B Q4_K_M and 7B Q8_0 shapes, each alone and
 # both at once on the one GPU (two workers). Results go to $OUT (default target/gpu-check).
 #
-#   scripts/gpu-check.sh [BINARY]     default: dist/duet-cuda-sm90, or its .xz
+#   scripts/gpu-check.sh [BINARY]     default: dist/duet-cuda-sm90, unpacked from its .xz
 #
 # The binary is scripts/build-cuda's; it needs the NVIDIA driver (CUDA 13.0+) and the CUDA
 # 13 libraries (cublas, cublasLt, cudart, curand), which are looked for on the machine.
