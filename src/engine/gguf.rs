@@ -2,6 +2,7 @@
 //! (so a truncated download is reported up front, not as an I/O error mid-load), and
 //! read the metadata `duet show` and the model need.
 
+use super::qwen2::WeightSource;
 use candle_core::quantized::gguf_file::{self, Content, Value};
 use candle_core::quantized::{GgmlDType, QStorage, QTensor, QuantizedType};
 use std::fs::File;
@@ -264,36 +265,24 @@ impl GgufFile {
     }
 }
 
-impl super::qwen2::WeightSource for GgufFile {
+impl WeightSource for GgufFile {
     fn tensor(
         &self,
         name: &str,
         device: &candle_core::Device,
     ) -> candle_core::Result<candle_core::quantized::QTensor> {
-        let info = self
-            .content
-            .tensor_infos
-            .get(name)
-            .ok_or_else(|| candle_core::Error::Msg(format!("tensor '{name}' not found")))?;
-        let start = self.content.tensor_data_offset + info.offset;
-        let file = self.reader.get_ref();
+        let (info, _, size) = self.locate(name)?;
         if device.is_cpu() {
-            return read_cpu_tensor(file, start, info);
+            return self.read_cpu_tensor(name, info);
         }
-        let elems = info.shape.elem_count();
-        let dtype = info.ggml_dtype;
-        let mut bytes = vec![0u8; elems / dtype.block_size() * dtype.type_size()];
-        std::os::unix::fs::FileExt::read_exact_at(file, &mut bytes, start)?;
+        let mut bytes = vec![0u8; size];
+        self.read_raw(name, &mut bytes)?;
         candle_core::quantized::ggml_file::qtensor_from_ggml(
-            dtype,
+            info.ggml_dtype,
             &bytes,
             info.shape.dims().to_vec(),
             device,
         )
-    }
-
-    fn has_tensor(&self, name: &str) -> bool {
-        self.content.tensor_infos.contains_key(name)
     }
 
     fn describe(&self, name: &str) -> Option<(GgmlDType, Vec<usize>)> {
@@ -302,6 +291,18 @@ impl super::qwen2::WeightSource for GgufFile {
     }
 
     fn read_raw(&self, name: &str, dst: &mut [u8]) -> candle_core::Result<()> {
+        let (_, start, size) = self.locate(name)?;
+        if dst.len() != size {
+            candle_core::bail!("tensor '{name}' has {size} bytes, not {}", dst.len());
+        }
+        std::os::unix::fs::FileExt::read_exact_at(self.reader.get_ref(), dst, start)?;
+        Ok(())
+    }
+}
+
+impl GgufFile {
+    /// A tensor's entry, where its bytes start in the file, and how many there are.
+    fn locate(&self, name: &str) -> candle_core::Result<(&gguf_file::TensorInfo, u64, usize)> {
         let info = self
             .content
             .tensor_infos
@@ -309,62 +310,58 @@ impl super::qwen2::WeightSource for GgufFile {
             .ok_or_else(|| candle_core::Error::Msg(format!("tensor '{name}' not found")))?;
         let dtype = info.ggml_dtype;
         let size = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
-        if dst.len() != size {
-            candle_core::bail!("tensor '{name}' has {size} bytes, not {}", dst.len());
+        Ok((info, self.content.tensor_data_offset + info.offset, size))
+    }
+
+    /// Reads a tensor straight into the block vector candle computes from: one copy from
+    /// the page cache, where candle's own reader zero-fills a byte buffer, reads into it
+    /// and copies it again into blocks.
+    fn read_cpu_tensor(
+        &self,
+        name: &str,
+        info: &gguf_file::TensorInfo,
+    ) -> candle_core::Result<QTensor> {
+        use candle_core::quantized::k_quants::*;
+        let dtype = info.ggml_dtype;
+        let elems = info.shape.elem_count();
+        if !elems.is_multiple_of(dtype.block_size()) {
+            candle_core::bail!(
+                "tensor of {elems} elements is not a whole number of {dtype:?} blocks"
+            );
         }
-        let start = self.content.tensor_data_offset + info.offset;
-        std::os::unix::fs::FileExt::read_exact_at(self.reader.get_ref(), dst, start)?;
-        Ok(())
+        let n = elems / dtype.block_size();
+        let storage: Box<dyn QuantizedType> = match dtype {
+            GgmlDType::F32 => self.read_blocks::<f32>(name, n)?,
+            GgmlDType::F16 => self.read_blocks::<half::f16>(name, n)?,
+            GgmlDType::Q4_0 => self.read_blocks::<BlockQ4_0>(name, n)?,
+            GgmlDType::Q4_1 => self.read_blocks::<BlockQ4_1>(name, n)?,
+            GgmlDType::Q5_0 => self.read_blocks::<BlockQ5_0>(name, n)?,
+            GgmlDType::Q5_1 => self.read_blocks::<BlockQ5_1>(name, n)?,
+            GgmlDType::Q8_0 => self.read_blocks::<BlockQ8_0>(name, n)?,
+            GgmlDType::Q2K => self.read_blocks::<BlockQ2K>(name, n)?,
+            GgmlDType::Q3K => self.read_blocks::<BlockQ3K>(name, n)?,
+            GgmlDType::Q4K => self.read_blocks::<BlockQ4K>(name, n)?,
+            GgmlDType::Q5K => self.read_blocks::<BlockQ5K>(name, n)?,
+            GgmlDType::Q6K => self.read_blocks::<BlockQ6K>(name, n)?,
+            other => candle_core::bail!("unsupported tensor format {other:?}"),
+        };
+        QTensor::new(QStorage::Cpu(storage), info.shape.clone())
     }
-}
 
-/// Reads a tensor straight into the block vector candle computes from: one copy from
-/// the page cache, where candle's own reader zero-fills a byte buffer, reads into it and
-/// copies it again into blocks.
-fn read_cpu_tensor(
-    file: &File,
-    start: u64,
-    info: &gguf_file::TensorInfo,
-) -> candle_core::Result<QTensor> {
-    use candle_core::quantized::k_quants::*;
-    let dtype = info.ggml_dtype;
-    let elems = info.shape.elem_count();
-    if !elems.is_multiple_of(dtype.block_size()) {
-        candle_core::bail!("tensor of {elems} elements is not a whole number of {dtype:?} blocks");
+    /// `count` values of a plain-data block type: the tensor `name`'s bytes.
+    fn read_blocks<T>(
+        &self,
+        name: &str,
+        count: usize,
+    ) -> candle_core::Result<Box<dyn QuantizedType>>
+    where
+        Vec<T>: QuantizedType + 'static,
+    {
+        // SAFETY: the GGML block types are plain data (integers, f16 and byte arrays).
+        let mut blocks: Vec<T> = unsafe { zeroed_plain(count) };
+        self.read_raw(name, unsafe { as_bytes_mut(&mut blocks) })?;
+        Ok(Box::new(blocks))
     }
-    let blocks = elems / dtype.block_size();
-    let storage: Box<dyn QuantizedType> = match dtype {
-        GgmlDType::F32 => read_blocks::<f32>(file, start, blocks)?,
-        GgmlDType::F16 => read_blocks::<half::f16>(file, start, blocks)?,
-        GgmlDType::Q4_0 => read_blocks::<BlockQ4_0>(file, start, blocks)?,
-        GgmlDType::Q4_1 => read_blocks::<BlockQ4_1>(file, start, blocks)?,
-        GgmlDType::Q5_0 => read_blocks::<BlockQ5_0>(file, start, blocks)?,
-        GgmlDType::Q5_1 => read_blocks::<BlockQ5_1>(file, start, blocks)?,
-        GgmlDType::Q8_0 => read_blocks::<BlockQ8_0>(file, start, blocks)?,
-        GgmlDType::Q2K => read_blocks::<BlockQ2K>(file, start, blocks)?,
-        GgmlDType::Q3K => read_blocks::<BlockQ3K>(file, start, blocks)?,
-        GgmlDType::Q4K => read_blocks::<BlockQ4K>(file, start, blocks)?,
-        GgmlDType::Q5K => read_blocks::<BlockQ5K>(file, start, blocks)?,
-        GgmlDType::Q6K => read_blocks::<BlockQ6K>(file, start, blocks)?,
-        other => candle_core::bail!("unsupported tensor format {other:?}"),
-    };
-    QTensor::new(QStorage::Cpu(storage), info.shape.clone())
-}
-
-/// `count` values of a plain-data block type read from `file` at `offset`.
-fn read_blocks<T>(
-    file: &File,
-    offset: u64,
-    count: usize,
-) -> candle_core::Result<Box<dyn QuantizedType>>
-where
-    Vec<T>: QuantizedType + 'static,
-{
-    use std::os::unix::fs::FileExt;
-    // SAFETY: the GGML block types are plain data (integers, f16 and byte arrays).
-    let mut blocks: Vec<T> = unsafe { zeroed_plain(count) };
-    file.read_exact_at(unsafe { as_bytes_mut(&mut blocks) }, offset)?;
-    Ok(Box::new(blocks))
 }
 
 /// A vector of `count` all-zero values, its memory untouched until written, advised

@@ -8,8 +8,8 @@
 //!   copies;
 //! - the token embedding stays quantized: only the rows of the tokens fed are dequantized
 //!   (stock candle dequantizes the whole table to f32 at load, 0.9 GB for the 1.5B);
-//! - on the CPU, Q5_0 matrices (the 0.5B's) run through our own SIMD kernel
-//!   ([`super::cpu_matmul`]); candle has only a scalar loop for them.
+//! - on the CPU, Q5_0 matrices (the 0.5B's) and Q8_0 ones of widths candle's tiled
+//!   kernels skip run through our own SIMD kernels ([`super::cpu_matmul`]).
 
 use super::cpu_matmul::{Q5_0Matrix, Q8_0Matrix};
 use super::gguf::ModelInfo;
@@ -106,11 +106,6 @@ impl KvCache {
         self.len = self.len.min(len);
     }
 
-    /// Positions the buffers hold before they must grow.
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
     /// Makes room for `needed` positions, allocating or doubling every layer's buffers.
     fn reserve(
         &mut self,
@@ -147,9 +142,11 @@ impl KvCache {
 pub trait WeightSource {
     /// Reads one tensor onto `device`, in the format it is stored in.
     fn tensor(&self, name: &str, device: &Device) -> Result<QTensor>;
-    fn has_tensor(&self, name: &str) -> bool;
     /// Format and shape (rows first, as candle reads GGUF) of a tensor, if present.
     fn describe(&self, name: &str) -> Option<(GgmlDType, Vec<usize>)>;
+    fn has_tensor(&self, name: &str) -> bool {
+        self.describe(name).is_some()
+    }
     /// A tensor's bytes as stored, into `dst` (exactly its size).
     fn read_raw(&self, name: &str, dst: &mut [u8]) -> Result<()>;
 }

@@ -220,10 +220,6 @@ impl WeightSource for SyntheticWeights {
         qtensor_from_ggml(spec.dtype, &data, spec.dims.clone(), device)
     }
 
-    fn has_tensor(&self, name: &str) -> bool {
-        self.spec(name).is_some()
-    }
-
     fn describe(&self, name: &str) -> Option<(GgmlDType, Vec<usize>)> {
         self.spec(name).map(|(_, t)| (t.dtype, t.dims.clone()))
     }
