@@ -202,8 +202,10 @@ struct Worker {
     generated: bool,
     load: Duration,
     weight_bytes: u64,
-    tasks: mpsc::Sender<(Task, u64)>,
+    /// `None` once the worker is being stopped.
+    tasks: Option<mpsc::Sender<(Task, u64)>>,
     results: mpsc::Receiver<Result<Measured>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 /// Starts the thread that creates the device, loads the model there and runs its
@@ -219,7 +221,7 @@ fn start_worker(m: BenchModel) -> Result<Worker> {
     } = m;
     let generated = matches!(weights, Weights::Generated(_));
     let thread_name = name.clone();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name(format!("bench-{device}"))
         .spawn(move || {
             let loaded = create_device(device).and_then(|dev| match &weights {
@@ -252,17 +254,36 @@ fn start_worker(m: BenchModel) -> Result<Worker> {
         generated,
         load,
         weight_bytes,
-        tasks: task_tx,
+        tasks: Some(task_tx),
         results: res_rx,
+        thread: Some(thread),
     })
 }
 
 impl Worker {
-    fn run(&self, task: Task, seed: u64) -> Result<Measured> {
+    fn send(&self, task: Task, seed: u64) -> Result<()> {
         self.tasks
+            .as_ref()
+            .context("bench worker stopped")?
             .send((task, seed))
-            .context("bench worker stopped")?;
+            .context("bench worker stopped")
+    }
+
+    fn run(&self, task: Task, seed: u64) -> Result<Measured> {
+        self.send(task, seed)?;
         self.results.recv().context("bench worker stopped")?
+    }
+}
+
+/// Stops the worker and waits until it has dropped its model. A model freed on its own
+/// thread while the process exits races the CUDA driver's teardown: on an H100 that
+/// ended `duet bench` with a segmentation fault after the report was written.
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.tasks = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -333,9 +354,7 @@ pub fn run(
     let mut together: Vec<Vec<f64>> = vec![Vec::new(); workers.len()];
     for rep in 0..opts.reps {
         for w in &workers {
-            w.tasks
-                .send((Task::Generate(opts.gen_tokens), 200 + rep as u64))
-                .context("bench worker stopped")?;
+            w.send(Task::Generate(opts.gen_tokens), 200 + rep as u64)?;
         }
         for (i, w) in workers.iter().enumerate() {
             let m = w.results.recv().context("bench worker stopped")??;
