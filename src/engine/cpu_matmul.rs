@@ -3,11 +3,13 @@
 //! - Q8_0 with a width that is not a multiple of 256 (the 0.5B's 896-wide output
 //!   projection and attn_v), which candle's tiled kernels skip.
 //!
-//! The weights stay in their blocks as read from the file (decode is bound by memory
-//! bandwidth, so no format that reads more bytes); activations are quantized to 8 bits
-//! per 32-value block as llama.cpp does; each weight block is unpacked once per tile of 4
-//! activation rows, and single-row products (decode) keep two blocks in flight. The
-//! work is split over candle's own CPU thread pool.
+//! Activations are quantized to 8 bits per 32-value block as llama.cpp does. On a CPU
+//! with AVX-512 VNNI the weights are interleaved at load into tiles of 16 rows
+//! ([`Tile`]), in as many bytes as the file's blocks (decode is bound by memory
+//! bandwidth): one `vpdpbusd` then multiplies 4 columns of 16 rows by 4 activations, and
+//! each tile is unpacked once for every activation row of the call. Elsewhere the blocks
+//! stay in rows as read, with AVX2 or scalar kernels. The work is split over candle's
+//! own CPU thread pool.
 
 use super::gguf::{as_bytes_mut, zeroed_plain};
 use super::qwen2::WeightSource;
@@ -15,6 +17,8 @@ use candle_core::{Device, Result, Tensor};
 use half::f16;
 
 const QK: usize = 32;
+/// Weight rows per tile.
+const TILE: usize = 16;
 
 /// One Q5_0 block as stored in GGUF: scale, the 32 fifth bits, 32 nibbles.
 #[repr(C)]
@@ -39,6 +43,10 @@ const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
 /// # Safety
 /// Implementors are `repr(C)` plain data laid out exactly as the format's GGUF block.
 pub unsafe trait WeightBlock: Copy + Send + Sync + 'static {
+    /// The format's 16-row tile.
+    type Tile: Tile;
+    /// What the tiles add to each weight to make it unsigned (for VNNI's u8×i8 dot).
+    const OFFSET: i32;
     /// The scale, as f16 bits.
     fn d(&self) -> u16;
     /// The 32 weights as integers.
@@ -49,18 +57,12 @@ pub unsafe trait WeightBlock: Copy + Send + Sync + 'static {
     /// The CPU must have AVX2.
     #[cfg(target_arch = "x86_64")]
     unsafe fn unpack(&self) -> core::arch::x86_64::__m256i;
-    /// What [`Self::unpack_unsigned`] adds to each weight to make it unsigned.
-    const OFFSET: i32;
-    /// The 32 weights plus [`Self::OFFSET`] as unsigned bytes, for VNNI's u8×i8 dot.
-    ///
-    /// # Safety
-    /// The CPU must have AVX2.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn unpack_unsigned(&self) -> core::arch::x86_64::__m256i;
 }
 
 // SAFETY: repr(C) {u16, [u8; 4], [u8; 16]}: 22 bytes, GGUF's Q5_0 block.
 unsafe impl WeightBlock for BlockQ5 {
+    type Tile = TileQ5;
+    const OFFSET: i32 = 16;
     fn d(&self) -> u16 {
         self.d
     }
@@ -78,16 +80,12 @@ unsafe impl WeightBlock for BlockQ5 {
     unsafe fn unpack(&self) -> core::arch::x86_64::__m256i {
         avx2::unpack_q5(self)
     }
-    const OFFSET: i32 = 16;
-    #[cfg(target_arch = "x86_64")]
-    #[inline(always)]
-    unsafe fn unpack_unsigned(&self) -> core::arch::x86_64::__m256i {
-        avx2::unpack_q5_unsigned(self)
-    }
 }
 
 // SAFETY: repr(C) {u16, [i8; 32]}: 34 bytes, GGUF's Q8_0 block.
 unsafe impl WeightBlock for BlockQ8_0 {
+    type Tile = TileQ8_0;
+    const OFFSET: i32 = 128;
     fn d(&self) -> u16 {
         self.d
     }
@@ -100,12 +98,98 @@ unsafe impl WeightBlock for BlockQ8_0 {
         use core::arch::x86_64::*;
         _mm256_loadu_si256(self.qs.as_ptr() as *const __m256i)
     }
-    const OFFSET: i32 = 128;
+}
+
+/// 32 columns of 16 weight rows in one block format, interleaved for AVX-512: register
+/// `g` (0..8) holds, for each row r, the 4 weights of columns 4g..4g+4 (plus the
+/// format's offset, as unsigned bytes) in its 32-bit lane r.
+/// # Safety
+/// Implementors are `repr(C)` plain data for which all zeroes is a valid value.
+pub unsafe trait Tile: Copy + Send + Sync + 'static {
+    /// Packs 16 rows' weights (each plus the offset) and scales.
+    fn pack(w: &[[u8; QK]; TILE], d: &[u16; TILE]) -> Self;
+    /// The 16 rows' scales, as f16 bits.
+    fn scales(&self) -> &[u16; TILE];
+    /// The 8 registers described above.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F and BW.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn unpack(&self) -> [core::arch::x86_64::__m512i; 8];
+}
+
+/// 16 rows of Q5_0 in the bytes of 16 blocks (352): nibbles of register g in the low
+/// half of `qs[g % 4]` (g < 4) or its high half (g >= 4), fifth bits of register g as
+/// the 64-bit byte mask `qh[g]`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TileQ5 {
+    d: [u16; TILE],
+    qh: [u64; 8],
+    qs: [[u8; 64]; 4],
+}
+const _: () = assert!(std::mem::size_of::<TileQ5>() == TILE * 22);
+
+// SAFETY: plain data, all zeroes valid.
+unsafe impl Tile for TileQ5 {
+    fn pack(w: &[[u8; QK]; TILE], d: &[u16; TILE]) -> Self {
+        let mut t = TileQ5 {
+            d: *d,
+            qh: [0; 8],
+            qs: [[0; 64]; 4],
+        };
+        for (r, row) in w.iter().enumerate() {
+            for g in 0..8 {
+                for j in 0..4 {
+                    let v = row[4 * g + j];
+                    t.qs[g % 4][r * 4 + j] |= (v & 0x0f) << (4 * (g / 4));
+                    t.qh[g] |= u64::from(v >> 4 & 1) << (r * 4 + j);
+                }
+            }
+        }
+        t
+    }
+    fn scales(&self) -> &[u16; TILE] {
+        &self.d
+    }
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
-    unsafe fn unpack_unsigned(&self) -> core::arch::x86_64::__m256i {
+    unsafe fn unpack(&self) -> [core::arch::x86_64::__m512i; 8] {
+        avx512::unpack_q5(self)
+    }
+}
+
+/// 16 rows of Q8_0 in the bytes of 16 blocks (544), each weight plus 128.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TileQ8_0 {
+    d: [u16; TILE],
+    qs: [[u8; 64]; 8],
+}
+const _: () = assert!(std::mem::size_of::<TileQ8_0>() == TILE * 34);
+
+// SAFETY: plain data, all zeroes valid.
+unsafe impl Tile for TileQ8_0 {
+    fn pack(w: &[[u8; QK]; TILE], d: &[u16; TILE]) -> Self {
+        let mut t = TileQ8_0 {
+            d: *d,
+            qs: [[0; 64]; 8],
+        };
+        for (r, row) in w.iter().enumerate() {
+            for g in 0..8 {
+                t.qs[g][r * 4..r * 4 + 4].copy_from_slice(&row[4 * g..4 * g + 4]);
+            }
+        }
+        t
+    }
+    fn scales(&self) -> &[u16; TILE] {
+        &self.d
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn unpack(&self) -> [core::arch::x86_64::__m512i; 8] {
         use core::arch::x86_64::*;
-        _mm256_xor_si256(self.unpack(), _mm256_set1_epi8(0x80u8 as i8))
+        std::array::from_fn(|g| _mm512_loadu_si512(self.qs[g].as_ptr() as *const _))
     }
 }
 
@@ -119,20 +203,29 @@ struct BlockQ8 {
     sum: i32,
 }
 
-/// A matrix of `n` rows (outputs) by `k` columns (inputs) in a 32-weight block format,
-/// rows contiguous.
-pub struct BlockMatrix<B> {
-    blocks: Vec<B>,
+/// A matrix of `n` rows (outputs) by `k` columns (inputs) in a 32-weight block format.
+pub struct BlockMatrix<B: WeightBlock> {
+    storage: Storage<B>,
     n: usize,
     k: usize,
+}
+
+enum Storage<B: WeightBlock> {
+    /// Rows of blocks as in the file, for the AVX2 and scalar kernels.
+    Rows(Vec<B>),
+    /// `n / 16` (rounded up) groups of `k / 32` tiles, for the AVX-512 kernel.
+    Tiles(Vec<B::Tile>),
 }
 
 pub type Q5_0Matrix = BlockMatrix<BlockQ5>;
 pub type Q8_0Matrix = BlockMatrix<BlockQ8_0>;
 
+/// Activation rows one tile pass keeps accumulators for.
+const ROW_CHUNK: usize = 32;
+
 impl<B: WeightBlock> BlockMatrix<B> {
-    /// Reads the (n, k) tensor `name` straight into its blocks: the block types have
-    /// the file's layout, so there is one copy and no transient second one.
+    /// Reads the (n, k) tensor `name`: straight into rows of blocks (the block types
+    /// have the file's layout), interleaved into tiles where the CPU has AVX-512 VNNI.
     pub fn read(src: &impl WeightSource, name: &str, n: usize, k: usize) -> Result<Self> {
         if !k.is_multiple_of(QK) {
             candle_core::bail!("tensor '{name}': width {k} is not a whole number of blocks");
@@ -140,12 +233,24 @@ impl<B: WeightBlock> BlockMatrix<B> {
         // SAFETY: the block types are plain data (an f16 scale and byte arrays).
         let mut blocks: Vec<B> = unsafe { zeroed_plain(n * k / QK) };
         src.read_raw(name, unsafe { as_bytes_mut(&mut blocks) })?;
-        Ok(Self { blocks, n, k })
+        Ok(Self::from_rows(blocks, n, k, tiles_supported()))
+    }
+
+    fn from_rows(blocks: Vec<B>, n: usize, k: usize, tiled: bool) -> Self {
+        let storage = if tiled {
+            Storage::Tiles(pack_tiles(&blocks, n, k / QK))
+        } else {
+            Storage::Rows(blocks)
+        };
+        Self { storage, n, k }
     }
 
     /// Bytes of weights one pass reads.
     pub fn storage_bytes(&self) -> usize {
-        self.blocks.len() * std::mem::size_of::<B>()
+        match &self.storage {
+            Storage::Rows(b) => std::mem::size_of_val(b.as_slice()),
+            Storage::Tiles(t) => std::mem::size_of_val(t.as_slice()),
+        }
     }
 
     /// `x` (…, k) f32 on the CPU times the matrix transposed: (…, n).
@@ -163,39 +268,56 @@ impl<B: WeightBlock> BlockMatrix<B> {
         }
         *last = self.n;
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let (n, k, kb) = (self.n, self.k, self.k / QK);
-        let m = xs.len() / k;
-        let xq: Vec<BlockQ8> = xs.chunks_exact(QK).map(quantize_block).collect();
-        let mut out = vec![0f32; m * n];
+        let m = xs.len() / self.k;
+        let xq = quantize_rows(&xs);
+        let mut out = vec![0f32; m * self.n];
+        match &self.storage {
+            Storage::Tiles(tiles) => self.forward_tiles(tiles, &xq, m, &mut out),
+            Storage::Rows(blocks) => self.forward_rows(blocks, &xq, m, &mut out),
+        }
+        Tensor::from_vec(out, out_dims, &Device::Cpu)
+    }
+
+    fn forward_tiles(&self, tiles: &[B::Tile], xq: &[BlockQ8], m: usize, out: &mut [f32]) {
+        let (n, kb) = (self.n, self.k / QK);
+        let chunks = m.div_ceil(ROW_CHUNK);
+        let out_ptr = out.as_mut_ptr() as usize;
+        // Work items: one group of 16 weight rows against one chunk of activation rows.
+        candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(TILE) * chunks, |items| {
+            for item in items {
+                let (group, chunk) = (item / chunks, item % chunks);
+                let r0 = chunk * ROW_CHUNK;
+                let rows = (m - r0).min(ROW_CHUNK);
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: tiles exist only where tiles_supported() saw AVX-512 F, BW and
+                // VNNI; each (row, column) of `out` is written by exactly one item, and
+                // the kernel writes only the columns below n.
+                unsafe {
+                    avx512::tile_rows::<B>(
+                        &tiles[group * kb..(group + 1) * kb],
+                        &xq[r0 * kb..(r0 + rows) * kb],
+                        rows,
+                        (out_ptr as *mut f32).add(r0 * n),
+                        n,
+                        group * TILE,
+                    )
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let _ = (tiles, xq, rows, out_ptr, r0, group, kb);
+            }
+        });
+    }
+
+    fn forward_rows(&self, blocks: &[B], xq: &[BlockQ8], m: usize, out: &mut [f32]) {
+        let (n, kb) = (self.n, self.k / QK);
         let out_ptr = out.as_mut_ptr() as usize;
         let kernel = Kernel::detect();
         // Work items: groups of 8 weight rows, all activation rows each.
         const ROWS: usize = 8;
         candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(ROWS), |items| {
             for item in items {
-                let end = ((item + 1) * ROWS).min(n);
-                if m == 1 {
-                    // Decode: four weight rows against the one activation row at a time,
-                    // four independent chains sharing each activation block.
-                    let mut j = item * ROWS;
-                    while j < end {
-                        let cols = (end - j).min(4);
-                        let w: [&[B]; 4] = std::array::from_fn(|c| {
-                            let row = j + c.min(cols - 1);
-                            &self.blocks[row * kb..(row + 1) * kb]
-                        });
-                        let mut acc = [0f32; 4];
-                        kernel.dot_cols(w, &xq, &mut acc);
-                        for (c, v) in acc.iter().take(cols).enumerate() {
-                            // SAFETY: each column of `out` is written by exactly one item.
-                            unsafe { *(out_ptr as *mut f32).add(j + c) = *v };
-                        }
-                        j += cols;
-                    }
-                    continue;
-                }
-                for j in item * ROWS..end {
-                    let w = &self.blocks[j * kb..(j + 1) * kb];
+                for j in item * ROWS..((item + 1) * ROWS).min(n) {
+                    let w = &blocks[j * kb..(j + 1) * kb];
                     let mut r = 0;
                     while r < m {
                         let rows = (m - r).min(4);
@@ -210,8 +332,51 @@ impl<B: WeightBlock> BlockMatrix<B> {
                 }
             }
         });
-        Tensor::from_vec(out, out_dims, &Device::Cpu)
     }
+}
+
+/// Whether this CPU runs the tile kernel (AVX-512 F, BW and VNNI).
+fn tiles_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Interleaves rows of blocks into tiles of 16 rows; rows past `n` are zero.
+fn pack_tiles<B: WeightBlock>(blocks: &[B], n: usize, kb: usize) -> Vec<B::Tile> {
+    let groups = n.div_ceil(TILE);
+    // SAFETY: tiles are plain data, all zeroes valid.
+    let mut tiles: Vec<B::Tile> = unsafe { zeroed_plain(groups * kb) };
+    let mut w = [[0u8; QK]; TILE];
+    let mut d = [0u16; TILE];
+    for group in 0..groups {
+        for b in 0..kb {
+            for r in 0..TILE {
+                let row = group * TILE + r;
+                if row < n {
+                    let block = &blocks[row * kb + b];
+                    d[r] = block.d();
+                    for (u, v) in w[r].iter_mut().zip(block.ints()) {
+                        *u = (v + B::OFFSET) as u8;
+                    }
+                } else {
+                    (d[r], w[r]) = (0, [0; QK]);
+                }
+            }
+            tiles[group * kb + b] = B::Tile::pack(&w, &d);
+        }
+    }
+    tiles
+}
+
+/// Quantizes rows of f32 activations (a whole number of blocks) to 8-bit blocks.
+fn quantize_rows(xs: &[f32]) -> Vec<BlockQ8> {
+    xs.chunks_exact(QK).map(quantize_block).collect()
 }
 
 fn quantize_block(x: &[f32]) -> BlockQ8 {
@@ -230,14 +395,12 @@ fn quantize_block(x: &[f32]) -> BlockQ8 {
     }
 }
 
+/// The kernels for rows of blocks (CPUs without AVX-512 VNNI).
 #[derive(Clone, Copy)]
 enum Kernel {
     Scalar,
     #[cfg(target_arch = "x86_64")]
     Avx2,
-    /// AVX2 plus AVX-512 VNNI's u8×i8 dot product on 256-bit registers.
-    #[cfg(target_arch = "x86_64")]
-    Vnni,
 }
 
 impl Kernel {
@@ -246,40 +409,10 @@ impl Kernel {
         if is_x86_feature_detected!("avx2")
             && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c")
-            && is_x86_feature_detected!("avx512vnni")
-            && is_x86_feature_detected!("avx512vl")
-        {
-            return Kernel::Vnni;
-        }
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
         {
             return Kernel::Avx2;
         }
         Kernel::Scalar
-    }
-
-    /// Dot products of four weight rows with one activation row.
-    fn dot_cols<B: WeightBlock>(self, w: [&[B]; 4], x: &[BlockQ8], acc: &mut [f32; 4]) {
-        match self {
-            Kernel::Scalar => {
-                for (a, w) in acc.iter_mut().zip(w) {
-                    *a = dot_scalar(w, x);
-                }
-            }
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: detect() saw AVX2, FMA and F16C.
-            Kernel::Avx2 => {
-                for (a, w) in acc.iter_mut().zip(w) {
-                    *a = unsafe { avx2::dot_row(w, x) };
-                }
-            }
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: detect() saw AVX2, FMA, F16C, AVX512-VNNI and AVX512-VL.
-            Kernel::Vnni => unsafe { vnni::dot_cols(w, x, acc) },
-        }
     }
 
     /// Dot products of one weight row `w` (kb blocks) with `rows` activation rows.
@@ -303,12 +436,6 @@ impl Kernel {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
             Kernel::Avx2 => unsafe { avx2::dot_rows(w, x, kb, rows, acc) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: detect() saw AVX2, FMA, F16C, AVX512-VNNI and AVX512-VL.
-            Kernel::Vnni if rows == 1 => acc[0] = unsafe { vnni::dot_row(w, &x[..kb]) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: as above.
-            Kernel::Vnni => unsafe { vnni::dot_rows(w, x, kb, rows, acc) },
         }
     }
 }
@@ -357,13 +484,6 @@ mod avx2 {
         let (q, set) = q5_parts(b);
         // q - 16 where the bit is clear is q | 0xf0 as a signed byte; q where it is set.
         _mm256_or_si256(q, _mm256_andnot_si256(set, _mm256_set1_epi8(0xf0u8 as i8)))
-    }
-
-    /// The 32 weights of a Q5_0 block plus 16, as unsigned bytes (0..=31).
-    #[inline(always)]
-    pub(super) unsafe fn unpack_q5_unsigned(b: &BlockQ5) -> __m256i {
-        let (q, set) = q5_parts(b);
-        _mm256_or_si256(q, _mm256_and_si256(set, _mm256_set1_epi8(0x10)))
     }
 
     /// Runs `step` over the blocks in two interleaved accumulator chains, so one block's
@@ -444,78 +564,61 @@ mod avx2 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod vnni {
-    use super::avx2::{hsum, two_chains};
-    use super::{BlockQ8, WeightBlock};
+mod avx512 {
+    use super::{BlockQ8, Tile, TileQ5, WeightBlock, QK, TILE};
     use core::arch::x86_64::*;
 
-    /// Block products as (w + offset)·x with one dpbusd each; the offset's share,
-    /// offset·Σx per block, comes back out through the activation block's sum.
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    pub(super) unsafe fn dot_row<B: WeightBlock>(w: &[B], x: &[BlockQ8]) -> f32 {
-        let mut correction = 0f32;
-        let offset = B::OFFSET as f32;
-        let step = |wb: &B, xb: &BlockQ8, acc: __m256| {
-            let qw = wb.unpack_unsigned();
-            let qx = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
-            let dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), qw, qx);
-            let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(wb.d() as i32))) * xb.d;
-            correction += d * offset * xb.sum as f32;
-            _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(dot), acc)
-        };
-        hsum(two_chains(w, x, step)) - correction
+    /// The 8 registers of a Q5_0 tile: nibbles, plus 16 where the fifth bit is set.
+    #[inline(always)]
+    pub(super) unsafe fn unpack_q5(t: &TileQ5) -> [__m512i; 8] {
+        let low = _mm512_set1_epi8(0x0f);
+        let fifth = _mm512_set1_epi8(0x10);
+        std::array::from_fn(|g| {
+            let v = _mm512_loadu_si512(t.qs[g % 4].as_ptr() as *const _);
+            let v = if g < 4 { v } else { _mm512_srli_epi16(v, 4) };
+            let v = _mm512_and_si512(v, low);
+            _mm512_mask_add_epi8(v, t.qh[g], v, fifth)
+        })
     }
 
-    /// Four weight rows against one activation row: four independent accumulators, each
-    /// activation block loaded once.
-    #[allow(clippy::needless_range_loop)]
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    pub(super) unsafe fn dot_cols<B: WeightBlock>(w: [&[B]; 4], x: &[BlockQ8], acc: &mut [f32; 4]) {
-        let mut sums = [_mm256_setzero_ps(); 4];
-        let mut correction = [0f32; 4];
-        let offset = B::OFFSET as f32;
-        for (i, xb) in x.iter().enumerate() {
-            let qx = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
-            let corr = offset * xb.sum as f32;
-            for c in 0..4 {
-                let wb = w[c].get_unchecked(i);
-                let dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), wb.unpack_unsigned(), qx);
-                let d = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(wb.d() as i32))) * xb.d;
-                correction[c] += d * corr;
-                sums[c] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(dot), sums[c]);
-            }
-        }
-        for c in 0..4 {
-            acc[c] = hsum(sums[c]) - correction[c];
-        }
-    }
-
-    #[allow(clippy::needless_range_loop)]
-    #[target_feature(enable = "avx2,fma,f16c,avx512vnni,avx512vl")]
-    pub(super) unsafe fn dot_rows<B: WeightBlock>(
-        w: &[B],
+    /// One group of 16 weight rows (`tiles`: its kb tiles) against `rows` activation
+    /// rows (`x`: kb blocks each): writes out[r * n + col0 + c] for the columns c of the
+    /// group below n.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn tile_rows<B: WeightBlock>(
+        tiles: &[B::Tile],
         x: &[BlockQ8],
-        kb: usize,
         rows: usize,
-        acc: &mut [f32; 4],
+        out: *mut f32,
+        n: usize,
+        col0: usize,
     ) {
-        let mut sums = [_mm256_setzero_ps(); 4];
-        let mut correction = [0f32; 4];
-        let offset = B::OFFSET as f32;
-        for (i, wb) in w.iter().enumerate() {
-            let qw = wb.unpack_unsigned();
-            let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(wb.d() as i32)));
-            for r in 0..rows {
-                let xb = x.get_unchecked(r * kb + i);
-                let qx = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
-                let dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), qw, qx);
-                let d = dw * xb.d;
-                correction[r] += d * offset * xb.sum as f32;
-                sums[r] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(dot), sums[r]);
+        let kb = tiles.len();
+        let mut acc = [_mm512_setzero_ps(); super::ROW_CHUNK];
+        let acc = &mut acc[..rows];
+        for (b, tile) in tiles.iter().enumerate() {
+            let w = tile.unpack();
+            let dw = _mm512_cvtph_ps(_mm256_loadu_si256(tile.scales().as_ptr() as *const _));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let xb = x.get_unchecked(r * kb + b);
+                let xs = xb.qs.as_ptr() as *const i32;
+                let act = |g: usize| _mm512_set1_epi32(std::ptr::read_unaligned(xs.add(g)));
+                // The offset's share, offset·Σx, starts the first chain negative; two
+                // chains halve the dependency on dpbusd's latency.
+                let mut s0 = _mm512_set1_epi32(-B::OFFSET * xb.sum);
+                let mut s1 = _mm512_setzero_si512();
+                for g in (0..QK / 4).step_by(2) {
+                    s0 = _mm512_dpbusd_epi32(s0, w[g], act(g));
+                    s1 = _mm512_dpbusd_epi32(s1, w[g + 1], act(g + 1));
+                }
+                let s = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+                *acc = _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_set1_ps(xb.d)), s, *acc);
             }
         }
-        for r in 0..rows {
-            acc[r] = hsum(sums[r]) - correction[r];
+        let cols = (n - col0).min(TILE);
+        let mask: __mmask16 = if cols == TILE { !0 } else { (1 << cols) - 1 };
+        for (r, acc) in acc.iter().enumerate() {
+            _mm512_mask_storeu_ps(out.add(r * n + col0), mask, *acc);
         }
     }
 }
@@ -527,25 +630,27 @@ mod tests {
     use candle_core::quantized::{GgmlDType, QMatMul};
     use candle_core::Module;
 
-    /// Every kernel this CPU can run, the scalar one first.
-    fn kernels() -> Vec<Kernel> {
+    /// Every row kernel this CPU can run, the scalar one first.
+    fn row_kernels() -> Vec<Kernel> {
         let mut k = vec![Kernel::Scalar];
         #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-            {
-                k.push(Kernel::Avx2);
-            }
-            if matches!(Kernel::detect(), Kernel::Vnni) {
-                k.push(Kernel::Vnni);
-            }
+        if matches!(Kernel::detect(), Kernel::Avx2) {
+            k.push(Kernel::Avx2);
         }
         k
     }
 
+    fn max_diff(a: &Tensor, b: &Tensor) -> (f32, f32) {
+        let scale = a.abs().unwrap().max_all().unwrap();
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        (
+            diff.to_scalar::<f32>().unwrap(),
+            scale.to_scalar::<f32>().unwrap(),
+        )
+    }
+
     fn check<B: WeightBlock>(dtype: GgmlDType) {
+        // 77 rows: the last tile is part padding.
         let (n, k) = (77, 896);
         let spec = TensorSpec {
             name: "w".into(),
@@ -553,58 +658,56 @@ mod tests {
             dtype,
         };
         let src = SyntheticWeights::single(spec, 9);
-        let q = src.tensor("w", &Device::Cpu).unwrap();
-        let ours = BlockMatrix::<B>::read(&src, "w", n, k).unwrap();
-        let candle = QMatMul::from_qtensor(q).unwrap();
-        // The whole matmul against candle's kernel for the format, decode and prefill sizes.
-        for m in [1usize, 3, 9] {
-            let x = Tensor::randn(0f32, 1f32, (1, m, k), &Device::Cpu).unwrap();
-            let a = candle.forward(&x).unwrap();
-            let b = ours.forward(&x).unwrap();
-            assert_eq!(a.dims(), b.dims());
-            let scale = a
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-            let diff = diff.to_scalar::<f32>().unwrap();
-            assert!(diff <= 1e-4 * scale, "{dtype:?} m={m}: {diff} vs {scale}");
+        let candle = QMatMul::from_qtensor(src.tensor("w", &Device::Cpu).unwrap()).unwrap();
+        let read = BlockMatrix::<B>::read(&src, "w", n, k).unwrap();
+        let rows = match &read.storage {
+            Storage::Rows(blocks) => blocks.clone(),
+            Storage::Tiles(_) => {
+                let mut blocks: Vec<B> = unsafe { zeroed_plain(n * k / QK) };
+                src.read_raw("w", unsafe { as_bytes_mut(&mut blocks) })
+                    .unwrap();
+                blocks
+            }
+        };
+        let mut layouts = vec![("rows", BlockMatrix::from_rows(rows.clone(), n, k, false))];
+        if tiles_supported() {
+            layouts.push(("tiles", BlockMatrix::from_rows(rows.clone(), n, k, true)));
         }
-        // Each kernel against the scalar one, one row and four rows at a time.
+        // The whole matmul in each layout against candle's kernel for the format, at
+        // decode and prefill sizes (40 rows: more than one chunk of the tile kernel).
+        for m in [1usize, 3, 9, 40] {
+            let x = Tensor::randn(0f32, 1f32, (1, m, k), &Device::Cpu).unwrap();
+            let want = candle.forward(&x).unwrap();
+            for (name, ours) in &layouts {
+                let got = ours.forward(&x).unwrap();
+                assert_eq!(want.dims(), got.dims());
+                let (diff, scale) = max_diff(&want, &got);
+                assert!(
+                    diff <= 1e-4 * scale,
+                    "{dtype:?} {name} m={m}: {diff} vs {scale}"
+                );
+            }
+        }
+        // Each row kernel against the scalar one, one row and four rows at a time.
         let kb = k / QK;
         let x: Vec<f32> = Tensor::randn(0f32, 1f32, 4 * k, &Device::Cpu)
             .unwrap()
             .to_vec1()
             .unwrap();
-        let xq: Vec<BlockQ8> = x.chunks_exact(QK).map(quantize_block).collect();
-        let w = &ours.blocks[..kb];
+        let xq = quantize_rows(&x);
+        let w = &rows[..kb];
         let mut want = [0f32; 4];
         Kernel::Scalar.dot(w, &xq, kb, 4, &mut want);
         assert!(want.iter().all(|v| *v != 0.0));
-        for kernel in kernels() {
-            let rows4: [&[B]; 4] = std::array::from_fn(|c| &ours.blocks[c * kb..(c + 1) * kb]);
-            let mut cols = [0f32; 4];
-            kernel.dot_cols(rows4, &xq[..kb], &mut cols);
-            for c in 0..4 {
-                let mut one = [0f32; 4];
-                Kernel::Scalar.dot(rows4[c], &xq, kb, 1, &mut one);
-                let tol = 1e-4 * one[0].abs().max(1.0);
-                assert!(
-                    (cols[c] - one[0]).abs() <= tol,
-                    "{dtype:?} col {c}: {cols:?} vs {one:?}"
-                );
-            }
-            for rows in [1, 4] {
+        for kernel in row_kernels() {
+            for n_rows in [1, 4] {
                 let mut got = [0f32; 4];
-                kernel.dot(w, &xq, kb, rows, &mut got);
-                for r in 0..rows {
+                kernel.dot(w, &xq, kb, n_rows, &mut got);
+                for r in 0..n_rows {
                     let tol = 1e-4 * want[r].abs().max(1.0);
                     assert!(
                         (got[r] - want[r]).abs() <= tol,
-                        "{dtype:?} {rows} rows: {got:?} vs {want:?}"
+                        "{dtype:?} {n_rows} rows: {got:?} vs {want:?}"
                     );
                 }
             }
@@ -612,12 +715,12 @@ mod tests {
     }
 
     #[test]
-    fn q5_0_matches_candle_and_every_kernel_the_scalar_one() {
+    fn q5_0_matches_candle_in_rows_and_tiles_and_every_kernel_the_scalar_one() {
         check::<BlockQ5>(GgmlDType::Q5_0);
     }
 
     #[test]
-    fn q8_0_matches_candle_and_every_kernel_the_scalar_one() {
+    fn q8_0_matches_candle_in_rows_and_tiles_and_every_kernel_the_scalar_one() {
         check::<BlockQ8_0>(GgmlDType::Q8_0);
     }
 }
