@@ -26,9 +26,10 @@ struct Mlp {
 
 impl Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate.forward(xs)?)?;
-        let up = self.up.forward(xs)?;
-        self.down.forward(&(gate * up)?)
+        let [gate, up]: [Tensor; 2] = Linear::forward_all(&[&self.gate, &self.up], xs)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("gate/up: wrong number of outputs".into()))?;
+        self.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)
     }
 }
 
@@ -166,6 +167,83 @@ impl Linear {
             Linear::Candle(m) => m.forward(x),
             Linear::Q5_0(m) => m.forward(x),
             Linear::Q8_0(m) => m.forward(x),
+        }
+    }
+
+    /// `x` times each of `ms`, which all read it. On the CPU, matrices of one format
+    /// share one pass: our tiles always, candle's (Q4_K, Q8_0) for a single row through
+    /// its fused gemv. Otherwise (a GPU, a format alone) one matmul each.
+    pub fn forward_all(ms: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
+        let mut out: Vec<Option<Tensor>> = vec![None; ms.len()];
+        if x.device().is_cpu() {
+            for i in 0..ms.len() {
+                if out[i].is_some() {
+                    continue;
+                }
+                let group: Vec<usize> = (i..ms.len())
+                    .filter(|&j| out[j].is_none() && ms[i].same_format(ms[j]))
+                    .collect();
+                if group.len() < 2 {
+                    continue;
+                }
+                let mats: Vec<&Linear> = group.iter().map(|&j| ms[j]).collect();
+                if let Some(fused) = Self::forward_fused(&mats, x)? {
+                    for (j, t) in group.into_iter().zip(fused) {
+                        out[j] = Some(t);
+                    }
+                }
+            }
+        }
+        ms.iter()
+            .zip(out)
+            .map(|(m, o)| o.map_or_else(|| m.forward(x), Ok))
+            .collect()
+    }
+
+    fn same_format(&self, other: &Linear) -> bool {
+        match (self, other) {
+            (Linear::Q5_0(_), Linear::Q5_0(_)) | (Linear::Q8_0(_), Linear::Q8_0(_)) => true,
+            (Linear::Candle(QMatMul::QTensor(a)), Linear::Candle(QMatMul::QTensor(b))) => {
+                a.dtype() == b.dtype()
+            }
+            _ => false,
+        }
+    }
+
+    /// One pass for matrices of one format, where there is a kernel for it.
+    fn forward_fused(ms: &[&Linear], x: &Tensor) -> Result<Option<Vec<Tensor>>> {
+        if let Some(mats) = ms.iter().map(|m| m.as_q5_0()).collect::<Option<Vec<_>>>() {
+            return Q5_0Matrix::forward_many(&mats, x).map(Some);
+        }
+        if let Some(mats) = ms.iter().map(|m| m.as_q8_0()).collect::<Option<Vec<_>>>() {
+            return Q8_0Matrix::forward_many(&mats, x).map(Some);
+        }
+        let candle: Option<Vec<&QTensor>> = ms
+            .iter()
+            .map(|m| match m {
+                Linear::Candle(QMatMul::QTensor(t)) => Some(t.as_ref()),
+                _ => None,
+            })
+            .collect();
+        let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
+        match candle {
+            // For more rows candle's own matmul picks faster (AMX) kernels.
+            Some(ts) if rows == 1 && x.is_contiguous() => QTensor::gemv_fused_shared_lhs(&ts, x),
+            _ => Ok(None),
+        }
+    }
+
+    fn as_q5_0(&self) -> Option<&Q5_0Matrix> {
+        match self {
+            Linear::Q5_0(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    fn as_q8_0(&self) -> Option<&Q8_0Matrix> {
+        match self {
+            Linear::Q8_0(m) => Some(m),
+            _ => None,
         }
     }
 
@@ -388,9 +466,12 @@ impl Qwen2 {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = heads(layer.wq.forward(x)?.broadcast_add(&layer.bq)?, self.n_head)?;
-        let k = heads(layer.wk.forward(x)?.broadcast_add(&layer.bk)?, n_kv)?;
-        let v = heads(layer.wv.forward(x)?.broadcast_add(&layer.bv)?, n_kv)?;
+        let [q, k, v]: [Tensor; 3] = Linear::forward_all(&[&layer.wq, &layer.wk, &layer.wv], x)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("q/k/v: wrong number of outputs".into()))?;
+        let q = heads(q.broadcast_add(&layer.bq)?, self.n_head)?;
+        let k = heads(k.broadcast_add(&layer.bk)?, n_kv)?;
+        let v = heads(v.broadcast_add(&layer.bv)?, n_kv)?;
         let q = self.rope(&q, pos)?;
         let k = self.rope(&k, pos)?;
         let y = attend(&q, &k, &v, kv, pos, mask, &self.neg_inf)?;
