@@ -12,7 +12,7 @@
 //! own CPU thread pool.
 
 use super::gguf::{as_bytes_mut, zeroed_plain};
-use super::qwen2::WeightSource;
+use super::weights::WeightSource;
 use candle_core::{Device, Result, Tensor};
 use half::f16;
 
@@ -255,53 +255,57 @@ impl<B: WeightBlock> BlockMatrix<B> {
 
     /// `x` (…, k) f32 on the CPU times the matrix transposed: (…, n).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut out = Self::forward_many(&[self], x)?;
-        Ok(out.remove(0))
+        let mut out_dims = x.dims().to_vec();
+        let Some(last) = out_dims.last_mut() else {
+            candle_core::bail!("matmul of a scalar");
+        };
+        if *last != self.k {
+            candle_core::bail!(
+                "matmul: input width {} but the matrix takes {}",
+                last,
+                self.k
+            );
+        }
+        *last = self.n;
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let m = xs.len() / self.k;
+        let xq = quantize_rows(&xs);
+        let mut out = vec![0f32; m * self.n];
+        match &self.storage {
+            Storage::Tiles(tiles) => self.forward_tiles(tiles, &xq, m, &mut out),
+            Storage::Rows(blocks) => self.forward_rows(blocks, &xq, m, &mut out),
+        }
+        Tensor::from_vec(out, out_dims, &Device::Cpu)
     }
 
-    /// `x` times each of `mats` (all of width k): one quantization of `x` and, for
-    /// tiles, one pass of the thread pool over every matrix's rows.
-    pub fn forward_many(mats: &[&Self], x: &Tensor) -> Result<Vec<Tensor>> {
-        let k = x.dims().last().copied().unwrap_or(0);
-        if x.rank() == 0 {
-            candle_core::bail!("matmul of a scalar");
-        }
-        if let Some(m) = mats.iter().find(|m| m.k != k) {
-            candle_core::bail!("matmul: input width {k} but the matrix takes {}", m.k);
-        }
-        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-        let m = xs.len() / k.max(1);
-        let xq = quantize_rows(&xs);
-        let mut outs: Vec<Vec<f32>> = mats.iter().map(|a| vec![0f32; m * a.n]).collect();
-        let tiles: Option<Vec<&[B::Tile]>> = mats
-            .iter()
-            .map(|a| match &a.storage {
-                Storage::Tiles(t) => Some(t.as_slice()),
-                Storage::Rows(_) => None,
-            })
-            .collect();
-        match tiles {
-            Some(tiles) => {
-                let dims: Vec<(usize, usize)> = mats.iter().map(|a| (a.n, k)).collect();
-                forward_tiles::<B>(&tiles, &dims, &xq, m, &mut outs)
+    fn forward_tiles(&self, tiles: &[B::Tile], xq: &[BlockQ8], m: usize, out: &mut [f32]) {
+        let (n, kb) = (self.n, self.k / QK);
+        let chunks = m.div_ceil(ROW_CHUNK);
+        let out_ptr = out.as_mut_ptr() as usize;
+        // Work items: one group of 16 weight rows against one chunk of activation rows.
+        candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(TILE) * chunks, |items| {
+            for item in items {
+                let (group, chunk) = (item / chunks, item % chunks);
+                let r0 = chunk * ROW_CHUNK;
+                let rows = (m - r0).min(ROW_CHUNK);
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: tiles exist only where tiles_supported() saw AVX-512 F, BW and
+                // VNNI; each (row, column) of `out` is written by exactly one item, and
+                // the kernel writes only the columns below n.
+                unsafe {
+                    avx512::tile_rows::<B>(
+                        &tiles[group * kb..(group + 1) * kb],
+                        &xq[r0 * kb..(r0 + rows) * kb],
+                        rows,
+                        (out_ptr as *mut f32).add(r0 * n),
+                        n,
+                        group * TILE,
+                    )
+                };
+                #[cfg(not(target_arch = "x86_64"))]
+                let _ = (tiles, xq, rows, out_ptr, r0, group, kb);
             }
-            None => {
-                for (a, out) in mats.iter().zip(&mut outs) {
-                    if let Storage::Rows(blocks) = &a.storage {
-                        a.forward_rows(blocks, &xq, m, out);
-                    }
-                }
-            }
-        }
-        let batch = &x.dims()[..x.rank() - 1];
-        mats.iter()
-            .zip(outs)
-            .map(|(a, out)| {
-                let mut dims = batch.to_vec();
-                dims.push(a.n);
-                Tensor::from_vec(out, dims, &Device::Cpu)
-            })
-            .collect()
+        });
     }
 
     fn forward_rows(&self, blocks: &[B], xq: &[BlockQ8], m: usize, out: &mut [f32]) {
@@ -329,53 +333,6 @@ impl<B: WeightBlock> BlockMatrix<B> {
             }
         });
     }
-}
-
-/// Tiled matrices (`dims`: each one's n and k) times the quantized rows `xq` (m rows),
-/// into `outs` (m × n each). Work items: one group of 16 weight rows of one matrix
-/// against one chunk of activation rows, all matrices in one pass of the pool.
-fn forward_tiles<B: WeightBlock>(
-    tiles: &[&[B::Tile]],
-    dims: &[(usize, usize)],
-    xq: &[BlockQ8],
-    m: usize,
-    outs: &mut [Vec<f32>],
-) {
-    let chunks = m.div_ceil(ROW_CHUNK);
-    // First work item of each matrix, and the total.
-    let mut starts = Vec::with_capacity(dims.len() + 1);
-    starts.push(0);
-    for (n, _) in dims {
-        starts.push(starts[starts.len() - 1] + n.div_ceil(TILE) * chunks);
-    }
-    let out_ptrs: Vec<usize> = outs.iter_mut().map(|o| o.as_mut_ptr() as usize).collect();
-    let total = starts[dims.len()];
-    candle_core::utils::barrier_pool().execute_chunked(total, |items| {
-        for item in items {
-            let a = starts.partition_point(|&s| s <= item) - 1;
-            let (n, k) = dims[a];
-            let kb = k / QK;
-            let (group, chunk) = ((item - starts[a]) / chunks, (item - starts[a]) % chunks);
-            let r0 = chunk * ROW_CHUNK;
-            let rows = (m - r0).min(ROW_CHUNK);
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: tiles exist only where tiles_supported() saw AVX-512 F, BW and VNNI;
-            // each (row, column) of each output is written by exactly one item, and the
-            // kernel writes only the columns below n.
-            unsafe {
-                avx512::tile_rows::<B>(
-                    &tiles[a][group * kb..(group + 1) * kb],
-                    &xq[r0 * kb..(r0 + rows) * kb],
-                    rows,
-                    (out_ptrs[a] as *mut f32).add(r0 * n),
-                    n,
-                    group * TILE,
-                )
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            let _ = (tiles, xq, rows, &out_ptrs, r0, group, kb, n);
-        }
-    });
 }
 
 /// Whether this CPU runs the tile kernel (AVX-512 F, BW and VNNI).
@@ -752,43 +709,6 @@ mod tests {
                         (got[r] - want[r]).abs() <= tol,
                         "{dtype:?} {n_rows} rows: {got:?} vs {want:?}"
                     );
-                }
-            }
-        }
-    }
-
-    /// Several matrices in one pass give what each gives alone, in either layout.
-    #[test]
-    fn forward_many_matches_one_at_a_time() {
-        let k = 896;
-        let read = |n: usize, seed: u64, tiled: bool| {
-            let spec = TensorSpec {
-                name: "w".into(),
-                dims: vec![n, k],
-                dtype: GgmlDType::Q5_0,
-            };
-            let src = SyntheticWeights::single(spec, seed);
-            let mut blocks: Vec<BlockQ5> = unsafe { zeroed_plain(n * k / QK) };
-            src.read_raw("w", unsafe { as_bytes_mut(&mut blocks) })
-                .unwrap();
-            BlockMatrix::from_rows(blocks, n, k, tiled)
-        };
-        let mut layouts = vec![false];
-        if tiles_supported() {
-            layouts.push(true);
-        }
-        for tiled in layouts {
-            let mats = [read(896, 1, tiled), read(130, 2, tiled), read(48, 3, tiled)];
-            let refs: Vec<&Q5_0Matrix> = mats.iter().collect();
-            for m in [1usize, 7, 33] {
-                let x = Tensor::randn(0f32, 1f32, (1, m, k), &Device::Cpu).unwrap();
-                let together = BlockMatrix::forward_many(&refs, &x).unwrap();
-                assert_eq!(together.len(), 3);
-                for (a, t) in mats.iter().zip(&together) {
-                    let alone = a.forward(&x).unwrap();
-                    assert_eq!(alone.dims(), t.dims());
-                    let (diff, _) = max_diff(&alone, t);
-                    assert_eq!(diff, 0.0, "tiled={tiled} m={m}");
                 }
             }
         }

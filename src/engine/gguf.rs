@@ -2,9 +2,9 @@
 //! (so a truncated download is reported up front, not as an I/O error mid-load), and
 //! read the metadata `duet show` and the model need.
 
-use super::qwen2::WeightSource;
+use super::weights::WeightSource;
 use candle_core::quantized::gguf_file::{self, Content, Value};
-use candle_core::quantized::{GgmlDType, QStorage, QTensor, QuantizedType};
+use candle_core::quantized::GgmlDType;
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
@@ -266,25 +266,6 @@ impl GgufFile {
 }
 
 impl WeightSource for GgufFile {
-    fn tensor(
-        &self,
-        name: &str,
-        device: &candle_core::Device,
-    ) -> candle_core::Result<candle_core::quantized::QTensor> {
-        let (info, _, size) = self.locate(name)?;
-        if device.is_cpu() {
-            return self.read_cpu_tensor(name, info);
-        }
-        let mut bytes = vec![0u8; size];
-        self.read_raw(name, &mut bytes)?;
-        candle_core::quantized::ggml_file::qtensor_from_ggml(
-            info.ggml_dtype,
-            &bytes,
-            info.shape.dims().to_vec(),
-            device,
-        )
-    }
-
     fn describe(&self, name: &str) -> Option<(GgmlDType, Vec<usize>)> {
         let info = self.content.tensor_infos.get(name)?;
         Some((info.ggml_dtype, info.shape.dims().to_vec()))
@@ -311,56 +292,6 @@ impl GgufFile {
         let dtype = info.ggml_dtype;
         let size = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
         Ok((info, self.content.tensor_data_offset + info.offset, size))
-    }
-
-    /// Reads a tensor straight into the block vector candle computes from: one copy from
-    /// the page cache, where candle's own reader zero-fills a byte buffer, reads into it
-    /// and copies it again into blocks.
-    fn read_cpu_tensor(
-        &self,
-        name: &str,
-        info: &gguf_file::TensorInfo,
-    ) -> candle_core::Result<QTensor> {
-        use candle_core::quantized::k_quants::*;
-        let dtype = info.ggml_dtype;
-        let elems = info.shape.elem_count();
-        if !elems.is_multiple_of(dtype.block_size()) {
-            candle_core::bail!(
-                "tensor of {elems} elements is not a whole number of {dtype:?} blocks"
-            );
-        }
-        let n = elems / dtype.block_size();
-        let storage: Box<dyn QuantizedType> = match dtype {
-            GgmlDType::F32 => self.read_blocks::<f32>(name, n)?,
-            GgmlDType::F16 => self.read_blocks::<half::f16>(name, n)?,
-            GgmlDType::Q4_0 => self.read_blocks::<BlockQ4_0>(name, n)?,
-            GgmlDType::Q4_1 => self.read_blocks::<BlockQ4_1>(name, n)?,
-            GgmlDType::Q5_0 => self.read_blocks::<BlockQ5_0>(name, n)?,
-            GgmlDType::Q5_1 => self.read_blocks::<BlockQ5_1>(name, n)?,
-            GgmlDType::Q8_0 => self.read_blocks::<BlockQ8_0>(name, n)?,
-            GgmlDType::Q2K => self.read_blocks::<BlockQ2K>(name, n)?,
-            GgmlDType::Q3K => self.read_blocks::<BlockQ3K>(name, n)?,
-            GgmlDType::Q4K => self.read_blocks::<BlockQ4K>(name, n)?,
-            GgmlDType::Q5K => self.read_blocks::<BlockQ5K>(name, n)?,
-            GgmlDType::Q6K => self.read_blocks::<BlockQ6K>(name, n)?,
-            other => candle_core::bail!("unsupported tensor format {other:?}"),
-        };
-        QTensor::new(QStorage::Cpu(storage), info.shape.clone())
-    }
-
-    /// `count` values of a plain-data block type: the tensor `name`'s bytes.
-    fn read_blocks<T>(
-        &self,
-        name: &str,
-        count: usize,
-    ) -> candle_core::Result<Box<dyn QuantizedType>>
-    where
-        Vec<T>: QuantizedType + 'static,
-    {
-        // SAFETY: the GGML block types are plain data (integers, f16 and byte arrays).
-        let mut blocks: Vec<T> = unsafe { zeroed_plain(count) };
-        self.read_raw(name, unsafe { as_bytes_mut(&mut blocks) })?;
-        Ok(Box::new(blocks))
     }
 }
 

@@ -9,6 +9,7 @@ pub mod sampling;
 pub mod synthetic;
 pub mod template;
 pub mod tokenizer;
+pub mod weights;
 pub mod worker;
 
 pub use generate::{DoneReason, Generation, Piece, Summary};

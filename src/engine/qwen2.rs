@@ -11,61 +11,76 @@
 //! - on the CPU, Q5_0 matrices (the 0.5B's) and Q8_0 ones of widths candle's tiled
 //!   kernels skip run through our own SIMD kernels ([`super::cpu_matmul`]).
 
-use super::cpu_matmul::{Q5_0Matrix, Q8_0Matrix};
 use super::gguf::ModelInfo;
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use super::weights::Projection;
+pub use super::weights::{linear, Linear, WeightSource};
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 use candle_transformers::utils::build_causal_mask;
 
 struct Mlp {
-    gate: Linear,
-    up: Linear,
+    /// gate and up, stacked where their formats match.
+    gate_up: Projection,
     down: Linear,
 }
 
 impl Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let [gate, up]: [Tensor; 2] = Linear::forward_all(&[&self.gate, &self.up], xs)?
-            .try_into()
-            .map_err(|_| candle_core::Error::Msg("gate/up: wrong number of outputs".into()))?;
+        let [gate, up] = outputs(self.gate_up.forward(xs)?)?;
         self.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)
     }
 }
 
 struct Layer {
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
-    bq: Tensor,
-    bk: Tensor,
-    bv: Tensor,
+    /// q, k and v with their biases, stacked where their formats match.
+    qkv: Projection,
     wo: Linear,
     attn_norm: RmsNorm,
     mlp: Mlp,
     ffn_norm: RmsNorm,
 }
 
+/// A projection's outputs as an array of the expected length.
+fn outputs<const N: usize>(v: Vec<Tensor>) -> Result<[Tensor; N]> {
+    let got = v.len();
+    v.try_into()
+        .map_err(|_| candle_core::Error::Msg(format!("projection gave {got} outputs, not {N}")))
+}
+
 impl Layer {
     fn load(src: &impl WeightSource, i: usize, eps: f64, device: &Device) -> Result<Self> {
-        let q = |name: &str| -> Result<Linear> { linear(src, &format!("blk.{i}.{name}"), device) };
-        let f = |name: &str| -> Result<QTensor> { src.tensor(&format!("blk.{i}.{name}"), device) };
+        let name = |n: &str| format!("blk.{i}.{n}");
+        let names = |ns: &[&str]| ns.iter().map(|n| name(n)).collect::<Vec<_>>();
+        let f = |n: &str| -> Result<QTensor> { src.tensor(&name(n), device) };
         Ok(Layer {
-            wq: q("attn_q.weight")?,
-            wk: q("attn_k.weight")?,
-            wv: q("attn_v.weight")?,
-            wo: q("attn_output.weight")?,
-            bq: f("attn_q.bias")?.dequantize(device)?,
-            bk: f("attn_k.bias")?.dequantize(device)?,
-            bv: f("attn_v.bias")?.dequantize(device)?,
+            qkv: Projection::load(
+                src,
+                &names(&["attn_q.weight", "attn_k.weight", "attn_v.weight"]),
+                Some(&names(&["attn_q.bias", "attn_k.bias", "attn_v.bias"])),
+                device,
+            )?,
+            wo: linear(src, &name("attn_output.weight"), device)?,
             attn_norm: RmsNorm::from_qtensor(f("attn_norm.weight")?, eps)?,
             mlp: Mlp {
-                gate: q("ffn_gate.weight")?,
-                up: q("ffn_up.weight")?,
-                down: q("ffn_down.weight")?,
+                gate_up: Projection::load(
+                    src,
+                    &names(&["ffn_gate.weight", "ffn_up.weight"]),
+                    None,
+                    device,
+                )?,
+                down: linear(src, &name("ffn_down.weight"), device)?,
             },
             ffn_norm: RmsNorm::from_qtensor(f("ffn_norm.weight")?, eps)?,
         })
+    }
+
+    fn matrices(&self) -> impl Iterator<Item = &Linear> {
+        self.qkv
+            .matrices()
+            .chain([&self.wo])
+            .chain(self.mlp.gate_up.matrices())
+            .chain([&self.mlp.down])
     }
 }
 
@@ -137,148 +152,6 @@ impl KvCache {
         self.capacity = capacity;
         Ok(())
     }
-}
-
-/// Where a model's tensors come from: a GGUF file, or generated weights of a real shape.
-pub trait WeightSource {
-    /// Reads one tensor onto `device`, in the format it is stored in.
-    fn tensor(&self, name: &str, device: &Device) -> Result<QTensor>;
-    /// Format and shape (rows first, as candle reads GGUF) of a tensor, if present.
-    fn describe(&self, name: &str) -> Option<(GgmlDType, Vec<usize>)>;
-    fn has_tensor(&self, name: &str) -> bool {
-        self.describe(name).is_some()
-    }
-    /// A tensor's bytes as stored, into `dst` (exactly its size).
-    fn read_raw(&self, name: &str, dst: &mut [u8]) -> Result<()>;
-}
-
-/// A quantized weight ready for matmuls on its device: candle's QMatMul, except on the
-/// CPU for Q5_0 (the 0.5B's main format, for which candle has only a scalar loop) and
-/// Q8_0 of widths candle's tiled kernels skip ([`super::cpu_matmul`]).
-pub enum Linear {
-    Candle(QMatMul),
-    Q5_0(Q5_0Matrix),
-    Q8_0(Q8_0Matrix),
-}
-
-impl Linear {
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        match self {
-            Linear::Candle(m) => m.forward(x),
-            Linear::Q5_0(m) => m.forward(x),
-            Linear::Q8_0(m) => m.forward(x),
-        }
-    }
-
-    /// `x` times each of `ms`, which all read it. On the CPU, matrices of one format
-    /// share one pass: our tiles always, candle's (Q4_K, Q8_0) for a single row through
-    /// its fused gemv. Otherwise (a GPU, a format alone) one matmul each.
-    pub fn forward_all(ms: &[&Linear], x: &Tensor) -> Result<Vec<Tensor>> {
-        let mut out: Vec<Option<Tensor>> = vec![None; ms.len()];
-        if x.device().is_cpu() {
-            for i in 0..ms.len() {
-                if out[i].is_some() {
-                    continue;
-                }
-                let group: Vec<usize> = (i..ms.len())
-                    .filter(|&j| out[j].is_none() && ms[i].same_format(ms[j]))
-                    .collect();
-                if group.len() < 2 {
-                    continue;
-                }
-                let mats: Vec<&Linear> = group.iter().map(|&j| ms[j]).collect();
-                if let Some(fused) = Self::forward_fused(&mats, x)? {
-                    for (j, t) in group.into_iter().zip(fused) {
-                        out[j] = Some(t);
-                    }
-                }
-            }
-        }
-        ms.iter()
-            .zip(out)
-            .map(|(m, o)| o.map_or_else(|| m.forward(x), Ok))
-            .collect()
-    }
-
-    fn same_format(&self, other: &Linear) -> bool {
-        match (self, other) {
-            (Linear::Q5_0(_), Linear::Q5_0(_)) | (Linear::Q8_0(_), Linear::Q8_0(_)) => true,
-            (Linear::Candle(QMatMul::QTensor(a)), Linear::Candle(QMatMul::QTensor(b))) => {
-                a.dtype() == b.dtype()
-            }
-            _ => false,
-        }
-    }
-
-    /// One pass for matrices of one format, where there is a kernel for it.
-    fn forward_fused(ms: &[&Linear], x: &Tensor) -> Result<Option<Vec<Tensor>>> {
-        if let Some(mats) = ms.iter().map(|m| m.as_q5_0()).collect::<Option<Vec<_>>>() {
-            return Q5_0Matrix::forward_many(&mats, x).map(Some);
-        }
-        if let Some(mats) = ms.iter().map(|m| m.as_q8_0()).collect::<Option<Vec<_>>>() {
-            return Q8_0Matrix::forward_many(&mats, x).map(Some);
-        }
-        let candle: Option<Vec<&QTensor>> = ms
-            .iter()
-            .map(|m| match m {
-                Linear::Candle(QMatMul::QTensor(t)) => Some(t.as_ref()),
-                _ => None,
-            })
-            .collect();
-        let rows = x.elem_count() / x.dims().last().copied().unwrap_or(1).max(1);
-        match candle {
-            // For more rows candle's own matmul picks faster (AMX) kernels.
-            Some(ts) if rows == 1 && x.is_contiguous() => QTensor::gemv_fused_shared_lhs(&ts, x),
-            _ => Ok(None),
-        }
-    }
-
-    fn as_q5_0(&self) -> Option<&Q5_0Matrix> {
-        match self {
-            Linear::Q5_0(m) => Some(m),
-            _ => None,
-        }
-    }
-
-    fn as_q8_0(&self) -> Option<&Q8_0Matrix> {
-        match self {
-            Linear::Q8_0(m) => Some(m),
-            _ => None,
-        }
-    }
-
-    /// Bytes of weights one matmul reads.
-    pub fn storage_bytes(&self) -> u64 {
-        match self {
-            Linear::Candle(QMatMul::QTensor(t)) => t.storage_size_in_bytes() as u64,
-            Linear::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
-                (t.elem_count() * t.dtype().size_in_bytes()) as u64
-            }
-            Linear::Q5_0(m) => m.storage_bytes() as u64,
-            Linear::Q8_0(m) => m.storage_bytes() as u64,
-        }
-    }
-}
-
-/// Loads the matrix `name` for matmuls on `device`.
-pub fn linear(src: &impl WeightSource, name: &str, device: &Device) -> Result<Linear> {
-    if device.is_cpu() {
-        if let Some((dtype, dims)) = src.describe(name) {
-            if let [n, k] = dims[..] {
-                match dtype {
-                    GgmlDType::Q5_0 => return Ok(Linear::Q5_0(Q5_0Matrix::read(src, name, n, k)?)),
-                    // candle's tiled Q8_0 kernels need widths that are multiples of 256.
-                    GgmlDType::Q8_0 if k % 256 != 0 => {
-                        return Ok(Linear::Q8_0(Q8_0Matrix::read(src, name, n, k)?))
-                    }
-                    _ => {}
-                }
-            }
-        }
-    }
-    Ok(Linear::Candle(QMatMul::from_qtensor(
-        src.tensor(name, device)?,
-    )?))
 }
 
 /// Writes this step's keys and values (1, kv_heads, seq, head_dim) into the cache at
@@ -394,17 +267,7 @@ impl Qwen2 {
         let weight_bytes_per_token = output.storage_bytes()
             + layers
                 .iter()
-                .flat_map(|l| {
-                    [
-                        &l.wq,
-                        &l.wk,
-                        &l.wv,
-                        &l.wo,
-                        &l.mlp.gate,
-                        &l.mlp.up,
-                        &l.mlp.down,
-                    ]
-                })
+                .flat_map(|l| l.matrices())
                 .map(|m| m.storage_bytes())
                 .sum::<u64>();
         Ok(Self {
@@ -466,12 +329,10 @@ impl Qwen2 {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let [q, k, v]: [Tensor; 3] = Linear::forward_all(&[&layer.wq, &layer.wk, &layer.wv], x)?
-            .try_into()
-            .map_err(|_| candle_core::Error::Msg("q/k/v: wrong number of outputs".into()))?;
-        let q = heads(q.broadcast_add(&layer.bq)?, self.n_head)?;
-        let k = heads(k.broadcast_add(&layer.bk)?, n_kv)?;
-        let v = heads(v.broadcast_add(&layer.bv)?, n_kv)?;
+        let [q, k, v] = outputs(layer.qkv.forward(x)?)?;
+        let q = heads(q, self.n_head)?;
+        let k = heads(k, n_kv)?;
+        let v = heads(v, n_kv)?;
         let q = self.rope(&q, pos)?;
         let k = self.rope(&k, pos)?;
         let y = attend(&q, &k, &v, kv, pos, mask, &self.neg_inf)?;

@@ -5,9 +5,9 @@
 //! those of the real file, only the values are noise.
 
 use super::gguf::ModelInfo;
-use super::qwen2::WeightSource;
-use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
-use candle_core::{Device, Result};
+use super::weights::WeightSource;
+use candle_core::quantized::GgmlDType;
+use candle_core::Result;
 use half::f16;
 use rand::{RngCore, SeedableRng};
 use std::path::PathBuf;
@@ -192,10 +192,12 @@ impl SyntheticWeights {
 
     /// A source of one tensor, for checks of a single operation.
     pub fn single(tensor: TensorSpec, seed: u64) -> Self {
-        Self {
-            tensors: vec![tensor],
-            seed,
-        }
+        Self::of(vec![tensor], seed)
+    }
+
+    /// A source of the given tensors.
+    pub fn of(tensors: Vec<TensorSpec>, seed: u64) -> Self {
+        Self { tensors, seed }
     }
 
     /// Each tensor's values come from its own seed, whichever way it is read.
@@ -212,14 +214,6 @@ impl SyntheticWeights {
 }
 
 impl WeightSource for SyntheticWeights {
-    fn tensor(&self, name: &str, device: &Device) -> Result<QTensor> {
-        let Some((index, spec)) = self.spec(name) else {
-            candle_core::bail!("generated weights have no tensor '{name}'")
-        };
-        let data = random_blocks(spec, &mut self.rng(index));
-        qtensor_from_ggml(spec.dtype, &data, spec.dims.clone(), device)
-    }
-
     fn describe(&self, name: &str) -> Option<(GgmlDType, Vec<usize>)> {
         self.spec(name).map(|(_, t)| (t.dtype, t.dims.clone()))
     }
@@ -286,6 +280,7 @@ fn random_blocks(spec: &TensorSpec, rng: &mut impl RngCore) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
 
     #[test]
     fn shapes_parse_by_name_and_reject_others() {
