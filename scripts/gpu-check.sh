@@ -2,7 +2,8 @@
 # Everything duet checks on a machine with an NVIDIA GPU, in one run (under 8 minutes on
 # an H100): nvidia-smi, the CUDA operation checks against the CPU (`duet device-check`),
 # then `duet bench --dummy-weights` for the 1.5B Q4_K_M and 7B Q8_0 shapes, each alone and
-# both at once on the one GPU (two workers). Results go to $OUT (default target/gpu-check).
+# both at once on the one GPU (two workers), then both at once as two processes. Results
+# go to $OUT (default target/gpu-check).
 #
 #   scripts/gpu-check.sh [BINARY]     default: dist/duet-cuda-sm90, unpacked from its .xz
 #
@@ -50,5 +51,20 @@ nvidia-smi | tee "$out/nvidia-smi.txt"
 run device-check 120 "$bin" device-check --device cuda:0
 run bench 300 "$bin" bench --dummy-weights 1.5b-q4_k_m,7b-q8_0 --device cuda:0 \
   --prompt-sizes 128,512 --gen-tokens 128 --reps 3 --json-out "$out/bench.json"
+# The same two models as two processes sharing the GPU: set beside the in-process
+# "together" table above, it shows what generating from two threads of one process
+# costs over two processes.
+echo "== processes: each shape in its own process, both at once"
+# The 7B takes ~7 s longer to load: the 1.5B starts later so that both generate at once.
+for shape in 7b-q8_0 1.5b-q4_k_m; do
+  timeout 200 "$bin" bench --dummy-weights "$shape" --device cuda:0 --prompt-sizes 128 \
+    --gen-tokens 256 --reps 3 > "$out/process-$shape.md" 2> "$out/process-$shape.log" &
+  sleep 6
+done
+wait
+for shape in 1.5b-q4_k_m 7b-q8_0; do
+  grep "dummy:$shape" "$out/process-$shape.md" | head -1 || { status=1; tail -5 "$out/process-$shape.log"; }
+done
+find "$out" -type f -empty -delete # (what comes back from a device machine is counted)
 echo "gpu-check: exit $status; results in $out"
 exit $status

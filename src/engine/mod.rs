@@ -118,9 +118,44 @@ fn check_cuda_device(device: &Device) -> Result<(), String> {
         .compute_capability()
         .map_err(|e| format!("cannot read its compute capability: {e}"))?;
     let name = ctx.name().unwrap_or_else(|_| "the GPU".into());
-    match compute_cap_problem(&name, (major as u32, minor as u32), built_compute_cap()) {
-        Some(problem) => Err(problem),
-        None => Ok(()),
+    if let Some(problem) =
+        compute_cap_problem(&name, (major as u32, minor as u32), built_compute_cap())
+    {
+        return Err(problem);
+    }
+    keep_freed_memory(ctx.cu_device())
+}
+
+/// Lets the device's memory pool keep what is freed. candle allocates every result from
+/// it (cuMemAllocAsync) and frees it on the stream; with the pool's default release
+/// threshold of 0 the driver hands all of it back at every synchronisation, once per
+/// generated token, and takes it again for the next token's hundreds of allocations.
+#[cfg(feature = "cuda")]
+fn keep_freed_memory(
+    device: candle_core::cuda_backend::cudarc::driver::sys::CUdevice,
+) -> Result<(), String> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let check = |what: &str, r: sys::CUresult| match r {
+        sys::CUresult::CUDA_SUCCESS => Ok(()),
+        e => Err(format!("cannot set up its memory pool ({what}: {e:?})")),
+    };
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: the context is current on this thread (candle bound it when creating the
+    // device); both calls only write the out-parameters given.
+    unsafe {
+        check(
+            "default pool",
+            sys::cuDeviceGetDefaultMemPool(&mut pool, device),
+        )?;
+        check(
+            "release threshold",
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut threshold as *mut u64 as *mut std::ffi::c_void,
+            ),
+        )
     }
 }
 

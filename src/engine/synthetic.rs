@@ -222,22 +222,21 @@ impl WeightSource for SyntheticWeights {
         let Some((index, spec)) = self.spec(name) else {
             candle_core::bail!("generated weights have no tensor '{name}'")
         };
-        let data = random_blocks(spec, &mut self.rng(index));
-        if dst.len() != data.len() {
+        if dst.len() != spec.bytes() {
             candle_core::bail!(
                 "tensor '{name}' has {} bytes, not {}",
-                data.len(),
+                spec.bytes(),
                 dst.len()
             );
         }
-        dst.copy_from_slice(&data);
+        random_blocks(spec, &mut self.rng(index), dst);
         Ok(())
     }
 }
 
-/// Random quantized blocks whose scales are set so that a weight row has roughly unit
+/// Fills `data` with random quantized blocks whose scales are set so that a weight row has roughly unit
 /// norm: values stay finite through every layer, as with real weights.
-fn random_blocks(spec: &TensorSpec, rng: &mut impl RngCore) -> Vec<u8> {
+fn random_blocks(spec: &TensorSpec, rng: &mut impl RngCore, data: &mut [u8]) {
     let cols = *spec.dims.last().unwrap_or(&1) as f32;
     if spec.dtype == GgmlDType::F32 {
         // Norm weights 1, biases 0: what a freshly initialised model holds.
@@ -246,12 +245,12 @@ fn random_blocks(spec: &TensorSpec, rng: &mut impl RngCore) -> Vec<u8> {
         } else {
             1f32
         };
-        return std::iter::repeat_n(one.to_le_bytes(), spec.elems())
-            .flatten()
-            .collect();
+        for v in data.chunks_exact_mut(4) {
+            v.copy_from_slice(&one.to_le_bytes());
+        }
+        return;
     }
-    let mut data = vec![0u8; spec.bytes()];
-    rng.fill_bytes(&mut data);
+    rng.fill_bytes(data);
     let block = spec.dtype.type_size();
     let put = |b: &mut [u8], at: usize, v: f32| {
         b[at..at + 2].copy_from_slice(&f16::from_f32(v).to_le_bytes())
@@ -274,7 +273,6 @@ fn random_blocks(spec: &TensorSpec, rng: &mut impl RngCore) -> Vec<u8> {
             _ => {}
         }
     }
-    data
 }
 
 #[cfg(test)]
