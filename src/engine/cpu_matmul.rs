@@ -57,6 +57,9 @@ pub unsafe trait WeightBlock: Copy + Send + Sync + 'static {
     /// The CPU must have AVX2.
     #[cfg(target_arch = "x86_64")]
     unsafe fn unpack(&self) -> core::arch::x86_64::__m256i;
+    /// Interleaves the blocks of one 32-column slice of 16 rows (`None`: a row past the
+    /// matrix's end, all zero) into a tile.
+    fn pack_tile(rows: &[Option<&Self>; TILE]) -> Self::Tile;
 }
 
 // SAFETY: repr(C) {u16, [u8; 4], [u8; 16]}: 22 bytes, GGUF's Q5_0 block.
@@ -80,6 +83,28 @@ unsafe impl WeightBlock for BlockQ5 {
     unsafe fn unpack(&self) -> core::arch::x86_64::__m256i {
         avx2::unpack_q5(self)
     }
+    fn pack_tile(rows: &[Option<&Self>; TILE]) -> TileQ5 {
+        let mut t = TileQ5 {
+            d: [0; TILE],
+            qh: [0; 8],
+            qs: [[0; 64]; 4],
+        };
+        for (r, b) in rows.iter().enumerate() {
+            let Some(b) = b else { continue };
+            t.d[r] = b.d;
+            // The block's byte j holds weights j (low nibble) and j + 16 (high): exactly
+            // register j / 4's and j / 4 + 4's nibbles, so the bytes move as they are.
+            for g in 0..4 {
+                t.qs[g][r * 4..r * 4 + 4].copy_from_slice(&b.qs[4 * g..4 * g + 4]);
+            }
+            // Weight + 16 is the 5-bit value itself: its fifth bit is the block's.
+            let qh = u32::from_le_bytes(b.qh);
+            for (g, mask) in t.qh.iter_mut().enumerate() {
+                *mask |= u64::from(qh >> (4 * g) & 0xf) << (r * 4);
+            }
+        }
+        t
+    }
 }
 
 // SAFETY: repr(C) {u16, [i8; 32]}: 34 bytes, GGUF's Q8_0 block.
@@ -98,6 +123,23 @@ unsafe impl WeightBlock for BlockQ8_0 {
         use core::arch::x86_64::*;
         _mm256_loadu_si256(self.qs.as_ptr() as *const __m256i)
     }
+    fn pack_tile(rows: &[Option<&Self>; TILE]) -> TileQ8_0 {
+        let mut t = TileQ8_0 {
+            d: [0; TILE],
+            qs: [[0; 64]; 8],
+        };
+        for (r, b) in rows.iter().enumerate() {
+            let Some(b) = b else { continue };
+            t.d[r] = b.d;
+            for (g, reg) in t.qs.iter_mut().enumerate() {
+                for j in 0..4 {
+                    // w + 128 as an unsigned byte.
+                    reg[r * 4 + j] = b.qs[4 * g + j] as u8 ^ 0x80;
+                }
+            }
+        }
+        t
+    }
 }
 
 /// 32 columns of 16 weight rows in one block format, interleaved for AVX-512: register
@@ -106,8 +148,6 @@ unsafe impl WeightBlock for BlockQ8_0 {
 /// # Safety
 /// Implementors are `repr(C)` plain data for which all zeroes is a valid value.
 pub unsafe trait Tile: Copy + Send + Sync + 'static {
-    /// Packs 16 rows' weights (each plus the offset) and scales.
-    fn pack(w: &[[u8; QK]; TILE], d: &[u16; TILE]) -> Self;
     /// The 16 rows' scales, as f16 bits.
     fn scales(&self) -> &[u16; TILE];
     /// The 8 registers described above.
@@ -132,23 +172,6 @@ const _: () = assert!(std::mem::size_of::<TileQ5>() == TILE * 22);
 
 // SAFETY: plain data, all zeroes valid.
 unsafe impl Tile for TileQ5 {
-    fn pack(w: &[[u8; QK]; TILE], d: &[u16; TILE]) -> Self {
-        let mut t = TileQ5 {
-            d: *d,
-            qh: [0; 8],
-            qs: [[0; 64]; 4],
-        };
-        for (r, row) in w.iter().enumerate() {
-            for g in 0..8 {
-                for j in 0..4 {
-                    let v = row[4 * g + j];
-                    t.qs[g % 4][r * 4 + j] |= (v & 0x0f) << (4 * (g / 4));
-                    t.qh[g] |= u64::from(v >> 4 & 1) << (r * 4 + j);
-                }
-            }
-        }
-        t
-    }
     fn scales(&self) -> &[u16; TILE] {
         &self.d
     }
@@ -170,18 +193,6 @@ const _: () = assert!(std::mem::size_of::<TileQ8_0>() == TILE * 34);
 
 // SAFETY: plain data, all zeroes valid.
 unsafe impl Tile for TileQ8_0 {
-    fn pack(w: &[[u8; QK]; TILE], d: &[u16; TILE]) -> Self {
-        let mut t = TileQ8_0 {
-            d: *d,
-            qs: [[0; 64]; 8],
-        };
-        for (r, row) in w.iter().enumerate() {
-            for g in 0..8 {
-                t.qs[g][r * 4..r * 4 + 4].copy_from_slice(&row[4 * g..4 * g + 4]);
-            }
-        }
-        t
-    }
     fn scales(&self) -> &[u16; TILE] {
         &self.d
     }
@@ -352,23 +363,13 @@ fn pack_tiles<B: WeightBlock>(blocks: &[B], n: usize, kb: usize) -> Vec<B::Tile>
     let groups = n.div_ceil(TILE);
     // SAFETY: tiles are plain data, all zeroes valid.
     let mut tiles: Vec<B::Tile> = unsafe { zeroed_plain(groups * kb) };
-    let mut w = [[0u8; QK]; TILE];
-    let mut d = [0u16; TILE];
     for group in 0..groups {
         for b in 0..kb {
-            for r in 0..TILE {
+            let rows: [Option<&B>; TILE] = std::array::from_fn(|r| {
                 let row = group * TILE + r;
-                if row < n {
-                    let block = &blocks[row * kb + b];
-                    d[r] = block.d();
-                    for (u, v) in w[r].iter_mut().zip(block.ints()) {
-                        *u = (v + B::OFFSET) as u8;
-                    }
-                } else {
-                    (d[r], w[r]) = (0, [0; QK]);
-                }
-            }
-            tiles[group * kb + b] = B::Tile::pack(&w, &d);
+                (row < n).then(|| &blocks[row * kb + b])
+            });
+            tiles[group * kb + b] = B::pack_tile(&rows);
         }
     }
     tiles
