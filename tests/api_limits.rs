@@ -143,7 +143,9 @@ fn sigterm_finishes_in_flight_requests_then_exits() {
     let srv = start(&dir, &[]);
     let r = client()
         .post(format!("{}/api/generate", srv.base))
-        .json(&json!({"model": SMALL, "prompt": "Count to 20.", "options": {"num_predict": 24, "temperature": 0}}))
+        // A prompt whose answer runs far past 24 tokens. ("Count to 20." was a near tie
+        // between "Sure" and "2" (0.03 logits) for the 0.5B, and "20" ends the answer.)
+        .json(&json!({"model": SMALL, "prompt": "Write a Python function to reverse a string.", "options": {"num_predict": 24, "temperature": 0}}))
         .send()
         .unwrap();
     let mut lines = BufReader::new(r).lines();
@@ -161,6 +163,7 @@ fn sigterm_finishes_in_flight_requests_then_exits() {
         "the in-flight answer was cut"
     );
     assert_eq!(rest.last().unwrap()["eval_count"], 24);
+    assert_eq!(rest.last().unwrap()["done_reason"], "length");
     // New connections are refused once it has stopped.
     let deadline = Instant::now() + Duration::from_secs(30);
     while client().get(format!("{}/", srv.base)).send().is_ok() {
