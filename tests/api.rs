@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use server::{client, Server};
 use std::io::{BufRead, BufReader};
 use std::sync::OnceLock;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 fn srv() -> &'static Server {
     static S: OnceLock<Server> = OnceLock::new();
@@ -346,8 +346,9 @@ fn openai_chat_completions_and_completions() {
     assert_eq!(r.status(), 404);
 }
 
-/// Reads a streamed generate and returns when each line arrived.
-fn timed_stream(model: &str, n: u32) -> Vec<Instant> {
+/// Reads a streamed generate and returns when each line arrived; `first` hears when the
+/// first line is in.
+fn timed_stream(model: &str, n: u32, first: Option<std::sync::mpsc::Sender<()>>) -> Vec<Instant> {
     let r = client()
         .post(url("/api/generate"))
         .json(&json!({"model": model, "prompt": "Write a long story about a robot.", "options": {"num_predict": n, "temperature": 0}}))
@@ -355,8 +356,14 @@ fn timed_stream(model: &str, n: u32) -> Vec<Instant> {
         .unwrap();
     BufReader::new(r)
         .lines()
-        .map(|l| {
+        .enumerate()
+        .map(|(i, l)| {
             l.unwrap();
+            if i == 0 {
+                if let Some(tx) = &first {
+                    let _ = tx.send(());
+                }
+            }
             Instant::now()
         })
         .collect()
@@ -365,8 +372,14 @@ fn timed_stream(model: &str, n: u32) -> Vec<Instant> {
 #[test]
 fn both_models_generate_at_the_same_time() {
     srv();
-    let a = std::thread::spawn(|| timed_stream(SMALL, 40));
-    let b = std::thread::spawn(|| timed_stream(LARGE, 20));
+    // The large model starts first and the small one once the large one is producing:
+    // started together, the small one's 40 tokens could all be out before the large one
+    // had finished reading its prompt.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let b = std::thread::spawn(move || timed_stream(LARGE, 32, Some(tx)));
+    rx.recv_timeout(Duration::from_secs(120))
+        .expect("the large model never started answering");
+    let a = std::thread::spawn(|| timed_stream(SMALL, 40, None));
     let (a, b) = (a.join().unwrap(), b.join().unwrap());
     // Tokens of each arrived while the other was still producing: the generations overlap.
     let start = (*a.first().unwrap()).max(*b.first().unwrap());
