@@ -93,7 +93,8 @@ pub fn run(spec: DeviceSpec) -> Result<Vec<Check>> {
                 let w = SyntheticWeights::single(spec.clone(), m as u64);
                 let on_cpu = QMatMul::from_qtensor(w.tensor("check", &Device::Cpu)?)?;
                 // The device side goes through the model's own loading path (on the CPU,
-                // Q5_0 is rewritten as Q8_0; the reference keeps candle's Q5_0 kernel).
+                // our tile or row kernels for Q5_0 and narrow Q8_0; the reference keeps
+                // candle's kernels).
                 let on_dev = linear(&w, "check", &dev)?;
                 Ok((on_cpu.forward(&x)?, on_dev.forward(&x.to_device(&dev)?)?))
             })();

@@ -27,14 +27,18 @@ fn start(dir: &tempfile::TempDir, extra: &[&str]) -> Server {
     server::start_with(&["--config", cfg.to_str().unwrap()], extra)
 }
 
-fn slot(srv: &Server) -> Value {
-    let v: Value = client()
+/// The server's /ready answer.
+fn ready(srv: &Server) -> Value {
+    client()
         .get(format!("{}/ready", srv.base))
         .send()
         .unwrap()
         .json()
-        .unwrap();
-    v["models"][0].clone()
+        .unwrap()
+}
+
+fn slot(srv: &Server) -> Value {
+    ready(srv)["models"][0].clone()
 }
 
 fn wait_for(srv: &Server, what: &str, pred: impl Fn(&Value) -> bool) {
@@ -226,12 +230,7 @@ fn a_model_on_a_missing_gpu_is_unavailable_and_the_router_falls_back() {
     let large = weights(LARGE);
     let (_dir, srv) = serve_pair(large.to_str().unwrap(), "cuda:1");
     // Ready once the 0.5B is warm and the 1.5B has failed; /ready says which and why.
-    let ready: Value = client()
-        .get(format!("{}/ready", srv.base))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let ready = ready(&srv);
     let failed = ready["models"]
         .as_array()
         .unwrap()

@@ -2,7 +2,7 @@
 //! (so a truncated download is reported up front, not as an I/O error mid-load), and
 //! read the metadata `duet show` and the model need.
 
-use super::weights::WeightSource;
+use super::weights::{byte_size, WeightSource};
 use candle_core::quantized::gguf_file::{self, Content, Value};
 use candle_core::quantized::GgmlDType;
 use std::fs::File;
@@ -272,7 +272,7 @@ impl WeightSource for GgufFile {
     }
 
     fn read_raw(&self, name: &str, dst: &mut [u8]) -> candle_core::Result<()> {
-        let (_, start, size) = self.locate(name)?;
+        let (start, size) = self.locate(name)?;
         if dst.len() != size {
             candle_core::bail!("tensor '{name}' has {size} bytes, not {}", dst.len());
         }
@@ -282,65 +282,15 @@ impl WeightSource for GgufFile {
 }
 
 impl GgufFile {
-    /// A tensor's entry, where its bytes start in the file, and how many there are.
-    fn locate(&self, name: &str) -> candle_core::Result<(&gguf_file::TensorInfo, u64, usize)> {
+    /// Where a tensor's bytes start in the file, and how many there are.
+    fn locate(&self, name: &str) -> candle_core::Result<(u64, usize)> {
         let info = self
             .content
             .tensor_infos
             .get(name)
             .ok_or_else(|| candle_core::Error::Msg(format!("tensor '{name}' not found")))?;
-        let dtype = info.ggml_dtype;
-        let size = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
-        Ok((info, self.content.tensor_data_offset + info.offset, size))
-    }
-}
-
-/// A vector of `count` all-zero values, its memory untouched until written, advised
-/// for huge pages.
-///
-/// # Safety
-/// `T` must be plain data for which every bit pattern, all-zero included, is valid.
-pub(crate) unsafe fn zeroed_plain<T>(count: usize) -> Vec<T> {
-    if count == 0 || std::mem::size_of::<T>() == 0 {
-        return Vec::new();
-    }
-    let layout = std::alloc::Layout::array::<T>(count).expect("tensor size overflows");
-    // The vector takes the allocation with the layout it was made with.
-    let mut v = unsafe {
-        let ptr = std::alloc::alloc_zeroed(layout) as *mut T;
-        if ptr.is_null() {
-            std::alloc::handle_alloc_error(layout);
-        }
-        Vec::from_raw_parts(ptr, count, count)
-    };
-    advise_huge_pages(unsafe { as_bytes_mut(&mut v) });
-    v
-}
-
-/// The bytes of a slice of plain data.
-///
-/// # Safety
-/// `T` must be plain data without padding for which every bit pattern is valid.
-pub(crate) unsafe fn as_bytes_mut<T>(v: &mut [T]) -> &mut [u8] {
-    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(v)) }
-}
-
-/// Asks the kernel to back a large, still untouched allocation with 2 MiB pages: filling
-/// a gigabyte of weights then takes a few hundred page faults instead of a quarter of a
-/// million, which was most of the load time. A no-op where transparent huge pages are
-/// off.
-fn advise_huge_pages(bytes: &mut [u8]) {
-    if bytes.is_empty() {
-        return;
-    }
-    const HUGE: usize = 2 << 20;
-    let start = (bytes.as_ptr() as usize).next_multiple_of(HUGE);
-    let end = (bytes.as_ptr() as usize + bytes.len()) & !(HUGE - 1);
-    if end > start {
-        // SAFETY: the range lies inside `bytes`; MADV_HUGEPAGE changes no contents.
-        unsafe {
-            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
-        }
+        let size = byte_size(info.ggml_dtype, info.shape.dims());
+        Ok((self.content.tensor_data_offset + info.offset, size))
     }
 }
 

@@ -4,7 +4,6 @@
 //! their formats allow ([`Projection`]).
 
 use super::cpu_matmul::{Q5_0Matrix, Q8_0Matrix};
-use super::gguf::{as_bytes_mut, zeroed_plain};
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul, QTensor};
 use candle_core::quantized::{QStorage, QuantizedType};
 use candle_core::{Device, Module, Result, Tensor, D};
@@ -78,6 +77,55 @@ where
     let mut blocks: Vec<T> = unsafe { zeroed_plain(count) };
     src.read_raw(name, unsafe { as_bytes_mut(&mut blocks) })?;
     Ok(Box::new(blocks))
+}
+
+/// A vector of `count` all-zero values, its memory untouched until written, advised
+/// for huge pages.
+///
+/// # Safety
+/// `T` must be plain data for which every bit pattern, all-zero included, is valid.
+pub(crate) unsafe fn zeroed_plain<T>(count: usize) -> Vec<T> {
+    if count == 0 || std::mem::size_of::<T>() == 0 {
+        return Vec::new();
+    }
+    let layout = std::alloc::Layout::array::<T>(count).expect("tensor size overflows");
+    // The vector takes the allocation with the layout it was made with.
+    let mut v = unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout) as *mut T;
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Vec::from_raw_parts(ptr, count, count)
+    };
+    advise_huge_pages(unsafe { as_bytes_mut(&mut v) });
+    v
+}
+
+/// The bytes of a slice of plain data.
+///
+/// # Safety
+/// `T` must be plain data without padding for which every bit pattern is valid.
+pub(crate) unsafe fn as_bytes_mut<T>(v: &mut [T]) -> &mut [u8] {
+    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(v)) }
+}
+
+/// Asks the kernel to back a large, still untouched allocation with 2 MiB pages: filling
+/// a gigabyte of weights then takes a few hundred page faults instead of a quarter of a
+/// million, which was most of the load time. A no-op where transparent huge pages are
+/// off.
+fn advise_huge_pages(bytes: &mut [u8]) {
+    if bytes.is_empty() {
+        return;
+    }
+    const HUGE: usize = 2 << 20;
+    let start = (bytes.as_ptr() as usize).next_multiple_of(HUGE);
+    let end = (bytes.as_ptr() as usize + bytes.len()) & !(HUGE - 1);
+    if end > start {
+        // SAFETY: the range lies inside `bytes`; MADV_HUGEPAGE changes no contents.
+        unsafe {
+            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+        }
+    }
 }
 
 /// Matrices of one format and width read as one, rows after rows, under the name of
@@ -280,6 +328,7 @@ impl Projection {
     }
 
     /// How many matrices the projection's outputs come from (after stacking).
+    #[cfg(test)]
     pub fn matrix_count(&self) -> usize {
         self.groups.len()
     }
