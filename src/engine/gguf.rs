@@ -2,12 +2,13 @@
 //! (so a truncated download is reported up front, not as an I/O error mid-load), and
 //! read the metadata `duet show` and the model need.
 
-use super::weights::{byte_size, WeightSource};
+use super::weights::{byte_size, read_owned, TensorBytes, WeightSource};
 use candle_core::quantized::gguf_file::{self, Content, Value};
 use candle_core::quantized::GgmlDType;
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
@@ -74,11 +75,14 @@ impl ModelInfo {
 }
 
 /// An opened, checked GGUF file. The reader is positioned anywhere; tensor reads seek.
+/// The file is also mapped (read-only), so that CPU kernels can compute from its bytes
+/// without a copy.
 pub struct GgufFile {
     pub path: PathBuf,
     pub content: Content,
     pub reader: BufReader<File>,
     pub file_size: u64,
+    map: Option<Arc<memmap2::Mmap>>,
 }
 
 impl GgufFile {
@@ -114,11 +118,19 @@ impl GgufFile {
                 })
             }
         };
+        // SAFETY: the mapping is read-only and lives as long as the tensors borrowing it.
+        // As with every mmap-ing engine (llama.cpp, Ollama), rewriting the file while it
+        // is served is not supported; replacing it (a new inode, as downloads do) is.
+        let map = unsafe { memmap2::Mmap::map(reader.get_ref()) }
+            .ok()
+            .filter(|m| m.len() as u64 == file_size)
+            .map(Arc::new);
         let f = GgufFile {
             path: path.to_path_buf(),
             content,
             reader,
             file_size,
+            map,
         };
         f.check_tensor_bounds()?;
         Ok(f)
@@ -279,6 +291,18 @@ impl WeightSource for GgufFile {
         std::os::unix::fs::FileExt::read_exact_at(self.reader.get_ref(), dst, start)?;
         Ok(())
     }
+
+    fn parts(&self, name: &str) -> candle_core::Result<Vec<TensorBytes>> {
+        let Some(map) = &self.map else {
+            return Ok(vec![read_owned(self, name)?]);
+        };
+        let (start, len) = self.locate(name)?;
+        Ok(vec![TensorBytes::Mapped {
+            map: map.clone(),
+            start: start as usize,
+            len,
+        }])
+    }
 }
 
 impl GgufFile {
@@ -335,3 +359,55 @@ pub fn file_type_name(ft: u64) -> String {
 
 /// Re-export for callers that build GGUF files (tests, generated weights).
 pub use gguf_file::Value as GgufValue;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::synthetic::{SyntheticWeights, TensorSpec};
+    use crate::engine::weights::linear;
+    use candle_core::{Device, Tensor};
+
+    /// A file's tensors are served from the mapping, byte for byte as read, and the
+    /// matrices computed from the mapping give what the same bytes read give.
+    #[test]
+    fn tensors_come_from_the_mapped_file() {
+        let cpu = Device::Cpu;
+        let specs: Vec<TensorSpec> = [
+            ("a", GgmlDType::Q4K),
+            ("b", GgmlDType::Q6K),
+            ("c", GgmlDType::Q8_0),
+        ]
+        .into_iter()
+        .map(|(name, dtype)| TensorSpec {
+            name: name.into(),
+            dims: vec![48, 512],
+            dtype,
+        })
+        .collect();
+        let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
+        let src = SyntheticWeights::of(specs, 7);
+        let tensors: Vec<_> = names.iter().map(|n| src.tensor(n, &cpu).unwrap()).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        let mut out = std::fs::File::create(&path).unwrap();
+        let named: Vec<(&str, &candle_core::quantized::QTensor)> =
+            names.iter().map(|n| n.as_str()).zip(&tensors).collect();
+        gguf_file::write(&mut out, &[], &named).unwrap();
+        drop(out);
+
+        let file = GgufFile::open(&path).unwrap();
+        let x = Tensor::randn(0f32, 1f32, (1, 3, 512), &cpu).unwrap();
+        for name in &names {
+            let parts = file.parts(name).unwrap();
+            assert!(matches!(parts[..], [TensorBytes::Mapped { .. }]), "{name}");
+            let (dtype, dims) = file.describe(name).unwrap();
+            let mut read = vec![0u8; byte_size(dtype, &dims)];
+            file.read_raw(name, &mut read).unwrap();
+            assert!(*parts[0] == read[..], "{name}");
+            let want = linear(&src, name, &cpu).unwrap().forward(&x).unwrap();
+            let got = linear(&file, name, &cpu).unwrap().forward(&x).unwrap();
+            let diff = (want - got).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{name}");
+        }
+    }
+}

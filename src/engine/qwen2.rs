@@ -12,8 +12,8 @@
 //!   kernels skip run through our own SIMD kernels ([`super::cpu_matmul`]).
 
 use super::gguf::ModelInfo;
-use super::weights::Projection;
 pub use super::weights::{linear, Linear, WeightSource};
+use super::weights::{Embedding, Projection};
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
@@ -199,7 +199,7 @@ pub fn attend(
 
 pub struct Qwen2 {
     /// The token embedding table as stored in the file; rows are dequantized on lookup.
-    embeddings: QTensor,
+    embeddings: Embedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
     output: Linear,
@@ -237,7 +237,7 @@ impl Qwen2 {
     ) -> Result<Self> {
         let eps = info.rms_norm_eps;
         let head_dim = info.embedding_length / info.head_count;
-        let embeddings = src.tensor("token_embd.weight", device)?;
+        let embeddings = Embedding::load(src, "token_embd.weight", device)?;
         let norm = RmsNorm::from_qtensor(src.tensor("output_norm.weight", device)?, eps)?;
         // Qwen2.5 models without an output projection tie it to the embeddings.
         let output = if src.has_tensor("output.weight") {
@@ -362,7 +362,7 @@ impl Qwen2 {
         } else {
             Some(build_causal_mask(seq_len, pos, &self.device)?)
         };
-        let mut h = self.embeddings.embedding(&input)?;
+        let mut h = self.embeddings.forward(&input)?;
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter()) {
             let Some(kv) = slot else {
                 candle_core::bail!("kv cache not allocated");

@@ -3,10 +3,43 @@
 //! and the projections that read one input, stacked at load into as few matrices as
 //! their formats allow ([`Projection`]).
 
+use super::cpu_kquants::{self, KMatrix, Q4KMatrix, Q6KMatrix};
 use super::cpu_matmul::{Q5_0Matrix, Q8_0Matrix};
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul, QTensor};
 use candle_core::quantized::{QStorage, QuantizedType};
 use candle_core::{Device, Module, Result, Tensor, D};
+use std::sync::Arc;
+
+/// A tensor's bytes as stored: borrowed from the mapped model file, or read into memory.
+pub enum TensorBytes {
+    Mapped {
+        map: Arc<memmap2::Mmap>,
+        start: usize,
+        len: usize,
+    },
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for TensorBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            TensorBytes::Mapped { map, start, len } => &map[*start..*start + *len],
+            TensorBytes::Owned(v) => v,
+        }
+    }
+}
+
+/// A tensor's bytes read into memory (advised for huge pages).
+pub fn read_owned<S: WeightSource + ?Sized>(src: &S, name: &str) -> Result<TensorBytes> {
+    let Some((dtype, dims)) = src.describe(name) else {
+        candle_core::bail!("tensor '{name}' not found")
+    };
+    // SAFETY: bytes are plain data.
+    let mut bytes: Vec<u8> = unsafe { zeroed_plain(byte_size(dtype, &dims)) };
+    src.read_raw(name, &mut bytes)?;
+    Ok(TensorBytes::Owned(bytes))
+}
 
 /// Where a model's tensors come from: a GGUF file, or generated weights of a real shape.
 pub trait WeightSource {
@@ -18,6 +51,12 @@ pub trait WeightSource {
 
     fn has_tensor(&self, name: &str) -> bool {
         self.describe(name).is_some()
+    }
+
+    /// A tensor's bytes as stored, in parts of whole rows: mapped from the file where
+    /// the source maps it (no copy), else read into memory.
+    fn parts(&self, name: &str) -> Result<Vec<TensorBytes>> {
+        Ok(vec![read_owned(self, name)?])
     }
 
     /// Reads one tensor onto `device`, in the format it is stored in. On the CPU the
@@ -164,15 +203,30 @@ impl<S: WeightSource> WeightSource for Stacked<'_, S> {
         }
         Ok(())
     }
+
+    fn parts(&self, name: &str) -> Result<Vec<TensorBytes>> {
+        if name != self.parts[0] {
+            candle_core::bail!("tensor '{name}' not found");
+        }
+        let mut all = Vec::new();
+        for part in self.parts {
+            all.extend(self.src.parts(part)?);
+        }
+        Ok(all)
+    }
 }
 
 /// A quantized weight ready for matmuls on its device: candle's QMatMul, except on the
-/// CPU for Q5_0 (the 0.5B's main format, for which candle has only a scalar loop) and
-/// Q8_0 of widths candle's tiled kernels skip ([`super::cpu_matmul`]).
+/// CPU for Q5_0 (the 0.5B's main format, for which candle has only a scalar loop), Q8_0
+/// of widths candle's tiled kernels skip ([`super::cpu_matmul`]), and Q4_K / Q6_K where
+/// the CPU has AVX-512 VNNI ([`super::cpu_kquants`]: computed from the mapped file,
+/// where candle keeps repacked copies beside the blocks).
 pub enum Linear {
     Candle(QMatMul),
     Q5_0(Q5_0Matrix),
     Q8_0(Q8_0Matrix),
+    Q4K(Q4KMatrix),
+    Q6K(Q6KMatrix),
 }
 
 impl Linear {
@@ -181,6 +235,8 @@ impl Linear {
             Linear::Candle(m) => m.forward(x),
             Linear::Q5_0(m) => m.forward(x),
             Linear::Q8_0(m) => m.forward(x),
+            Linear::Q4K(m) => m.forward(x),
+            Linear::Q6K(m) => m.forward(x),
         }
     }
 
@@ -193,6 +249,8 @@ impl Linear {
             }
             Linear::Q5_0(m) => m.storage_bytes() as u64,
             Linear::Q8_0(m) => m.storage_bytes() as u64,
+            Linear::Q4K(m) => m.storage_bytes() as u64,
+            Linear::Q6K(m) => m.storage_bytes() as u64,
         }
     }
 }
@@ -208,6 +266,12 @@ pub fn linear(src: &impl WeightSource, name: &str, device: &Device) -> Result<Li
                     GgmlDType::Q8_0 if k % 256 != 0 => {
                         return Ok(Linear::Q8_0(Q8_0Matrix::read(src, name, n, k)?))
                     }
+                    GgmlDType::Q4K if cpu_kquants::supported() => {
+                        return Ok(Linear::Q4K(k_matrix(src, name, n, k)?));
+                    }
+                    GgmlDType::Q6K if cpu_kquants::supported() => {
+                        return Ok(Linear::Q6K(k_matrix(src, name, n, k)?));
+                    }
                     _ => {}
                 }
             }
@@ -216,6 +280,117 @@ pub fn linear(src: &impl WeightSource, name: &str, device: &Device) -> Result<Li
     Ok(Linear::Candle(QMatMul::from_qtensor(
         src.tensor(name, device)?,
     )?))
+}
+
+fn k_matrix<F: cpu_kquants::KFormat>(
+    src: &impl WeightSource,
+    name: &str,
+    n: usize,
+    k: usize,
+) -> Result<KMatrix<F>> {
+    let m = KMatrix::<F>::new(src.parts(name)?, k, cpu_kquants::Kernel::Avx512)?;
+    if m.rows() != n {
+        candle_core::bail!(
+            "tensor '{name}' has {} rows of its bytes, not {n}",
+            m.rows()
+        );
+    }
+    Ok(m)
+}
+
+/// The token embedding table as stored: on the CPU its bytes (mapped where the file is),
+/// each looked-up row dequantized with candle's routine for the format; elsewhere
+/// candle's quantized tensor on the device.
+pub enum Embedding {
+    Candle(QTensor),
+    Rows {
+        bytes: TensorBytes,
+        dtype: GgmlDType,
+        vocab: usize,
+        width: usize,
+    },
+}
+
+impl Embedding {
+    pub fn load(src: &impl WeightSource, name: &str, device: &Device) -> Result<Self> {
+        if device.is_cpu() {
+            if let Some((dtype, dims)) = src.describe(name) {
+                if let [vocab, width] = dims[..] {
+                    if width.is_multiple_of(dtype.block_size()) && dequantizes(dtype) {
+                        let mut parts = src.parts(name)?;
+                        if parts.len() == 1 {
+                            return Ok(Embedding::Rows {
+                                bytes: parts.remove(0),
+                                dtype,
+                                vocab,
+                                width,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Embedding::Candle(src.tensor(name, device)?))
+    }
+
+    /// The rows of `ids` (any shape of u32 token ids): shape `ids` + (width,).
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let (bytes, dtype, vocab, width) = match self {
+            Embedding::Candle(t) => return t.embedding(ids),
+            Embedding::Rows {
+                bytes,
+                dtype,
+                vocab,
+                width,
+            } => (bytes, *dtype, *vocab, *width),
+        };
+        let row_bytes = width / dtype.block_size() * dtype.type_size();
+        let tokens: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+        let mut out = vec![0f32; tokens.len() * width];
+        for (&t, row) in tokens.iter().zip(out.chunks_exact_mut(width)) {
+            let t = t as usize;
+            if t >= vocab {
+                candle_core::bail!("token id {t} is outside the vocabulary of {vocab}");
+            }
+            dequantize_row(dtype, &bytes[t * row_bytes..(t + 1) * row_bytes], row)?;
+        }
+        let mut dims = ids.dims().to_vec();
+        dims.push(width);
+        Tensor::from_vec(out, dims, &Device::Cpu)
+    }
+}
+
+/// Whether [`dequantize_row`] reads the format.
+fn dequantizes(dtype: GgmlDType) -> bool {
+    dequantize_row(dtype, &[], &mut []).is_ok()
+}
+
+/// One row's values from its bytes in `dtype`, with candle's dequantization.
+fn dequantize_row(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
+    use candle_core::quantized::k_quants::*;
+    fn run<T: GgmlType>(bytes: &[u8], out: &mut [f32]) {
+        let n = bytes.len() / std::mem::size_of::<T>();
+        // SAFETY: the block types are plain data; the copy fills the whole vector.
+        let mut blocks: Vec<T> = unsafe { zeroed_plain(n) };
+        unsafe { as_bytes_mut(&mut blocks) }.copy_from_slice(bytes);
+        T::to_float(&blocks, out);
+    }
+    match dtype {
+        GgmlDType::F32 => run::<f32>(bytes, out),
+        GgmlDType::F16 => run::<half::f16>(bytes, out),
+        GgmlDType::Q4_0 => run::<BlockQ4_0>(bytes, out),
+        GgmlDType::Q4_1 => run::<BlockQ4_1>(bytes, out),
+        GgmlDType::Q5_0 => run::<BlockQ5_0>(bytes, out),
+        GgmlDType::Q5_1 => run::<BlockQ5_1>(bytes, out),
+        GgmlDType::Q8_0 => run::<BlockQ8_0>(bytes, out),
+        GgmlDType::Q2K => run::<BlockQ2K>(bytes, out),
+        GgmlDType::Q3K => run::<BlockQ3K>(bytes, out),
+        GgmlDType::Q4K => run::<BlockQ4K>(bytes, out),
+        GgmlDType::Q5K => run::<BlockQ5K>(bytes, out),
+        GgmlDType::Q6K => run::<BlockQ6K>(bytes, out),
+        other => candle_core::bail!("no dequantization for {other:?}"),
+    }
+    Ok(())
 }
 
 /// Matrices that read the same input (q/k/v, gate/up), with their biases. Those of one
@@ -390,6 +565,33 @@ mod tests {
                     assert!(diff <= 1e-5 * scale, "{formats:?} output {i} m={m}: {diff}");
                 }
             }
+        }
+    }
+
+    /// Looked-up rows from the stored bytes equal candle's dequantized table, whatever
+    /// the format; an id past the vocabulary is an error, not a panic.
+    #[test]
+    fn embedding_rows_match_candle_and_bad_ids_are_errors() {
+        let cpu = Device::Cpu;
+        for dtype in [
+            GgmlDType::Q4K,
+            GgmlDType::Q6K,
+            GgmlDType::Q8_0,
+            GgmlDType::Q5_0,
+            GgmlDType::F32,
+        ] {
+            let src = SyntheticWeights::of(vec![spec("e", &[40, 512], dtype)], 3);
+            let ours = Embedding::load(&src, "e", &cpu).unwrap();
+            assert!(matches!(ours, Embedding::Rows { .. }), "{dtype:?}");
+            let candle = Embedding::Candle(src.tensor("e", &cpu).unwrap());
+            let ids = Tensor::new(&[[0u32, 39, 7, 7]], &cpu).unwrap();
+            let (want, got) = (candle.forward(&ids).unwrap(), ours.forward(&ids).unwrap());
+            assert_eq!(got.dims(), &[1, 4, 512]);
+            let diff = (&want - &got).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{dtype:?}");
+            let bad = Tensor::new(&[40u32], &cpu).unwrap();
+            let err = ours.forward(&bad).unwrap_err().to_string();
+            assert!(err.contains("outside the vocabulary of 40"), "{err}");
         }
     }
 
