@@ -552,17 +552,18 @@ mod avx512 {
         const BLOCK_BYTES: usize;
         /// Unpacks the block at `blk`.
         unsafe fn prepare(blk: *const u8, p: &mut Prepared);
-        /// `acc` (one lane per activation row) plus the block times the tile's block.
-        unsafe fn block(p: &Prepared, a: &ActTile, acc: __m512) -> __m512;
+        /// `acc` (one lane per activation row of each tile) plus the block times each
+        /// tile's block. `lanes[g]` selects 32-bit lane g of a register.
+        unsafe fn block<const N: usize>(
+            p: &Prepared,
+            a: [&ActTile; N],
+            acc: [__m512; N],
+            lanes: &[__m512i; 8],
+        ) -> [__m512; N];
     }
 
     pub(super) struct Q4KTiles;
     pub(super) struct Q6KTiles;
-
-    #[inline(always)]
-    unsafe fn weights4(q: *const u8, g: usize) -> __m512i {
-        unsafe { _mm512_set1_epi32(std::ptr::read_unaligned(q.add(4 * g) as *const i32)) }
-    }
 
     impl TileFormat for Q4KTiles {
         const BLOCK_BYTES: usize = 144;
@@ -588,29 +589,42 @@ mod avx512 {
         }
 
         #[inline(always)]
-        unsafe fn block(p: &Prepared, a: &ActTile, acc: __m512) -> __m512 {
+        unsafe fn block<const N: usize>(
+            p: &Prepared,
+            a: [&ActTile; N],
+            acc: [__m512; N],
+            lanes: &[__m512i; 8],
+        ) -> [__m512; N] {
             unsafe {
-                let mut blk = _mm512_setzero_ps();
+                // Two chains of sub-blocks, so that the float adds overlap.
+                let mut blk = [[_mm512_setzero_ps(); N]; 2];
                 for pos in 0..8 {
-                    let q = p.q.as_ptr().add(32 * pos);
-                    let act = |g: usize| load512(a.qs[8 * pos + g].as_ptr() as *const u8);
-                    let mut d0 = _mm512_setzero_si512();
-                    let mut d1 = _mm512_setzero_si512();
-                    for g in (0..8).step_by(2) {
-                        d0 = _mm512_dpbusd_epi32(d0, weights4(q, g), act(g));
-                        d1 = _mm512_dpbusd_epi32(d1, weights4(q, g + 1), act(g + 1));
+                    let w = _mm512_castsi256_si512(load256(p.q.as_ptr().add(32 * pos)));
+                    let mut d = [[_mm512_setzero_si512(); N]; 2];
+                    for g in 0..8 {
+                        let wb = _mm512_permutexvar_epi32(lanes[g], w);
+                        for t in 0..N {
+                            let x = load512(a[t].qs[8 * pos + g].as_ptr() as *const u8);
+                            d[g % 2][t] = _mm512_dpbusd_epi32(d[g % 2][t], wb, x);
+                        }
                     }
-                    let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1));
-                    blk = _mm512_fmadd_ps(dot, _mm512_set1_ps(p.scale[pos]), blk);
+                    let scale = _mm512_set1_ps(p.scale[pos]);
+                    for t in 0..N {
+                        let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(d[0][t], d[1][t]));
+                        blk[pos % 2][t] = _mm512_fmadd_ps(dot, scale, blk[pos % 2][t]);
+                    }
                 }
-                let mut mins = _mm512_setzero_ps();
-                for j in 0..8 {
-                    let sums = _mm512_loadu_ps(a.sums32[j].as_ptr());
-                    mins = _mm512_fmadd_ps(sums, _mm512_set1_ps(p.min[j]), mins);
-                }
-                let ad = _mm512_loadu_ps(a.d.as_ptr());
-                let acc = _mm512_fmadd_ps(blk, _mm512_mul_ps(ad, _mm512_set1_ps(p.d)), acc);
-                _mm512_fnmadd_ps(mins, _mm512_mul_ps(ad, _mm512_set1_ps(p.dmin)), acc)
+                std::array::from_fn(|t| {
+                    let mut mins = _mm512_setzero_ps();
+                    for j in 0..8 {
+                        let sums = _mm512_loadu_ps(a[t].sums32[j].as_ptr());
+                        mins = _mm512_fmadd_ps(sums, _mm512_set1_ps(p.min[j]), mins);
+                    }
+                    let ad = _mm512_loadu_ps(a[t].d.as_ptr());
+                    let blk = _mm512_add_ps(blk[0][t], blk[1][t]);
+                    let acc = _mm512_fmadd_ps(blk, _mm512_mul_ps(ad, _mm512_set1_ps(p.d)), acc[t]);
+                    _mm512_fnmadd_ps(mins, _mm512_mul_ps(ad, _mm512_set1_ps(p.dmin)), acc)
+                })
             }
         }
     }
@@ -633,22 +647,41 @@ mod avx512 {
         }
 
         #[inline(always)]
-        unsafe fn block(p: &Prepared, a: &ActTile, acc: __m512) -> __m512 {
+        unsafe fn block<const N: usize>(
+            p: &Prepared,
+            a: [&ActTile; N],
+            acc: [__m512; N],
+            lanes: &[__m512i; 8],
+        ) -> [__m512; N] {
             unsafe {
-                let mut blk = _mm512_setzero_ps();
-                for k in 0..16 {
-                    let q = p.q.as_ptr().add(16 * k);
-                    // Σ (q + 32)·x, started at -32·Σx: Σ q·x.
-                    let mut dot = load512(a.neg32_bsums[k].as_ptr() as *const u8);
-                    for g in 0..4 {
-                        let act = load512(a.qs[4 * k + g].as_ptr() as *const u8);
-                        dot = _mm512_dpbusd_epi32(dot, weights4(q, g), act);
+                let mut blk = [[_mm512_setzero_ps(); N]; 2];
+                for pair in 0..8 {
+                    let w = _mm512_castsi256_si512(load256(p.q.as_ptr().add(32 * pair)));
+                    for half in 0..2 {
+                        let k = 2 * pair + half;
+                        // Σ (q + 32)·x, started at -32·Σx: Σ q·x.
+                        let mut dot: [__m512i; N] = std::array::from_fn(|t| {
+                            load512(a[t].neg32_bsums[k].as_ptr() as *const u8)
+                        });
+                        for g in 0..4 {
+                            let wb = _mm512_permutexvar_epi32(lanes[4 * half + g], w);
+                            for t in 0..N {
+                                let x = load512(a[t].qs[4 * k + g].as_ptr() as *const u8);
+                                dot[t] = _mm512_dpbusd_epi32(dot[t], wb, x);
+                            }
+                        }
+                        let scale = _mm512_set1_ps(p.scale[k]);
+                        for t in 0..N {
+                            let dot = _mm512_cvtepi32_ps(dot[t]);
+                            blk[half][t] = _mm512_fmadd_ps(dot, scale, blk[half][t]);
+                        }
                     }
-                    let dot = _mm512_cvtepi32_ps(dot);
-                    blk = _mm512_fmadd_ps(dot, _mm512_set1_ps(p.scale[k]), blk);
                 }
-                let ad = _mm512_loadu_ps(a.d.as_ptr());
-                _mm512_fmadd_ps(blk, _mm512_mul_ps(ad, _mm512_set1_ps(p.d)), acc)
+                std::array::from_fn(|t| {
+                    let ad = _mm512_loadu_ps(a[t].d.as_ptr());
+                    let blk = _mm512_add_ps(blk[0][t], blk[1][t]);
+                    _mm512_fmadd_ps(blk, _mm512_mul_ps(ad, _mm512_set1_ps(p.d)), acc[t])
+                })
             }
         }
     }
@@ -668,6 +701,7 @@ mod avx512 {
     ) {
         unsafe {
             let n_tiles = m.div_ceil(TILE_ROWS);
+            let lanes: [__m512i; 8] = std::array::from_fn(|g| _mm512_set1_epi32(g as i32));
             let mut prepared = [[EMPTY; CHUNK]; GROUP];
             let mut acc = vec![_mm512_setzero_ps(); n_tiles * GROUP];
             for b0 in (0..kb).step_by(CHUNK) {
@@ -677,14 +711,28 @@ mod avx512 {
                         T::prepare(row.add((b0 + c) * T::BLOCK_BYTES), &mut prepared[j][c]);
                     }
                 }
-                for t in 0..n_tiles {
-                    let tile = &tiles[t * kb + b0..t * kb + b0 + blocks];
+                // Two tiles at a time: each weight register feeds two vpdpbusd.
+                let mut t = 0;
+                while t + 2 <= n_tiles {
+                    let (t0, t1) = (t * kb + b0, (t + 1) * kb + b0);
                     for j in 0..w.len() {
-                        let mut a = acc[t * GROUP + j];
+                        let mut a = [acc[t * GROUP + j], acc[(t + 1) * GROUP + j]];
                         for c in 0..blocks {
-                            a = T::block(&prepared[j][c], &tile[c], a);
+                            let x = [&tiles[t0 + c], &tiles[t1 + c]];
+                            a = T::block(&prepared[j][c], x, a, &lanes);
                         }
-                        acc[t * GROUP + j] = a;
+                        acc[t * GROUP + j] = a[0];
+                        acc[(t + 1) * GROUP + j] = a[1];
+                    }
+                    t += 2;
+                }
+                if t < n_tiles {
+                    for j in 0..w.len() {
+                        let mut a = [acc[t * GROUP + j]];
+                        for c in 0..blocks {
+                            a = T::block(&prepared[j][c], [&tiles[t * kb + b0 + c]], a, &lanes);
+                        }
+                        acc[t * GROUP + j] = a[0];
                     }
                 }
             }
@@ -770,6 +818,11 @@ mod avx512 {
     #[inline(always)]
     unsafe fn load512(p: *const u8) -> __m512i {
         unsafe { _mm512_loadu_si512(p as *const _) }
+    }
+
+    #[inline(always)]
+    unsafe fn load256(p: *const u8) -> __m256i {
+        unsafe { _mm256_loadu_si256(p as *const __m256i) }
     }
 
     #[inline(always)]
