@@ -550,16 +550,20 @@ mod avx512 {
     /// A format's half of the tile kernel.
     pub(super) trait TileFormat {
         const BLOCK_BYTES: usize;
+        /// Whether the kernel takes four weight rows at a time (else two): Q6_K's 16
+        /// short sub-blocks gain from it (criterion: 12.6 -> 10.8 ms), Q4_K's 8 long
+        /// ones lose (8.9 -> 10.3 ms: its registers spill).
+        const FOUR_ROWS: bool;
         /// Unpacks the block at `blk`.
         unsafe fn prepare(blk: *const u8, p: &mut Prepared);
-        /// `acc` (one lane per activation row of each tile) plus the block times each
-        /// tile's block. `lanes[g]` selects 32-bit lane g of a register.
-        unsafe fn block<const N: usize>(
-            p: &Prepared,
+        /// `acc[j][t]` (one lane per activation row of tile t) plus weight row j's block
+        /// times tile t's block. `lanes[g]` selects 32-bit lane g of a register.
+        unsafe fn block<const J: usize, const N: usize>(
+            p: [&Prepared; J],
             a: [&ActTile; N],
-            acc: [__m512; N],
+            acc: [[__m512; N]; J],
             lanes: &[__m512i; 8],
-        ) -> [__m512; N];
+        ) -> [[__m512; N]; J];
     }
 
     pub(super) struct Q4KTiles;
@@ -567,6 +571,7 @@ mod avx512 {
 
     impl TileFormat for Q4KTiles {
         const BLOCK_BYTES: usize = 144;
+        const FOUR_ROWS: bool = false;
 
         #[inline(always)]
         unsafe fn prepare(blk: *const u8, p: &mut Prepared) {
@@ -589,41 +594,50 @@ mod avx512 {
         }
 
         #[inline(always)]
-        unsafe fn block<const N: usize>(
-            p: &Prepared,
+        unsafe fn block<const J: usize, const N: usize>(
+            p: [&Prepared; J],
             a: [&ActTile; N],
-            acc: [__m512; N],
+            acc: [[__m512; N]; J],
             lanes: &[__m512i; 8],
-        ) -> [__m512; N] {
+        ) -> [[__m512; N]; J] {
             unsafe {
-                // Two chains of sub-blocks, so that the float adds overlap.
-                let mut blk = [[_mm512_setzero_ps(); N]; 2];
+                let mut blk = [[_mm512_setzero_ps(); N]; J];
                 for pos in 0..8 {
-                    let w = _mm512_castsi256_si512(load256(p.q.as_ptr().add(32 * pos)));
-                    let mut d = [[_mm512_setzero_si512(); N]; 2];
+                    let w: [__m512i; J] = std::array::from_fn(|j| {
+                        _mm512_castsi256_si512(load256(p[j].q.as_ptr().add(32 * pos)))
+                    });
+                    let mut d = [[_mm512_setzero_si512(); N]; J];
                     for g in 0..8 {
-                        let wb = _mm512_permutexvar_epi32(lanes[g], w);
-                        for t in 0..N {
-                            let x = load512(a[t].qs[8 * pos + g].as_ptr() as *const u8);
-                            d[g % 2][t] = _mm512_dpbusd_epi32(d[g % 2][t], wb, x);
+                        let x: [__m512i; N] = std::array::from_fn(|t| {
+                            load512(a[t].qs[8 * pos + g].as_ptr() as *const u8)
+                        });
+                        for j in 0..J {
+                            let wb = _mm512_permutexvar_epi32(lanes[g], w[j]);
+                            for t in 0..N {
+                                d[j][t] = _mm512_dpbusd_epi32(d[j][t], wb, x[t]);
+                            }
                         }
                     }
-                    let scale = _mm512_set1_ps(p.scale[pos]);
-                    for t in 0..N {
-                        let dot = _mm512_cvtepi32_ps(_mm512_add_epi32(d[0][t], d[1][t]));
-                        blk[pos % 2][t] = _mm512_fmadd_ps(dot, scale, blk[pos % 2][t]);
+                    for j in 0..J {
+                        let scale = _mm512_set1_ps(p[j].scale[pos]);
+                        for t in 0..N {
+                            let dot = _mm512_cvtepi32_ps(d[j][t]);
+                            blk[j][t] = _mm512_fmadd_ps(dot, scale, blk[j][t]);
+                        }
                     }
                 }
-                std::array::from_fn(|t| {
-                    let mut mins = _mm512_setzero_ps();
-                    for j in 0..8 {
-                        let sums = _mm512_loadu_ps(a[t].sums32[j].as_ptr());
-                        mins = _mm512_fmadd_ps(sums, _mm512_set1_ps(p.min[j]), mins);
-                    }
-                    let ad = _mm512_loadu_ps(a[t].d.as_ptr());
-                    let blk = _mm512_add_ps(blk[0][t], blk[1][t]);
-                    let acc = _mm512_fmadd_ps(blk, _mm512_mul_ps(ad, _mm512_set1_ps(p.d)), acc[t]);
-                    _mm512_fnmadd_ps(mins, _mm512_mul_ps(ad, _mm512_set1_ps(p.dmin)), acc)
+                std::array::from_fn(|j| {
+                    std::array::from_fn(|t| {
+                        let mut mins = _mm512_setzero_ps();
+                        for s in 0..8 {
+                            let sums = _mm512_loadu_ps(a[t].sums32[s].as_ptr());
+                            mins = _mm512_fmadd_ps(sums, _mm512_set1_ps(p[j].min[s]), mins);
+                        }
+                        let ad = _mm512_loadu_ps(a[t].d.as_ptr());
+                        let dd = _mm512_mul_ps(ad, _mm512_set1_ps(p[j].d));
+                        let acc = _mm512_fmadd_ps(blk[j][t], dd, acc[j][t]);
+                        _mm512_fnmadd_ps(mins, _mm512_mul_ps(ad, _mm512_set1_ps(p[j].dmin)), acc)
+                    })
                 })
             }
         }
@@ -631,6 +645,7 @@ mod avx512 {
 
     impl TileFormat for Q6KTiles {
         const BLOCK_BYTES: usize = 210;
+        const FOUR_ROWS: bool = true;
 
         #[inline(always)]
         unsafe fn prepare(blk: *const u8, p: &mut Prepared) {
@@ -647,40 +662,51 @@ mod avx512 {
         }
 
         #[inline(always)]
-        unsafe fn block<const N: usize>(
-            p: &Prepared,
+        unsafe fn block<const J: usize, const N: usize>(
+            p: [&Prepared; J],
             a: [&ActTile; N],
-            acc: [__m512; N],
+            acc: [[__m512; N]; J],
             lanes: &[__m512i; 8],
-        ) -> [__m512; N] {
+        ) -> [[__m512; N]; J] {
             unsafe {
-                let mut blk = [[_mm512_setzero_ps(); N]; 2];
+                let mut blk = [[_mm512_setzero_ps(); N]; J];
                 for pair in 0..8 {
-                    let w = _mm512_castsi256_si512(load256(p.q.as_ptr().add(32 * pair)));
+                    let w: [__m512i; J] = std::array::from_fn(|j| {
+                        _mm512_castsi256_si512(load256(p[j].q.as_ptr().add(32 * pair)))
+                    });
                     for half in 0..2 {
                         let k = 2 * pair + half;
                         // Σ (q + 32)·x, started at -32·Σx: Σ q·x.
-                        let mut dot: [__m512i; N] = std::array::from_fn(|t| {
+                        let start: [__m512i; N] = std::array::from_fn(|t| {
                             load512(a[t].neg32_bsums[k].as_ptr() as *const u8)
                         });
+                        let mut dot = [start; J];
                         for g in 0..4 {
-                            let wb = _mm512_permutexvar_epi32(lanes[4 * half + g], w);
-                            for t in 0..N {
-                                let x = load512(a[t].qs[4 * k + g].as_ptr() as *const u8);
-                                dot[t] = _mm512_dpbusd_epi32(dot[t], wb, x);
+                            let x: [__m512i; N] = std::array::from_fn(|t| {
+                                load512(a[t].qs[4 * k + g].as_ptr() as *const u8)
+                            });
+                            for j in 0..J {
+                                let wb = _mm512_permutexvar_epi32(lanes[4 * half + g], w[j]);
+                                for t in 0..N {
+                                    dot[j][t] = _mm512_dpbusd_epi32(dot[j][t], wb, x[t]);
+                                }
                             }
                         }
-                        let scale = _mm512_set1_ps(p.scale[k]);
-                        for t in 0..N {
-                            let dot = _mm512_cvtepi32_ps(dot[t]);
-                            blk[half][t] = _mm512_fmadd_ps(dot, scale, blk[half][t]);
+                        for j in 0..J {
+                            let scale = _mm512_set1_ps(p[j].scale[k]);
+                            for t in 0..N {
+                                let dot = _mm512_cvtepi32_ps(dot[j][t]);
+                                blk[j][t] = _mm512_fmadd_ps(dot, scale, blk[j][t]);
+                            }
                         }
                     }
                 }
-                std::array::from_fn(|t| {
-                    let ad = _mm512_loadu_ps(a[t].d.as_ptr());
-                    let blk = _mm512_add_ps(blk[0][t], blk[1][t]);
-                    _mm512_fmadd_ps(blk, _mm512_mul_ps(ad, _mm512_set1_ps(p.d)), acc[t])
+                std::array::from_fn(|j| {
+                    std::array::from_fn(|t| {
+                        let ad = _mm512_loadu_ps(a[t].d.as_ptr());
+                        let dd = _mm512_mul_ps(ad, _mm512_set1_ps(p[j].d));
+                        _mm512_fmadd_ps(blk[j][t], dd, acc[j][t])
+                    })
                 })
             }
         }
@@ -688,6 +714,37 @@ mod avx512 {
 
     /// Blocks unpacked at a time per weight row (they stay in L1 for every tile).
     const CHUNK: usize = 2;
+
+    /// Weight rows j.. (J of them) times tiles t.. (N of them) over `blocks` blocks from
+    /// b0, into their accumulators (tile t's for row j at `t * GROUP + j`).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn step<T: TileFormat, const J: usize, const N: usize>(
+        acc: &mut [__m512],
+        prepared: &[[Prepared; CHUNK]; GROUP],
+        tiles: &[ActTile],
+        j: usize,
+        t: usize,
+        kb: usize,
+        b0: usize,
+        blocks: usize,
+        lanes: &[__m512i; 8],
+    ) {
+        unsafe {
+            let mut a: [[__m512; N]; J] =
+                std::array::from_fn(|jj| std::array::from_fn(|tt| acc[(t + tt) * GROUP + j + jj]));
+            for c in 0..blocks {
+                let p = std::array::from_fn(|jj| &prepared[j + jj][c]);
+                let x = std::array::from_fn(|tt| &tiles[(t + tt) * kb + b0 + c]);
+                a = T::block(p, x, a, lanes);
+            }
+            for jj in 0..J {
+                for tt in 0..N {
+                    acc[(t + tt) * GROUP + j + jj] = a[jj][tt];
+                }
+            }
+        }
+    }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma")]
     pub(super) unsafe fn tile_item<T: TileFormat>(
@@ -711,29 +768,37 @@ mod avx512 {
                         T::prepare(row.add((b0 + c) * T::BLOCK_BYTES), &mut prepared[j][c]);
                     }
                 }
-                // Two tiles at a time: each weight register feeds two vpdpbusd.
+                // Two or four weight rows by two tiles at a time: each weight broadcast
+                // feeds two vpdpbusd, each activation load two or four.
                 let mut t = 0;
-                while t + 2 <= n_tiles {
-                    let (t0, t1) = (t * kb + b0, (t + 1) * kb + b0);
-                    for j in 0..w.len() {
-                        let mut a = [acc[t * GROUP + j], acc[(t + 1) * GROUP + j]];
-                        for c in 0..blocks {
-                            let x = [&tiles[t0 + c], &tiles[t1 + c]];
-                            a = T::block(&prepared[j][c], x, a, &lanes);
+                while t < n_tiles {
+                    let pair = t + 2 <= n_tiles;
+                    let mut j = 0;
+                    while j < w.len() {
+                        let left = w.len() - j;
+                        let take = if T::FOUR_ROWS && left >= 4 {
+                            4
+                        } else {
+                            left.min(2)
+                        };
+                        let (a, p) = (&mut acc, &prepared);
+                        match (take, pair) {
+                            (4, true) => step::<T, 4, 2>(a, p, tiles, j, t, kb, b0, blocks, &lanes),
+                            (4, false) => {
+                                step::<T, 4, 1>(a, p, tiles, j, t, kb, b0, blocks, &lanes)
+                            }
+                            (2, true) => step::<T, 2, 2>(a, p, tiles, j, t, kb, b0, blocks, &lanes),
+                            (2, false) => {
+                                step::<T, 2, 1>(a, p, tiles, j, t, kb, b0, blocks, &lanes)
+                            }
+                            (_, true) => step::<T, 1, 2>(a, p, tiles, j, t, kb, b0, blocks, &lanes),
+                            (_, false) => {
+                                step::<T, 1, 1>(a, p, tiles, j, t, kb, b0, blocks, &lanes)
+                            }
                         }
-                        acc[t * GROUP + j] = a[0];
-                        acc[(t + 1) * GROUP + j] = a[1];
+                        j += take;
                     }
-                    t += 2;
-                }
-                if t < n_tiles {
-                    for j in 0..w.len() {
-                        let mut a = [acc[t * GROUP + j]];
-                        for c in 0..blocks {
-                            a = T::block(&prepared[j][c], [&tiles[t * kb + b0 + c]], a, &lanes);
-                        }
-                        acc[t * GROUP + j] = a[0];
-                    }
+                    t += if pair { 2 } else { 1 };
                 }
             }
             for t in 0..n_tiles {
