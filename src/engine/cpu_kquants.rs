@@ -240,7 +240,22 @@ pub fn supported() -> bool {
 /// Quantizes rows of f32 activations (a whole number of 256-value blocks) as Q8_K
 /// (candle's and ggml's rounding), sub-blocks in the order `F` reads them.
 fn quantize_rows<F: KFormat>(xs: &[f32]) -> Vec<ActBlock> {
-    xs.chunks_exact(QK_K).map(quantize_block::<F>).collect()
+    let n = xs.len() / QK_K;
+    if n < 64 {
+        return xs.chunks_exact(QK_K).map(quantize_block::<F>).collect();
+    }
+    // A prompt: the threads share the blocks (one thread alone took 5% of a prefill).
+    // SAFETY: plain data, all zeroes valid; every block is written below.
+    let mut out: Vec<ActBlock> = unsafe { super::weights::zeroed_plain(n) };
+    let at = out.as_mut_ptr() as usize;
+    candle_core::utils::barrier_pool().execute_chunked(n, |blocks| {
+        for i in blocks {
+            let block = quantize_block::<F>(&xs[i * QK_K..(i + 1) * QK_K]);
+            // SAFETY: each block index is written by exactly one item.
+            unsafe { *(at as *mut ActBlock).add(i) = block };
+        }
+    });
+    out
 }
 
 fn quantize_block<F: KFormat>(x: &[f32]) -> ActBlock {
@@ -301,25 +316,30 @@ pub struct ActTile {
 /// The quantized rows `xq` (m rows of kb blocks) as tiles of 16 rows (the last padded
 /// with zero rows): tile t's block b at `t * kb + b`.
 fn act_tiles(xq: &[ActBlock], m: usize, kb: usize) -> Vec<ActTile> {
+    let count = m.div_ceil(TILE_ROWS) * kb;
     // SAFETY: plain data, all zeroes valid (a zero row has scale 0).
-    let mut tiles: Vec<ActTile> =
-        unsafe { super::weights::zeroed_plain(m.div_ceil(TILE_ROWS) * kb) };
-    for (row, blocks) in xq.chunks_exact(kb).enumerate().take(m) {
-        let (t, r) = (row / TILE_ROWS, row % TILE_ROWS);
-        for (b, a) in blocks.iter().enumerate() {
-            let tile = &mut tiles[t * kb + b];
-            for (g, group) in tile.qs.iter_mut().enumerate() {
-                group[4 * r..4 * r + 4].copy_from_slice(&a.qs[4 * g..4 * g + 4]);
-            }
-            tile.d[r] = a.d;
-            for (j, s) in a.sums32.iter().enumerate() {
-                tile.sums32[j][r] = *s as f32;
-            }
-            for (k, s) in a.bsums.iter().enumerate() {
-                tile.neg32_bsums[k][r] = -32 * *s as i32;
+    let mut tiles: Vec<ActTile> = unsafe { super::weights::zeroed_plain(count) };
+    let at = tiles.as_mut_ptr() as usize;
+    candle_core::utils::barrier_pool().execute_chunked(count, |items| {
+        for item in items {
+            let (t, b) = (item / kb, item % kb);
+            // SAFETY: each tile is written by exactly one item.
+            let tile = unsafe { &mut *(at as *mut ActTile).add(item) };
+            for r in 0..TILE_ROWS.min(m - t * TILE_ROWS) {
+                let a = &xq[(t * TILE_ROWS + r) * kb + b];
+                for (g, group) in tile.qs.iter_mut().enumerate() {
+                    group[4 * r..4 * r + 4].copy_from_slice(&a.qs[4 * g..4 * g + 4]);
+                }
+                tile.d[r] = a.d;
+                for (j, s) in a.sums32.iter().enumerate() {
+                    tile.sums32[j][r] = *s as f32;
+                }
+                for (k, s) in a.bsums.iter().enumerate() {
+                    tile.neg32_bsums[k][r] = -32 * *s as i32;
+                }
             }
         }
-    }
+    });
     tiles
 }
 
