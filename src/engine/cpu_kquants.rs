@@ -45,42 +45,6 @@ pub trait KFormat: Send + Sync + 'static {
     const ORDER: [usize; 8];
     /// One weight block (`w`: its bytes) times one activation block.
     fn dot_block(w: &[u8], a: &ActBlock) -> f32;
-    /// One weight row (`w`: `kb` blocks) times `rows` activation rows (`x`: `kb` blocks
-    /// each, row after row), into `out[..rows]`.
-    ///
-    /// # Safety
-    /// The CPU must have what [`supported`] checks; `w` must point at `kb` blocks.
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn dot_rows_avx512(
-        w: *const u8,
-        kb: usize,
-        x: &[ActBlock],
-        rows: usize,
-        out: &mut [f32; ROWS],
-    );
-    /// Four weight rows (`w`: `kb` blocks each) times one activation row.
-    ///
-    /// # Safety
-    /// As [`KFormat::dot_rows_avx512`].
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn decode4_avx512(w: [*const u8; 4], kb: usize, x: &[ActBlock], out: &mut [f32; 4]);
-    /// Up to [`GROUP`] weight rows (`w`: `kb` blocks each) times every activation tile
-    /// (`tiles`: `kb` per 16 activation rows, `m` rows in all): writes
-    /// `out[r * n + col0 + j]` for each activation row r and weight row j.
-    ///
-    /// # Safety
-    /// As [`KFormat::dot_rows_avx512`]; `out` must hold the m rows of n columns.
-    #[cfg(target_arch = "x86_64")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn tiles_avx512(
-        w: &[*const u8],
-        kb: usize,
-        tiles: &[ActTile],
-        m: usize,
-        out: *mut f32,
-        n: usize,
-        col0: usize,
-    );
 }
 
 /// Q4_K: f16 d and dmin, 8 six-bit scales and mins in 12 bytes, 256 nibbles (byte j of
@@ -135,35 +99,6 @@ impl KFormat for Q4K {
         }
         d * a.d * sumi as f32 - dmin * a.d * mins as f32
     }
-
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn dot_rows_avx512(
-        w: *const u8,
-        kb: usize,
-        x: &[ActBlock],
-        rows: usize,
-        out: &mut [f32; ROWS],
-    ) {
-        unsafe { avx512::q4k_rows(w, kb, x, rows, out) }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn decode4_avx512(w: [*const u8; 4], kb: usize, x: &[ActBlock], out: &mut [f32; 4]) {
-        unsafe { avx512::q4k_decode4(w, kb, x, out) }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn tiles_avx512(
-        w: &[*const u8],
-        kb: usize,
-        tiles: &[ActTile],
-        m: usize,
-        out: *mut f32,
-        n: usize,
-        col0: usize,
-    ) {
-        unsafe { avx512::tile_item::<avx512::Q4KTiles>(w, kb, tiles, m, out, n, col0) }
-    }
 }
 
 impl KFormat for Q6K {
@@ -191,35 +126,6 @@ impl KFormat for Q6K {
             }
         }
         f16_at(w, 208) * a.d * sumi as f32
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn dot_rows_avx512(
-        w: *const u8,
-        kb: usize,
-        x: &[ActBlock],
-        rows: usize,
-        out: &mut [f32; ROWS],
-    ) {
-        unsafe { avx512::q6k_rows(w, kb, x, rows, out) }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn decode4_avx512(w: [*const u8; 4], kb: usize, x: &[ActBlock], out: &mut [f32; 4]) {
-        unsafe { avx512::q6k_decode4(w, kb, x, out) }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    unsafe fn tiles_avx512(
-        w: &[*const u8],
-        kb: usize,
-        tiles: &[ActTile],
-        m: usize,
-        out: *mut f32,
-        n: usize,
-        col0: usize,
-    ) {
-        unsafe { avx512::tile_item::<avx512::Q6KTiles>(w, kb, tiles, m, out, n, col0) }
     }
 }
 
@@ -474,7 +380,9 @@ impl<F: KFormat> KMatrix<F> {
                     .collect();
                 // SAFETY: new() checked supported(); each row pointer starts kb blocks
                 // inside the part; the item writes only the columns of its own rows.
-                unsafe { F::tiles_avx512(&rows, kb, &tiles, m, out_ptr as *mut f32, n, item.row) };
+                unsafe {
+                    avx512::tiles::<F>(&rows, kb, &tiles, m, out_ptr as *mut f32, n, item.row)
+                };
             }
         });
     }
@@ -497,7 +405,7 @@ impl<F: KFormat> KMatrix<F> {
                         });
                         let mut acc = [0f32; 4];
                         // SAFETY: as below; each pointer starts kb blocks inside the part.
-                        unsafe { F::decode4_avx512(w, kb, xq, &mut acc) };
+                        unsafe { avx512::decode4::<F>(w, kb, xq, &mut acc) };
                         for (i, v) in acc.iter().enumerate() {
                             // SAFETY: as below (one activation row: row 0 of `out`).
                             unsafe { *(out_ptr as *mut f32).add(item.row + first + i) = *v };
@@ -516,7 +424,7 @@ impl<F: KFormat> KMatrix<F> {
                             #[cfg(target_arch = "x86_64")]
                             // SAFETY: new() checked supported(); `w` holds kb blocks.
                             Kernel::Avx512 => unsafe {
-                                F::dot_rows_avx512(w.as_ptr(), kb, x, rows, &mut acc)
+                                avx512::rows::<F>(w.as_ptr(), kb, x, rows, &mut acc)
                             },
                             _ => {
                                 for (r, acc) in acc.iter_mut().enumerate().take(rows) {
@@ -545,6 +453,7 @@ impl<F: KFormat> KMatrix<F> {
 #[allow(clippy::needless_range_loop)]
 mod avx512 {
     use super::{ActBlock, ActTile, KFormat, GROUP, Q4K, ROWS, TILE_ROWS};
+    use candle_core::quantized::GgmlDType;
     use core::arch::x86_64::*;
 
     /// One weight block unpacked for the tile kernel: its 256 weights as unsigned bytes
@@ -557,6 +466,16 @@ mod avx512 {
         min: [f32; 8],
         d: f32,
         dmin: f32,
+    }
+
+    impl Prepared {
+        /// Keeps the four registers of unpacked weights.
+        #[inline(always)]
+        unsafe fn store(&mut self, q: [__m512i; 4]) {
+            for (i, v) in q.iter().enumerate() {
+                unsafe { _mm512_storeu_si512(self.q.as_mut_ptr().add(64 * i) as *mut _, *v) };
+            }
+        }
     }
 
     const EMPTY: Prepared = Prepared {
@@ -596,10 +515,7 @@ mod avx512 {
         #[inline(always)]
         unsafe fn prepare(blk: *const u8, p: &mut Prepared) {
             unsafe {
-                let q = q4k_nibbles(blk);
-                for (i, v) in q.iter().enumerate() {
-                    _mm512_storeu_si512(p.q.as_mut_ptr().add(64 * i) as *mut _, *v);
-                }
+                p.store(q4k_nibbles(blk));
                 let bytes = std::slice::from_raw_parts(blk.add(4), 12);
                 let (sc, mn) = super::scales_mins(bytes);
                 for (pos, &sub) in Q4K::ORDER.iter().enumerate() {
@@ -670,10 +586,7 @@ mod avx512 {
         #[inline(always)]
         unsafe fn prepare(blk: *const u8, p: &mut Prepared) {
             unsafe {
-                let q = q6k_values(blk);
-                for (i, v) in q.iter().enumerate() {
-                    _mm512_storeu_si512(p.q.as_mut_ptr().add(64 * i) as *mut _, *v);
-                }
+                p.store(q6k_values(blk));
                 for k in 0..16 {
                     p.scale[k] = *(blk.add(192 + k) as *const i8) as f32;
                 }
@@ -950,104 +863,6 @@ mod avx512 {
         }
     }
 
-    /// Σ scale·q·x over one block, as 16 lanes to be summed.
-    #[inline(always)]
-    unsafe fn scaled_dot(q: &[__m512i; 4], s: &[__m512i; 4], x: &[__m512i; 4]) -> __m512i {
-        let p0 = _mm512_madd_epi16(_mm512_maddubs_epi16(q[0], x[0]), s[0]);
-        let p1 = _mm512_madd_epi16(_mm512_maddubs_epi16(q[1], x[1]), s[1]);
-        let p0 = _mm512_dpwssd_epi32(p0, _mm512_maddubs_epi16(q[2], x[2]), s[2]);
-        let p1 = _mm512_dpwssd_epi32(p1, _mm512_maddubs_epi16(q[3], x[3]), s[3]);
-        _mm512_add_epi32(p0, p1)
-    }
-
-    #[inline(always)]
-    unsafe fn act_regs(a: &ActBlock) -> [__m512i; 4] {
-        let p = a.qs.as_ptr() as *const u8;
-        unsafe { std::array::from_fn(|i| load512(p.add(64 * i))) }
-    }
-
-    /// Asks for the cache lines of `len` bytes at `p`, a block to be read soon, so that
-    /// DRAM's latency hides behind the arithmetic (the hardware prefetcher stops at
-    /// each 4 KiB page of the mapped file; with it decode of the 1.5B went from 11 to
-    /// 17 tok/s). Only a hint: an address past the matrix is never dereferenced.
-    #[inline(always)]
-    unsafe fn prefetch(p: *const u8, len: usize) {
-        for at in (0..len).step_by(64) {
-            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(at) as *const i8);
-        }
-    }
-
-    fn scale_idx(table: &[[u16; 32]; 4]) -> [__m512i; 4] {
-        // SAFETY: 64 bytes each; AVX-512 F is required of every caller's CPU.
-        std::array::from_fn(|i| unsafe { load512(table[i].as_ptr() as *const u8) })
-    }
-
-    /// One Q4_K weight row times up to 4 activation rows.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
-    pub(super) unsafe fn q4k_rows(
-        w: *const u8,
-        kb: usize,
-        x: &[ActBlock],
-        rows: usize,
-        out: &mut [f32; ROWS],
-    ) {
-        unsafe {
-            let idx = scale_idx(&Q4K_SCALE_IDX);
-            let mut accf = [_mm512_setzero_ps(); ROWS];
-            let mut accm = [_mm_setzero_ps(); ROWS];
-            for b in 0..kb {
-                let blk = w.add(b * 144);
-                let (s, mn, d, dmin) = q4k_scales(blk, &idx);
-                let q = q4k_nibbles(blk);
-                for r in 0..rows {
-                    let a = x.get_unchecked(r * kb + b);
-                    let dot = _mm512_cvtepi32_ps(scaled_dot(&q, &s, &act_regs(a)));
-                    accf[r] = _mm512_fmadd_ps(_mm512_set1_ps(d * a.d), dot, accf[r]);
-                    let sums = _mm_loadu_si128(a.sums32.as_ptr() as *const __m128i);
-                    let mins = _mm_cvtepi32_ps(_mm_madd_epi16(mn, sums));
-                    accm[r] = _mm_fmadd_ps(_mm_set1_ps(dmin * a.d), mins, accm[r]);
-                }
-            }
-            for r in 0..rows {
-                out[r] = _mm512_reduce_add_ps(accf[r]) - hsum128(accm[r]);
-            }
-        }
-    }
-
-    /// Four Q4_K weight rows times one activation row (decode): the activations are
-    /// loaded once for the four, and the four rows' chains overlap.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
-    pub(super) unsafe fn q4k_decode4(
-        w: [*const u8; 4],
-        kb: usize,
-        x: &[ActBlock],
-        out: &mut [f32; 4],
-    ) {
-        unsafe {
-            let next = 4 * kb * 144;
-            let idx = scale_idx(&Q4K_SCALE_IDX);
-            let mut accf = [_mm512_setzero_ps(); 4];
-            let mut accm = [_mm_setzero_ps(); 4];
-            for (b, a) in x.iter().enumerate().take(kb) {
-                let act = act_regs(a);
-                let sums = _mm_loadu_si128(a.sums32.as_ptr() as *const __m128i);
-                for i in 0..4 {
-                    let blk = w[i].add(b * 144);
-                    // The same block of the next four rows.
-                    prefetch(blk.wrapping_add(next), 144);
-                    let (s, mn, d, dmin) = q4k_scales(blk, &idx);
-                    let dot = _mm512_cvtepi32_ps(scaled_dot(&q4k_nibbles(blk), &s, &act));
-                    accf[i] = _mm512_fmadd_ps(_mm512_set1_ps(d * a.d), dot, accf[i]);
-                    let mins = _mm_cvtepi32_ps(_mm_madd_epi16(mn, sums));
-                    accm[i] = _mm_fmadd_ps(_mm_set1_ps(dmin * a.d), mins, accm[i]);
-                }
-            }
-            for i in 0..4 {
-                out[i] = _mm512_reduce_add_ps(accf[i]) - hsum128(accm[i]);
-            }
-        }
-    }
-
     /// A Q6_K block's scales for the row kernels: 16 words, and each sub-block's scale
     /// beside its `vpmaddubsw` products (registers as [`q6k_values`]); d.
     #[inline(always)]
@@ -1082,9 +897,140 @@ mod avx512 {
         }
     }
 
-    /// One Q6_K weight row times up to 4 activation rows.
+    /// Σ scale·q·x over one block, as 16 lanes to be summed.
+    #[inline(always)]
+    unsafe fn scaled_dot(q: &[__m512i; 4], s: &[__m512i; 4], x: &[__m512i; 4]) -> __m512i {
+        let p0 = _mm512_madd_epi16(_mm512_maddubs_epi16(q[0], x[0]), s[0]);
+        let p1 = _mm512_madd_epi16(_mm512_maddubs_epi16(q[1], x[1]), s[1]);
+        let p0 = _mm512_dpwssd_epi32(p0, _mm512_maddubs_epi16(q[2], x[2]), s[2]);
+        let p1 = _mm512_dpwssd_epi32(p1, _mm512_maddubs_epi16(q[3], x[3]), s[3]);
+        _mm512_add_epi32(p0, p1)
+    }
+
+    #[inline(always)]
+    unsafe fn act_regs(a: &ActBlock) -> [__m512i; 4] {
+        let p = a.qs.as_ptr() as *const u8;
+        unsafe { std::array::from_fn(|i| load512(p.add(64 * i))) }
+    }
+
+    /// Asks for the cache lines of `len` bytes at `p`, a block to be read soon, so that
+    /// DRAM's latency hides behind the arithmetic (the hardware prefetcher stops at
+    /// each 4 KiB page of the mapped file; with it decode of the 1.5B went from 11 to
+    /// 17 tok/s). Only a hint: an address past the matrix is never dereferenced.
+    #[inline(always)]
+    unsafe fn prefetch(p: *const u8, len: usize) {
+        for at in (0..len).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(at) as *const i8);
+        }
+    }
+
+    fn scale_idx(table: &[[u16; 32]; 4]) -> [__m512i; 4] {
+        // SAFETY: 64 bytes each; AVX-512 F is required of every caller's CPU.
+        std::array::from_fn(|i| unsafe { load512(table[i].as_ptr() as *const u8) })
+    }
+
+    /// A weight block unpacked for the row kernels: its weights as bytes (registers as
+    /// the format's unpacker gives them), each sub-block's scale as 16-bit words beside
+    /// its `vpmaddubsw` products, Q4_K's mins (zero for Q6_K) and Q6_K's scales as 16
+    /// words (zero for Q4_K), d and dmin.
+    pub(super) struct RowBlock {
+        q: [__m512i; 4],
+        s: [__m512i; 4],
+        mn: __m128i,
+        sc16: __m256i,
+        d: f32,
+        dmin: f32,
+    }
+
+    /// A format's half of the row kernels.
+    pub(super) trait RowFormat {
+        const BLOCK_BYTES: usize;
+        /// Whether the format has mins (Σ min·x to take off).
+        const MINS: bool;
+        /// vpermw indices that place each sub-block's scale beside its products.
+        const SCALE_IDX: &'static [[u16; 32]; 4];
+        unsafe fn unpack(blk: *const u8, idx: &[__m512i; 4]) -> RowBlock;
+        /// Σ scale·q·x of the block and one activation block (`act`: its registers),
+        /// as 16 lanes to be summed.
+        unsafe fn dot(w: &RowBlock, a: &ActBlock, act: &[__m512i; 4]) -> __m512i;
+    }
+
+    impl RowFormat for Q4KTiles {
+        const BLOCK_BYTES: usize = 144;
+        const MINS: bool = true;
+        const SCALE_IDX: &'static [[u16; 32]; 4] = &Q4K_SCALE_IDX;
+        #[inline(always)]
+        unsafe fn unpack(blk: *const u8, idx: &[__m512i; 4]) -> RowBlock {
+            unsafe {
+                let (s, mn, d, dmin) = q4k_scales(blk, idx);
+                let q = q4k_nibbles(blk);
+                let sc16 = _mm256_setzero_si256();
+                RowBlock {
+                    q,
+                    s,
+                    mn,
+                    sc16,
+                    d,
+                    dmin,
+                }
+            }
+        }
+        #[inline(always)]
+        unsafe fn dot(w: &RowBlock, _: &ActBlock, act: &[__m512i; 4]) -> __m512i {
+            unsafe { scaled_dot(&w.q, &w.s, act) }
+        }
+    }
+
+    impl RowFormat for Q6KTiles {
+        const BLOCK_BYTES: usize = 210;
+        const MINS: bool = false;
+        const SCALE_IDX: &'static [[u16; 32]; 4] = &Q6K_SCALE_IDX;
+        #[inline(always)]
+        unsafe fn unpack(blk: *const u8, idx: &[__m512i; 4]) -> RowBlock {
+            unsafe {
+                let (sc16, s, d) = q6k_scales(blk, idx);
+                let q = q6k_values(blk);
+                let mn = _mm_setzero_si128();
+                RowBlock {
+                    q,
+                    s,
+                    mn,
+                    sc16,
+                    d,
+                    dmin: 0.0,
+                }
+            }
+        }
+        #[inline(always)]
+        unsafe fn dot(w: &RowBlock, a: &ActBlock, act: &[__m512i; 4]) -> __m512i {
+            unsafe { q6k_dot(&w.q, w.sc16, &w.s, a, act) }
+        }
+    }
+
+    /// The accumulators of one (weight row, activation row) pair: `acc` plus the block's
+    /// d·Σ scale·q·x, `mins` plus its dmin·Σ min·x.
+    #[inline(always)]
+    unsafe fn accumulate<T: RowFormat>(
+        w: &RowBlock,
+        a: &ActBlock,
+        act: &[__m512i; 4],
+        acc: &mut __m512,
+        mins: &mut __m128,
+    ) {
+        unsafe {
+            let dot = _mm512_cvtepi32_ps(T::dot(w, a, act));
+            *acc = _mm512_fmadd_ps(_mm512_set1_ps(w.d * a.d), dot, *acc);
+            if T::MINS {
+                let sums = _mm_loadu_si128(a.sums32.as_ptr() as *const __m128i);
+                let m = _mm_cvtepi32_ps(_mm_madd_epi16(w.mn, sums));
+                *mins = _mm_fmadd_ps(_mm_set1_ps(w.dmin * a.d), m, *mins);
+            }
+        }
+    }
+
+    /// One weight row times up to 4 activation rows.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
-    pub(super) unsafe fn q6k_rows(
+    unsafe fn rows_of<T: RowFormat>(
         w: *const u8,
         kb: usize,
         x: &[ActBlock],
@@ -1092,50 +1038,107 @@ mod avx512 {
         out: &mut [f32; ROWS],
     ) {
         unsafe {
-            let idx = scale_idx(&Q6K_SCALE_IDX);
+            let idx = scale_idx(T::SCALE_IDX);
             let mut accf = [_mm512_setzero_ps(); ROWS];
+            let mut accm = [_mm_setzero_ps(); ROWS];
             for b in 0..kb {
-                let blk = w.add(b * 210);
-                let (sc16, s, d) = q6k_scales(blk, &idx);
-                let q = q6k_values(blk);
+                let u = T::unpack(w.add(b * T::BLOCK_BYTES), &idx);
                 for r in 0..rows {
                     let a = x.get_unchecked(r * kb + b);
-                    let dot = _mm512_cvtepi32_ps(q6k_dot(&q, sc16, &s, a, &act_regs(a)));
-                    accf[r] = _mm512_fmadd_ps(_mm512_set1_ps(d * a.d), dot, accf[r]);
+                    accumulate::<T>(&u, a, &act_regs(a), &mut accf[r], &mut accm[r]);
                 }
             }
             for r in 0..rows {
-                out[r] = _mm512_reduce_add_ps(accf[r]);
+                out[r] = _mm512_reduce_add_ps(accf[r]) - hsum128(accm[r]);
             }
         }
     }
 
-    /// Four Q6_K weight rows times one activation row (decode).
+    /// Four weight rows times one activation row (decode): the activations are loaded
+    /// once for the four, the four rows' chains overlap, and each block asks for the
+    /// same block of the next four rows.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
-    pub(super) unsafe fn q6k_decode4(
+    unsafe fn decode4_of<T: RowFormat>(
         w: [*const u8; 4],
         kb: usize,
         x: &[ActBlock],
         out: &mut [f32; 4],
     ) {
         unsafe {
-            let next = 4 * kb * 210;
-            let idx = scale_idx(&Q6K_SCALE_IDX);
+            let next = 4 * kb * T::BLOCK_BYTES;
+            let idx = scale_idx(T::SCALE_IDX);
             let mut accf = [_mm512_setzero_ps(); 4];
+            let mut accm = [_mm_setzero_ps(); 4];
             for (b, a) in x.iter().enumerate().take(kb) {
                 let act = act_regs(a);
                 for i in 0..4 {
-                    let blk = w[i].add(b * 210);
-                    prefetch(blk.wrapping_add(next), 210);
-                    let (sc16, s, d) = q6k_scales(blk, &idx);
-                    let dot = _mm512_cvtepi32_ps(q6k_dot(&q6k_values(blk), sc16, &s, a, &act));
-                    accf[i] = _mm512_fmadd_ps(_mm512_set1_ps(d * a.d), dot, accf[i]);
+                    let blk = w[i].add(b * T::BLOCK_BYTES);
+                    prefetch(blk.wrapping_add(next), T::BLOCK_BYTES);
+                    let u = T::unpack(blk, &idx);
+                    accumulate::<T>(&u, a, &act, &mut accf[i], &mut accm[i]);
                 }
             }
             for i in 0..4 {
-                out[i] = _mm512_reduce_add_ps(accf[i]);
+                out[i] = _mm512_reduce_add_ps(accf[i]) - hsum128(accm[i]);
             }
         }
+    }
+
+    /// `F`'s kernels, chosen by its format.
+    macro_rules! by_format {
+        ($f:ty, $kernel:ident, $($arg:expr),*) => {
+            match <$f>::DTYPE {
+                GgmlDType::Q4K => $kernel::<Q4KTiles>($($arg),*),
+                GgmlDType::Q6K => $kernel::<Q6KTiles>($($arg),*),
+                other => unreachable!("no AVX-512 kernel for {other:?}"),
+            }
+        };
+    }
+
+    /// One weight row (`w`: `kb` blocks) times `rows` activation rows (`x`: `kb` blocks
+    /// each, row after row), into `out[..rows]`.
+    ///
+    /// # Safety
+    /// The CPU must have what [`super::supported`] checks; `w` must point at `kb` blocks.
+    pub(super) unsafe fn rows<F: KFormat>(
+        w: *const u8,
+        kb: usize,
+        x: &[ActBlock],
+        rows: usize,
+        out: &mut [f32; ROWS],
+    ) {
+        unsafe { by_format!(F, rows_of, w, kb, x, rows, out) }
+    }
+
+    /// Four weight rows (`w`: `kb` blocks each) times one activation row.
+    ///
+    /// # Safety
+    /// As [`rows`].
+    pub(super) unsafe fn decode4<F: KFormat>(
+        w: [*const u8; 4],
+        kb: usize,
+        x: &[ActBlock],
+        out: &mut [f32; 4],
+    ) {
+        unsafe { by_format!(F, decode4_of, w, kb, x, out) }
+    }
+
+    /// Up to [`GROUP`] weight rows (`w`: `kb` blocks each) times every activation tile
+    /// (`tiles`: `kb` per 16 activation rows, `m` rows in all): writes
+    /// `out[r * n + col0 + j]` for each activation row r and weight row j.
+    ///
+    /// # Safety
+    /// As [`rows`]; `out` must hold the m rows of n columns.
+    pub(super) unsafe fn tiles<F: KFormat>(
+        w: &[*const u8],
+        kb: usize,
+        tiles: &[ActTile],
+        m: usize,
+        out: *mut f32,
+        n: usize,
+        col0: usize,
+    ) {
+        unsafe { by_format!(F, tile_item, w, kb, tiles, m, out, n, col0) }
     }
 }
 
