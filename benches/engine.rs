@@ -13,7 +13,8 @@ use duet::engine::synthetic::{Shape, SyntheticWeights, TensorSpec};
 fn qmatmul(c: &mut Criterion) {
     let cpu = Device::Cpu;
     // (format, outputs, inputs): the 1.5B's ffn_up (Q4_K), ffn_down (Q6_K on some layers),
-    // the 0.5B's ffn_up (Q5_0, run as Q8_0) and the 7B's attn_q (Q8_0).
+    // the 0.5B's ffn_up (Q5_0) and the 7B's attn_q (Q8_0), each through the kernel `duet`
+    // runs on this CPU (`weights::linear`).
     for (dtype, n, k) in [
         (GgmlDType::Q4K, 8960, 1536),
         (GgmlDType::Q6K, 1536, 8960),

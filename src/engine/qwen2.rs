@@ -9,7 +9,9 @@
 //! - the token embedding stays quantized: only the rows of the tokens fed are dequantized
 //!   (stock candle dequantizes the whole table to f32 at load, 0.9 GB for the 1.5B);
 //! - on the CPU, Q5_0 matrices (the 0.5B's) and Q8_0 ones of widths candle's tiled
-//!   kernels skip run through our own SIMD kernels ([`super::cpu_matmul`]).
+//!   kernels skip run through our own SIMD kernels ([`super::cpu_matmul`]), and Q4_K /
+//!   Q6_K ones (the 1.5B's) through kernels that read the mapped GGUF file in place
+//!   ([`super::cpu_kquants`]), as does the embedding lookup.
 
 use super::gguf::ModelInfo;
 pub use super::weights::{linear, Linear, WeightSource};
@@ -248,8 +250,8 @@ impl Qwen2 {
         let load = |range: std::ops::Range<usize>| -> Result<Vec<Layer>> {
             range.map(|i| Layer::load(src, i, eps, device)).collect()
         };
-        // On the CPU, two threads copy the layers in (load time is memory copying); a GPU
-        // is driven by this thread alone.
+        // On the CPU, two threads load the layers (what is not mapped is copied and
+        // packed: the 0.5B's Q5_0/Q8_0 tiles); a GPU is driven by this thread alone.
         let n = info.block_count;
         let layers = if device.is_cpu() && n > 1 {
             std::thread::scope(|s| -> Result<Vec<Layer>> {
