@@ -4,13 +4,20 @@
 //! memory, shared with the page cache).
 //!
 //! Activations are quantized per 256 values as ggml's Q8_K (one f32 scale, sums of each
-//! 16), as candle and llama.cpp do for these formats. The kernel reads a block of one
-//! weight row once and multiplies it with up to [`ROWS`] activation rows: `vpmaddubsw`
-//! (unsigned weights × signed activations), then `vpdpwssd` with each sub-block's scale,
-//! so a whole 256-value block reaches the float accumulator in one conversion. It needs
-//! AVX-512 (F, BW, VL) with VNNI; [`supported`] says whether this CPU has it (elsewhere
-//! the caller keeps candle's kernels). A scalar kernel is the reference the tests hold
-//! the fast one to.
+//! 16), as candle and llama.cpp do for these formats. Three AVX-512 VNNI kernels:
+//! - decode (one activation row): four weight rows at a time, `vpmaddubsw` (unsigned
+//!   weights × signed activations) then `vpdpwssd` with each sub-block's scale, so a
+//!   whole 256-value block reaches the float accumulator in one conversion; each block
+//!   asks for the same block of the next four rows ahead (the mapped file's 4 KiB pages
+//!   stop the hardware prefetcher);
+//! - short inputs (2 to 7 rows): one weight row against up to four activation rows, the
+//!   same arithmetic;
+//! - prompts (8 rows or more): activations interleaved into tiles of 16 rows
+//!   ([`ActTile`]), so one `vpdpbusd` multiplies four broadcast weights with four values
+//!   of 16 rows; weight blocks are unpacked once per group of 16 weight rows.
+//!
+//! [`supported`] says whether this CPU has what they need (elsewhere the caller keeps
+//! candle's kernels). A scalar kernel is the reference the tests hold them to.
 
 use super::weights::TensorBytes;
 use candle_core::quantized::GgmlDType;
