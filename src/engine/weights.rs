@@ -314,23 +314,37 @@ pub enum Embedding {
 impl Embedding {
     pub fn load(src: &impl WeightSource, name: &str, device: &Device) -> Result<Self> {
         if device.is_cpu() {
-            if let Some((dtype, dims)) = src.describe(name) {
-                if let [vocab, width] = dims[..] {
-                    if width.is_multiple_of(dtype.block_size()) && dequantizes(dtype) {
-                        let mut parts = src.parts(name)?;
-                        if parts.len() == 1 {
-                            return Ok(Embedding::Rows {
-                                bytes: parts.remove(0),
-                                dtype,
-                                vocab,
-                                width,
-                            });
-                        }
-                    }
-                }
+            if let Some(rows) = Self::rows(src, name)? {
+                return Ok(rows);
             }
         }
         Ok(Embedding::Candle(src.tensor(name, device)?))
+    }
+
+    /// The table as its stored bytes, where it is a matrix in one part.
+    fn rows(src: &impl WeightSource, name: &str) -> Result<Option<Self>> {
+        let Some((dtype, dims)) = src.describe(name) else {
+            return Ok(None);
+        };
+        let [vocab, width] = dims[..] else {
+            return Ok(None);
+        };
+        let mut parts = src.parts(name)?;
+        if parts.len() != 1 {
+            return Ok(None);
+        }
+        let table = Embedding::Rows {
+            bytes: parts.remove(0),
+            dtype,
+            vocab,
+            width,
+        };
+        // A format or width candle cannot read is an error at load, not at the first
+        // request.
+        if vocab > 0 {
+            table.forward(&Tensor::new(&[0u32], &Device::Cpu)?)?;
+        }
+        Ok(Some(table))
     }
 
     /// The rows of `ids` (any shape of u32 token ids): shape `ids` + (width,).
@@ -344,53 +358,27 @@ impl Embedding {
                 width,
             } => (bytes, *dtype, *vocab, *width),
         };
-        let row_bytes = width / dtype.block_size() * dtype.type_size();
-        let tokens: Vec<u32> = ids.flatten_all()?.to_vec1()?;
-        let mut out = vec![0f32; tokens.len() * width];
-        for (&t, row) in tokens.iter().zip(out.chunks_exact_mut(width)) {
-            let t = t as usize;
-            if t >= vocab {
-                candle_core::bail!("token id {t} is outside the vocabulary of {vocab}");
-            }
-            dequantize_row(dtype, &bytes[t * row_bytes..(t + 1) * row_bytes], row)?;
-        }
+        let cpu = Device::Cpu;
         let mut dims = ids.dims().to_vec();
         dims.push(width);
-        Tensor::from_vec(out, dims, &Device::Cpu)
+        let tokens: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+        if tokens.is_empty() {
+            return Tensor::zeros(dims, candle_core::DType::F32, &cpu);
+        }
+        let row_bytes = width / dtype.block_size() * dtype.type_size();
+        let rows = tokens
+            .iter()
+            .map(|&t| {
+                let t = t as usize;
+                if t >= vocab {
+                    candle_core::bail!("token id {t} is outside the vocabulary of {vocab}");
+                }
+                let row = &bytes[t * row_bytes..(t + 1) * row_bytes];
+                qtensor_from_ggml(dtype, row, vec![width], &cpu)?.dequantize(&cpu)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::stack(&rows, 0)?.reshape(dims)
     }
-}
-
-/// Whether [`dequantize_row`] reads the format.
-fn dequantizes(dtype: GgmlDType) -> bool {
-    dequantize_row(dtype, &[], &mut []).is_ok()
-}
-
-/// One row's values from its bytes in `dtype`, with candle's dequantization.
-fn dequantize_row(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> Result<()> {
-    use candle_core::quantized::k_quants::*;
-    fn run<T: GgmlType>(bytes: &[u8], out: &mut [f32]) {
-        let n = bytes.len() / std::mem::size_of::<T>();
-        // SAFETY: the block types are plain data; the copy fills the whole vector.
-        let mut blocks: Vec<T> = unsafe { zeroed_plain(n) };
-        unsafe { as_bytes_mut(&mut blocks) }.copy_from_slice(bytes);
-        T::to_float(&blocks, out);
-    }
-    match dtype {
-        GgmlDType::F32 => run::<f32>(bytes, out),
-        GgmlDType::F16 => run::<half::f16>(bytes, out),
-        GgmlDType::Q4_0 => run::<BlockQ4_0>(bytes, out),
-        GgmlDType::Q4_1 => run::<BlockQ4_1>(bytes, out),
-        GgmlDType::Q5_0 => run::<BlockQ5_0>(bytes, out),
-        GgmlDType::Q5_1 => run::<BlockQ5_1>(bytes, out),
-        GgmlDType::Q8_0 => run::<BlockQ8_0>(bytes, out),
-        GgmlDType::Q2K => run::<BlockQ2K>(bytes, out),
-        GgmlDType::Q3K => run::<BlockQ3K>(bytes, out),
-        GgmlDType::Q4K => run::<BlockQ4K>(bytes, out),
-        GgmlDType::Q5K => run::<BlockQ5K>(bytes, out),
-        GgmlDType::Q6K => run::<BlockQ6K>(bytes, out),
-        other => candle_core::bail!("no dequantization for {other:?}"),
-    }
-    Ok(())
 }
 
 /// Matrices that read the same input (q/k/v, gate/up), with their biases. Those of one
