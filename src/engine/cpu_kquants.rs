@@ -459,7 +459,7 @@ impl<F: KFormat> KMatrix<F> {
 // Accumulators, activations and outputs are indexed by the activation row together.
 #[allow(clippy::needless_range_loop)]
 mod avx512 {
-    use super::{ActBlock, ActTile, KFormat, GROUP, Q4K, ROWS, TILE_ROWS};
+    use super::{ActBlock, ActTile, KFormat, GROUP, Q4K, Q6K, ROWS, TILE_ROWS};
     use candle_core::quantized::GgmlDType;
     use core::arch::x86_64::*;
 
@@ -493,31 +493,38 @@ mod avx512 {
         dmin: 0.0,
     };
 
-    /// A format's half of the tile kernel.
-    pub(super) trait TileFormat {
-        const BLOCK_BYTES: usize;
-        /// Whether the kernel takes four weight rows at a time (else two): Q6_K's 16
-        /// short sub-blocks gain from it (criterion: 12.6 -> 10.8 ms), Q4_K's 8 long
+    /// What differs between Q4_K and Q6_K in the kernels here; the kernels themselves
+    /// are generic.
+    pub(super) trait Simd: KFormat {
+        /// Whether the format has mins (Σ min·x to take off).
+        const MINS: bool;
+        /// Whether the unpacked weights carry +32 (Q6_K), taken back with the sums of
+        /// the activations each scale covers.
+        const OFFSET: bool;
+        /// Groups of 4 columns under one scale: 8 (Q4_K) or 4 (Q6_K).
+        const SCALE_GROUPS: usize;
+        /// Whether the tile kernel takes four weight rows at a time (else two): Q6_K's
+        /// 16 short sub-blocks gain from it (criterion: 12.6 -> 10.8 ms), Q4_K's 8 long
         /// ones lose (8.9 -> 10.3 ms: its registers spill).
         const FOUR_ROWS: bool;
-        /// Unpacks the block at `blk`.
+        /// vpermw indices that place each sub-block's scale beside its `vpmaddubsw`
+        /// products in the row kernels.
+        const SCALE_IDX: &'static [[u16; 32]; 4];
+        /// Unpacks the block at `blk` for the tile kernel.
         unsafe fn prepare(blk: *const u8, p: &mut Prepared);
-        /// `acc[j][t]` (one lane per activation row of tile t) plus weight row j's block
-        /// times tile t's block. `lanes[g]` selects 32-bit lane g of a register.
-        unsafe fn block<const J: usize, const N: usize>(
-            p: [&Prepared; J],
-            a: [&ActTile; N],
-            acc: [[__m512; N]; J],
-            lanes: &[__m512i; 8],
-        ) -> [[__m512; N]; J];
+        /// Unpacks the block at `blk` for the row kernels.
+        unsafe fn unpack(blk: *const u8, idx: &[__m512i; 4]) -> RowBlock;
+        /// Σ scale·q·x of an unpacked block and one activation block (`act`: its
+        /// registers), as 16 lanes to be summed.
+        unsafe fn dot(w: &RowBlock, a: &ActBlock, act: &[__m512i; 4]) -> __m512i;
     }
 
-    pub(super) struct Q4KTiles;
-    pub(super) struct Q6KTiles;
-
-    impl TileFormat for Q4KTiles {
-        const BLOCK_BYTES: usize = 144;
+    impl Simd for Q4K {
+        const MINS: bool = true;
+        const OFFSET: bool = false;
+        const SCALE_GROUPS: usize = 8;
         const FOUR_ROWS: bool = false;
+        const SCALE_IDX: &'static [[u16; 32]; 4] = &Q4K_SCALE_IDX;
 
         #[inline(always)]
         unsafe fn prepare(blk: *const u8, p: &mut Prepared) {
@@ -525,7 +532,7 @@ mod avx512 {
                 p.store(q4k_nibbles(blk));
                 let bytes = std::slice::from_raw_parts(blk.add(4), 12);
                 let (sc, mn) = super::scales_mins(bytes);
-                for (pos, &sub) in Q4K::ORDER.iter().enumerate() {
+                for (pos, &sub) in Self::ORDER.iter().enumerate() {
                     p.scale[pos] = sc[sub] as f32;
                 }
                 for (j, &m) in mn.iter().enumerate() {
@@ -537,58 +544,34 @@ mod avx512 {
         }
 
         #[inline(always)]
-        unsafe fn block<const J: usize, const N: usize>(
-            p: [&Prepared; J],
-            a: [&ActTile; N],
-            acc: [[__m512; N]; J],
-            lanes: &[__m512i; 8],
-        ) -> [[__m512; N]; J] {
+        unsafe fn unpack(blk: *const u8, idx: &[__m512i; 4]) -> RowBlock {
             unsafe {
-                let mut blk = [[_mm512_setzero_ps(); N]; J];
-                for pos in 0..8 {
-                    let w: [__m512i; J] = std::array::from_fn(|j| {
-                        _mm512_castsi256_si512(load256(p[j].q.as_ptr().add(32 * pos)))
-                    });
-                    let mut d = [[_mm512_setzero_si512(); N]; J];
-                    for g in 0..8 {
-                        let x: [__m512i; N] = std::array::from_fn(|t| {
-                            load512(a[t].qs[8 * pos + g].as_ptr() as *const u8)
-                        });
-                        for j in 0..J {
-                            let wb = _mm512_permutexvar_epi32(lanes[g], w[j]);
-                            for t in 0..N {
-                                d[j][t] = _mm512_dpbusd_epi32(d[j][t], wb, x[t]);
-                            }
-                        }
-                    }
-                    for j in 0..J {
-                        let scale = _mm512_set1_ps(p[j].scale[pos]);
-                        for t in 0..N {
-                            let dot = _mm512_cvtepi32_ps(d[j][t]);
-                            blk[j][t] = _mm512_fmadd_ps(dot, scale, blk[j][t]);
-                        }
-                    }
+                let (s, mn, d, dmin) = q4k_scales(blk, idx);
+                let q = q4k_nibbles(blk);
+                let sc16 = _mm256_setzero_si256();
+                RowBlock {
+                    q,
+                    s,
+                    mn,
+                    sc16,
+                    d,
+                    dmin,
                 }
-                std::array::from_fn(|j| {
-                    std::array::from_fn(|t| {
-                        let mut mins = _mm512_setzero_ps();
-                        for s in 0..8 {
-                            let sums = _mm512_loadu_ps(a[t].sums32[s].as_ptr());
-                            mins = _mm512_fmadd_ps(sums, _mm512_set1_ps(p[j].min[s]), mins);
-                        }
-                        let ad = _mm512_loadu_ps(a[t].d.as_ptr());
-                        let dd = _mm512_mul_ps(ad, _mm512_set1_ps(p[j].d));
-                        let acc = _mm512_fmadd_ps(blk[j][t], dd, acc[j][t]);
-                        _mm512_fnmadd_ps(mins, _mm512_mul_ps(ad, _mm512_set1_ps(p[j].dmin)), acc)
-                    })
-                })
             }
+        }
+
+        #[inline(always)]
+        unsafe fn dot(w: &RowBlock, _: &ActBlock, act: &[__m512i; 4]) -> __m512i {
+            unsafe { scaled_dot(&w.q, &w.s, act) }
         }
     }
 
-    impl TileFormat for Q6KTiles {
-        const BLOCK_BYTES: usize = 210;
+    impl Simd for Q6K {
+        const MINS: bool = false;
+        const OFFSET: bool = true;
+        const SCALE_GROUPS: usize = 4;
         const FOUR_ROWS: bool = true;
+        const SCALE_IDX: &'static [[u16; 32]; 4] = &Q6K_SCALE_IDX;
 
         #[inline(always)]
         unsafe fn prepare(blk: *const u8, p: &mut Prepared) {
@@ -602,53 +585,93 @@ mod avx512 {
         }
 
         #[inline(always)]
-        unsafe fn block<const J: usize, const N: usize>(
-            p: [&Prepared; J],
-            a: [&ActTile; N],
-            acc: [[__m512; N]; J],
-            lanes: &[__m512i; 8],
-        ) -> [[__m512; N]; J] {
+        unsafe fn unpack(blk: *const u8, idx: &[__m512i; 4]) -> RowBlock {
             unsafe {
-                let mut blk = [[_mm512_setzero_ps(); N]; J];
-                for pair in 0..8 {
-                    let w: [__m512i; J] = std::array::from_fn(|j| {
-                        _mm512_castsi256_si512(load256(p[j].q.as_ptr().add(32 * pair)))
-                    });
-                    for half in 0..2 {
-                        let k = 2 * pair + half;
-                        // Σ (q + 32)·x, started at -32·Σx: Σ q·x.
-                        let start: [__m512i; N] = std::array::from_fn(|t| {
-                            load512(a[t].neg32_bsums[k].as_ptr() as *const u8)
-                        });
-                        let mut dot = [start; J];
-                        for g in 0..4 {
-                            let x: [__m512i; N] = std::array::from_fn(|t| {
-                                load512(a[t].qs[4 * k + g].as_ptr() as *const u8)
-                            });
-                            for j in 0..J {
-                                let wb = _mm512_permutexvar_epi32(lanes[4 * half + g], w[j]);
-                                for t in 0..N {
-                                    dot[j][t] = _mm512_dpbusd_epi32(dot[j][t], wb, x[t]);
-                                }
-                            }
+                let (sc16, s, d) = q6k_scales(blk, idx);
+                let q = q6k_values(blk);
+                let mn = _mm_setzero_si128();
+                RowBlock {
+                    q,
+                    s,
+                    mn,
+                    sc16,
+                    d,
+                    dmin: 0.0,
+                }
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn dot(w: &RowBlock, a: &ActBlock, act: &[__m512i; 4]) -> __m512i {
+            unsafe { q6k_dot(&w.q, w.sc16, &w.s, a, act) }
+        }
+    }
+
+    /// `acc[j][t]` (one lane per activation row of tile t) plus weight row j's block
+    /// times tile t's block. `lanes[g]` selects 32-bit lane g of a register.
+    #[inline(always)]
+    unsafe fn tile_block<T: Simd, const J: usize, const N: usize>(
+        p: [&Prepared; J],
+        a: [&ActTile; N],
+        acc: [[__m512; N]; J],
+        lanes: &[__m512i; 8],
+    ) -> [[__m512; N]; J] {
+        unsafe {
+            let per = T::SCALE_GROUPS;
+            let mut blk = [[_mm512_setzero_ps(); N]; J];
+            // 32 bytes of weights (8 groups of 4) per register; one or two scales each.
+            for r in 0..8 {
+                let w: [__m512i; J] = std::array::from_fn(|j| {
+                    _mm512_castsi256_si512(load256(p[j].q.as_ptr().add(32 * r)))
+                });
+                for part in 0..8 / per {
+                    let s = r * (8 / per) + part;
+                    // With Q6_K's +32 the sum starts at -32·Σx: Σ q·x.
+                    let start: [__m512i; N] = std::array::from_fn(|t| {
+                        if T::OFFSET {
+                            load512(a[t].neg32_bsums[s].as_ptr() as *const u8)
+                        } else {
+                            _mm512_setzero_si512()
                         }
+                    });
+                    let mut dot = [start; J];
+                    for g in 0..per {
+                        let lane = part * per + g;
+                        let x: [__m512i; N] = std::array::from_fn(|t| {
+                            load512(a[t].qs[8 * r + lane].as_ptr() as *const u8)
+                        });
                         for j in 0..J {
-                            let scale = _mm512_set1_ps(p[j].scale[k]);
+                            let wb = _mm512_permutexvar_epi32(lanes[lane], w[j]);
                             for t in 0..N {
-                                let dot = _mm512_cvtepi32_ps(dot[j][t]);
-                                blk[j][t] = _mm512_fmadd_ps(dot, scale, blk[j][t]);
+                                dot[j][t] = _mm512_dpbusd_epi32(dot[j][t], wb, x[t]);
                             }
                         }
                     }
+                    for j in 0..J {
+                        let scale = _mm512_set1_ps(p[j].scale[s]);
+                        for t in 0..N {
+                            let dot = _mm512_cvtepi32_ps(dot[j][t]);
+                            blk[j][t] = _mm512_fmadd_ps(dot, scale, blk[j][t]);
+                        }
+                    }
                 }
-                std::array::from_fn(|j| {
-                    std::array::from_fn(|t| {
-                        let ad = _mm512_loadu_ps(a[t].d.as_ptr());
-                        let dd = _mm512_mul_ps(ad, _mm512_set1_ps(p[j].d));
-                        _mm512_fmadd_ps(blk[j][t], dd, acc[j][t])
-                    })
-                })
             }
+            std::array::from_fn(|j| {
+                std::array::from_fn(|t| {
+                    let ad = _mm512_loadu_ps(a[t].d.as_ptr());
+                    let dd = _mm512_mul_ps(ad, _mm512_set1_ps(p[j].d));
+                    let acc = _mm512_fmadd_ps(blk[j][t], dd, acc[j][t]);
+                    if !T::MINS {
+                        return acc;
+                    }
+                    let mut mins = _mm512_setzero_ps();
+                    for s in 0..8 {
+                        let sums = _mm512_loadu_ps(a[t].sums32[s].as_ptr());
+                        mins = _mm512_fmadd_ps(sums, _mm512_set1_ps(p[j].min[s]), mins);
+                    }
+                    _mm512_fnmadd_ps(mins, _mm512_mul_ps(ad, _mm512_set1_ps(p[j].dmin)), acc)
+                })
+            })
         }
     }
 
@@ -659,7 +682,7 @@ mod avx512 {
     /// b0, into their accumulators (tile t's for row j at `t * GROUP + j`).
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn step<T: TileFormat, const J: usize, const N: usize>(
+    unsafe fn step<T: Simd, const J: usize, const N: usize>(
         acc: &mut [__m512],
         prepared: &[[Prepared; CHUNK]; GROUP],
         tiles: &[ActTile],
@@ -676,7 +699,7 @@ mod avx512 {
             for c in 0..blocks {
                 let p = std::array::from_fn(|jj| &prepared[j + jj][c]);
                 let x = std::array::from_fn(|tt| &tiles[(t + tt) * kb + b0 + c]);
-                a = T::block(p, x, a, lanes);
+                a = tile_block::<T, J, N>(p, x, a, lanes);
             }
             for jj in 0..J {
                 for tt in 0..N {
@@ -687,7 +710,7 @@ mod avx512 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma")]
-    pub(super) unsafe fn tile_item<T: TileFormat>(
+    pub(super) unsafe fn tile_item<T: Simd>(
         w: &[*const u8],
         kb: usize,
         tiles: &[ActTile],
@@ -949,75 +972,10 @@ mod avx512 {
         dmin: f32,
     }
 
-    /// A format's half of the row kernels.
-    pub(super) trait RowFormat {
-        const BLOCK_BYTES: usize;
-        /// Whether the format has mins (Σ min·x to take off).
-        const MINS: bool;
-        /// vpermw indices that place each sub-block's scale beside its products.
-        const SCALE_IDX: &'static [[u16; 32]; 4];
-        unsafe fn unpack(blk: *const u8, idx: &[__m512i; 4]) -> RowBlock;
-        /// Σ scale·q·x of the block and one activation block (`act`: its registers),
-        /// as 16 lanes to be summed.
-        unsafe fn dot(w: &RowBlock, a: &ActBlock, act: &[__m512i; 4]) -> __m512i;
-    }
-
-    impl RowFormat for Q4KTiles {
-        const BLOCK_BYTES: usize = 144;
-        const MINS: bool = true;
-        const SCALE_IDX: &'static [[u16; 32]; 4] = &Q4K_SCALE_IDX;
-        #[inline(always)]
-        unsafe fn unpack(blk: *const u8, idx: &[__m512i; 4]) -> RowBlock {
-            unsafe {
-                let (s, mn, d, dmin) = q4k_scales(blk, idx);
-                let q = q4k_nibbles(blk);
-                let sc16 = _mm256_setzero_si256();
-                RowBlock {
-                    q,
-                    s,
-                    mn,
-                    sc16,
-                    d,
-                    dmin,
-                }
-            }
-        }
-        #[inline(always)]
-        unsafe fn dot(w: &RowBlock, _: &ActBlock, act: &[__m512i; 4]) -> __m512i {
-            unsafe { scaled_dot(&w.q, &w.s, act) }
-        }
-    }
-
-    impl RowFormat for Q6KTiles {
-        const BLOCK_BYTES: usize = 210;
-        const MINS: bool = false;
-        const SCALE_IDX: &'static [[u16; 32]; 4] = &Q6K_SCALE_IDX;
-        #[inline(always)]
-        unsafe fn unpack(blk: *const u8, idx: &[__m512i; 4]) -> RowBlock {
-            unsafe {
-                let (sc16, s, d) = q6k_scales(blk, idx);
-                let q = q6k_values(blk);
-                let mn = _mm_setzero_si128();
-                RowBlock {
-                    q,
-                    s,
-                    mn,
-                    sc16,
-                    d,
-                    dmin: 0.0,
-                }
-            }
-        }
-        #[inline(always)]
-        unsafe fn dot(w: &RowBlock, a: &ActBlock, act: &[__m512i; 4]) -> __m512i {
-            unsafe { q6k_dot(&w.q, w.sc16, &w.s, a, act) }
-        }
-    }
-
     /// The accumulators of one (weight row, activation row) pair: `acc` plus the block's
     /// d·Σ scale·q·x, `mins` plus its dmin·Σ min·x.
     #[inline(always)]
-    unsafe fn accumulate<T: RowFormat>(
+    unsafe fn accumulate<T: Simd>(
         w: &RowBlock,
         a: &ActBlock,
         act: &[__m512i; 4],
@@ -1037,7 +995,7 @@ mod avx512 {
 
     /// One weight row times up to 4 activation rows.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
-    unsafe fn rows_of<T: RowFormat>(
+    unsafe fn rows_of<T: Simd>(
         w: *const u8,
         kb: usize,
         x: &[ActBlock],
@@ -1065,7 +1023,7 @@ mod avx512 {
     /// once for the four, the four rows' chains overlap, and each block asks for the
     /// same block of the next four rows.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
-    unsafe fn decode4_of<T: RowFormat>(
+    unsafe fn decode4_of<T: Simd>(
         w: [*const u8; 4],
         kb: usize,
         x: &[ActBlock],
@@ -1095,8 +1053,8 @@ mod avx512 {
     macro_rules! by_format {
         ($f:ty, $kernel:ident, $($arg:expr),*) => {
             match <$f>::DTYPE {
-                GgmlDType::Q4K => $kernel::<Q4KTiles>($($arg),*),
-                GgmlDType::Q6K => $kernel::<Q6KTiles>($($arg),*),
+                GgmlDType::Q4K => $kernel::<Q4K>($($arg),*),
+                GgmlDType::Q6K => $kernel::<Q6K>($($arg),*),
                 other => unreachable!("no AVX-512 kernel for {other:?}"),
             }
         };
