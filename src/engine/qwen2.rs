@@ -13,11 +13,12 @@
 //!   Q6_K ones (the 1.5B's) through kernels that read the mapped GGUF file in place
 //!   ([`super::cpu_kquants`]), as does the embedding lookup.
 
+use super::cpu_attention;
 use super::gguf::ModelInfo;
 pub use super::weights::{linear, Linear, WeightSource};
 use super::weights::{Embedding, Projection};
 use candle_core::quantized::QTensor;
-use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
+use candle_core::{DType, Device, IndexOp, Module, Result, Storage, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 use candle_transformers::utils::build_causal_mask;
 
@@ -181,6 +182,9 @@ pub fn attend(
     k_cache.slice_set(&k, 2, pos)?;
     v_cache.slice_set(&v, 2, pos)?;
     let len = pos + seq_len;
+    if seq_len == 1 && b == 1 && q.device().is_cpu() {
+        return decode_on_cpu(q, (k_cache, v_cache), len);
+    }
     let k = k_cache.narrow(2, 0, len)?;
     let v = v_cache.narrow(2, 0, len)?;
 
@@ -197,6 +201,35 @@ pub fn attend(
     };
     let att = candle_nn::ops::softmax_last_dim(&att)?;
     att.matmul(&v)?.reshape((b, n_head, seq_len, hd))
+}
+
+/// One query position (1, heads, 1, head_dim) against the first `len` positions of the
+/// cache, by [`cpu_attention::decode`].
+fn decode_on_cpu(q: &Tensor, (k_cache, v_cache): (&Tensor, &Tensor), len: usize) -> Result<Tensor> {
+    let (_, heads, _, head_dim) = q.dims4()?;
+    let (_, kv_heads, capacity, _) = k_cache.dims4()?;
+    let shape = cpu_attention::Heads {
+        heads,
+        kv_heads,
+        head_dim,
+        capacity,
+    };
+    let q = q.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = vec![0f32; heads * head_dim];
+    {
+        let (k, k_layout) = k_cache.storage_and_layout();
+        let (v, v_layout) = v_cache.storage_and_layout();
+        let (Storage::Cpu(k), Storage::Cpu(v)) = (&*k, &*v) else {
+            candle_core::bail!("decode attention on the CPU with a cache elsewhere");
+        };
+        if !k_layout.is_contiguous() || !v_layout.is_contiguous() {
+            candle_core::bail!("the kv cache is not contiguous");
+        }
+        let k = &k.as_slice::<f32>()?[k_layout.start_offset()..];
+        let v = &v.as_slice::<f32>()?[v_layout.start_offset()..];
+        cpu_attention::decode(&q, k, v, shape, len, &mut out);
+    }
+    Tensor::from_vec(out, (1, heads, 1, head_dim), &Device::Cpu)
 }
 
 pub struct Qwen2 {
