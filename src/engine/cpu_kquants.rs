@@ -172,6 +172,16 @@ fn quantize_rows<F: KFormat>(xs: &[f32]) -> Vec<ActBlock> {
 }
 
 fn quantize_block<F: KFormat>(x: &[f32]) -> ActBlock {
+    #[cfg(target_arch = "x86_64")]
+    if supported() {
+        // SAFETY: supported() checked the CPU; `x` holds QK_K values.
+        return unsafe { avx512::quantize_block::<F>(x) };
+    }
+    quantize_block_scalar::<F>(x)
+}
+
+/// The reference for [`quantize_block`] (any CPU).
+fn quantize_block_scalar<F: KFormat>(x: &[f32]) -> ActBlock {
     let mut out = ActBlock {
         qs: [0; QK_K],
         d: 0.0,
@@ -196,14 +206,21 @@ fn quantize_block<F: KFormat>(x: &[f32]) -> ActBlock {
     for (j, s) in out.bsums.iter_mut().enumerate() {
         *s = q[16 * j..16 * j + 16].iter().map(|&v| v as i16).sum();
     }
-    for (j, s) in out.sums32.iter_mut().enumerate() {
-        *s = out.bsums[2 * j] + out.bsums[2 * j + 1];
-    }
-    for (p, &sub) in F::ORDER.iter().enumerate() {
-        out.qs[32 * p..32 * p + 32].copy_from_slice(&q[32 * sub..32 * sub + 32]);
-    }
-    out.d = 1.0 / iscale;
+    out.finish::<F>(&q, iscale);
     out
+}
+
+impl ActBlock {
+    /// Fills in the sums of 32 from the sums of 16, the values in `F`'s order, the scale.
+    fn finish<F: KFormat>(&mut self, q: &[i8; QK_K], iscale: f32) {
+        for (j, s) in self.sums32.iter_mut().enumerate() {
+            *s = self.bsums[2 * j] + self.bsums[2 * j + 1];
+        }
+        for (p, &sub) in F::ORDER.iter().enumerate() {
+            self.qs[32 * p..32 * p + 32].copy_from_slice(&q[32 * sub..32 * sub + 32]);
+        }
+        self.d = 1.0 / iscale;
+    }
 }
 
 /// Activation rows in one [`ActTile`].
@@ -459,9 +476,75 @@ impl<F: KFormat> KMatrix<F> {
 // Accumulators, activations and outputs are indexed by the activation row together.
 #[allow(clippy::needless_range_loop)]
 mod avx512 {
-    use super::{ActBlock, ActTile, KFormat, GROUP, Q4K, Q6K, ROWS, TILE_ROWS};
+    use super::{ActBlock, ActTile, KFormat, GROUP, Q4K, Q6K, QK_K, ROWS, TILE_ROWS};
     use candle_core::quantized::GgmlDType;
     use core::arch::x86_64::*;
+
+    /// [`super::quantize_block_scalar`] with AVX-512: the same values, bit for bit
+    /// (rounding half away from zero, as `f32::round`). It runs on one thread before
+    /// every matmul; the scalar loop took 0.34 µs a block (12 µs before each of the
+    /// 1.5B's down projections).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn quantize_block<F: KFormat>(x: &[f32]) -> ActBlock {
+        let mut out = ActBlock {
+            qs: [0; QK_K],
+            d: 0.0,
+            bsums: [0; 16],
+            sums32: [0; 8],
+        };
+        assert!(x.len() >= QK_K);
+        let p = x.as_ptr();
+        let load = |c: usize| unsafe { _mm512_loadu_ps(p.add(16 * c)) };
+        let mut vmax = _mm512_setzero_ps();
+        let mut nan = 0;
+        for c in 0..16 {
+            let v = load(c);
+            nan |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+            vmax = _mm512_max_ps(vmax, _mm512_abs_ps(v));
+        }
+        let amax = _mm512_reduce_max_ps(vmax);
+        if amax == 0.0 || !amax.is_finite() || nan != 0 {
+            // All zero, or not finite (the reference then turns NaN into 0).
+            return super::quantize_block_scalar::<F>(x);
+        }
+        // The first value of the largest magnitude, with its sign.
+        let at = (0..16)
+            .find_map(|c| {
+                let hit =
+                    _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(_mm512_abs_ps(load(c)), _mm512_set1_ps(amax));
+                (hit != 0).then(|| 16 * c + hit.trailing_zeros() as usize)
+            })
+            .unwrap_or(0);
+        let iscale = -127f32 / x[at];
+        let vs = _mm512_set1_ps(iscale);
+        let sign = _mm512_set1_ps(-0.0);
+        let one = _mm512_set1_ps(1.0);
+        let mut q = [0i8; QK_K];
+        for c in 0..16 {
+            let t = _mm512_mul_ps(load(c), vs);
+            let r = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(t);
+            let half = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(
+                _mm512_abs_ps(_mm512_sub_ps(t, r)),
+                _mm512_set1_ps(0.5),
+            );
+            let away = _mm512_or_ps(_mm512_and_ps(t, sign), one);
+            let r = _mm512_mask_add_ps(r, half, r, away);
+            let r = _mm512_min_ps(
+                _mm512_max_ps(r, _mm512_set1_ps(-128.0)),
+                _mm512_set1_ps(127.0),
+            );
+            let i = _mm512_cvtps_epi32(r);
+            unsafe {
+                _mm_storeu_si128(
+                    q.as_mut_ptr().add(16 * c) as *mut __m128i,
+                    _mm512_cvtepi32_epi8(i),
+                )
+            };
+            out.bsums[c] = _mm512_reduce_add_epi32(i) as i16;
+        }
+        out.finish::<F>(&q, iscale);
+        out
+    }
 
     /// One weight block unpacked for the tile kernel: its 256 weights as unsigned bytes
     /// (in the format's order), scales as floats.
@@ -1187,6 +1270,54 @@ mod tests {
     #[test]
     fn q6k_matches_candle_with_every_kernel() {
         check::<Q6K>();
+    }
+
+    /// The AVX-512 quantizer gives the scalar one's bytes exactly: halves rounded away
+    /// from zero, the first of two opposite largest values setting the sign, zero and
+    /// non-finite blocks.
+    #[test]
+    fn quantizing_activations_matches_the_reference_bit_for_bit() {
+        let mut blocks: Vec<Vec<f32>> = Vec::new();
+        let mut x = 7u64;
+        for _ in 0..50 {
+            blocks.push(
+                (0..QK_K)
+                    .map(|_| {
+                        x = x
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.0
+                    })
+                    .collect(),
+            );
+        }
+        // Scale 1 (the largest is -127): every value a half.
+        let mut halves: Vec<f32> = (0..QK_K)
+            .map(|i| (i as f32 - 128.0) / 2.0 + 0.25 * 2.0)
+            .collect();
+        halves[3] = -127.0;
+        blocks.push(halves);
+        let mut opposite = vec![0.5f32; QK_K];
+        opposite[5] = -4.0;
+        opposite[100] = 4.0;
+        blocks.push(opposite.clone());
+        opposite[5] = 4.0;
+        opposite[100] = -4.0;
+        blocks.push(opposite);
+        blocks.push(vec![0.0; QK_K]);
+        let mut nan = vec![1.0f32; QK_K];
+        nan[9] = f32::NAN;
+        blocks.push(nan.clone());
+        nan[9] = f32::INFINITY;
+        blocks.push(nan);
+        for (i, b) in blocks.iter().enumerate() {
+            let want = quantize_block_scalar::<Q4K>(b);
+            let got = quantize_block::<Q4K>(b);
+            assert_eq!(want.qs, got.qs, "block {i}");
+            assert_eq!(want.bsums, got.bsums, "block {i}");
+            assert_eq!(want.sums32, got.sums32, "block {i}");
+            assert_eq!(want.d.to_bits(), got.d.to_bits(), "block {i}");
+        }
     }
 
     #[test]
