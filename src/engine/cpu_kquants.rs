@@ -9,7 +9,11 @@
 //!   weights × signed activations) then `vpdpwssd` with each sub-block's scale, so a
 //!   whole 256-value block reaches the float accumulator in one conversion; each block
 //!   asks for the same block of the next four rows ahead (the mapped file's 4 KiB pages
-//!   stop the hardware prefetcher);
+//!   stop the hardware prefetcher: without the hint the 1.5B decoded at 11 instead of
+//!   17 tok/s on an Intel Xeon, 13 instead of 36 on an AMD EPYC of the Zen 5 family;
+//!   there, more groups ahead or prefetching into L2 measured the same, and 2 MiB pages
+//!   were no option: the file's mapping is not eligible for them, and a copy into
+//!   anonymous huge pages took 4 s to load for no gain in decode);
 //! - short inputs (2 to 7 rows): one weight row against up to four activation rows, the
 //!   same arithmetic;
 //! - prompts (8 rows or more): activations interleaved into tiles of 16 rows
@@ -423,19 +427,16 @@ impl<F: KFormat> KMatrix<F> {
                 let mut first = 0;
                 #[cfg(target_arch = "x86_64")]
                 if m == 1 && kernel == Kernel::Avx512 {
-                    while first + 4 <= item.rows {
-                        let w = std::array::from_fn(|i| {
-                            part[(item.local + first + i) * row_bytes..].as_ptr()
-                        });
-                        let mut acc = [0f32; 4];
-                        // SAFETY: as below; each pointer starts kb blocks inside the part.
-                        unsafe { avx512::decode4::<F>(w, kb, xq, &mut acc) };
-                        for (i, v) in acc.iter().enumerate() {
-                            // SAFETY: as below (one activation row: row 0 of `out`).
-                            unsafe { *(out_ptr as *mut f32).add(item.row + first + i) = *v };
-                        }
-                        first += 4;
-                    }
+                    let groups = item.rows / 4;
+                    let rows = &part[item.local * row_bytes..(item.local + 4 * groups) * row_bytes];
+                    // SAFETY: new() checked supported(); `rows` holds the 4·groups rows
+                    // read; one activation row, so the item's outputs are row 0 of `out`
+                    // at its own columns.
+                    unsafe {
+                        let out = (out_ptr as *mut f32).add(item.row);
+                        avx512::decode::<F>(rows.as_ptr(), row_bytes, groups, xq, out)
+                    };
+                    first = 4 * groups;
                 }
                 for r0 in (0..m).step_by(ROWS) {
                     let rows = (m - r0).min(ROWS);
@@ -1102,34 +1103,76 @@ mod avx512 {
         }
     }
 
-    /// Four weight rows times one activation row (decode): the activations are loaded
-    /// once for the four, the four rows' chains overlap, and each block asks for the
-    /// same block of the next four rows.
+    /// `4 * groups` consecutive weight rows (`w`, `row_bytes` apart) times one
+    /// activation row, into `out[..4 * groups]`, four rows at a time: the activations
+    /// are loaded once for the four, the four rows' chains overlap, and each block asks
+    /// for the same block of the next four rows. One call per work item, and the four
+    /// rows' sums reduced together: at the 1.5B's width a row is only 6 blocks, so the
+    /// per-call setup and four separate horizontal sums were a tenth of the
+    /// instructions of a pass (what that costs in time was below this machine's noise).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
-    unsafe fn decode4_of<T: Simd>(
-        w: [*const u8; 4],
-        kb: usize,
+    unsafe fn decode_of<T: Simd>(
+        w: *const u8,
+        row_bytes: usize,
+        groups: usize,
         x: &[ActBlock],
-        out: &mut [f32; 4],
+        out: *mut f32,
     ) {
         unsafe {
-            let next = 4 * kb * T::BLOCK_BYTES;
+            let kb = row_bytes / T::BLOCK_BYTES;
+            let next = 4 * row_bytes;
             let idx = scale_idx(T::SCALE_IDX);
-            let mut accf = [_mm512_setzero_ps(); 4];
-            let mut accm = [_mm_setzero_ps(); 4];
-            for (b, a) in x.iter().enumerate().take(kb) {
-                let act = act_regs(a);
-                for i in 0..4 {
-                    let blk = w[i].add(b * T::BLOCK_BYTES);
-                    prefetch(blk.wrapping_add(next), T::BLOCK_BYTES);
-                    let u = T::unpack(blk, &idx);
-                    accumulate::<T>(&u, a, &act, &mut accf[i], &mut accm[i]);
+            for g in 0..groups {
+                let w: [*const u8; 4] = std::array::from_fn(|i| w.add((4 * g + i) * row_bytes));
+                let mut accf = [_mm512_setzero_ps(); 4];
+                let mut accm = [_mm_setzero_ps(); 4];
+                for (b, a) in x.iter().enumerate().take(kb) {
+                    let act = act_regs(a);
+                    for i in 0..4 {
+                        let blk = w[i].add(b * T::BLOCK_BYTES);
+                        prefetch(blk.wrapping_add(next), T::BLOCK_BYTES);
+                        let u = T::unpack(blk, &idx);
+                        accumulate::<T>(&u, a, &act, &mut accf[i], &mut accm[i]);
+                    }
                 }
-            }
-            for i in 0..4 {
-                out[i] = _mm512_reduce_add_ps(accf[i]) - hsum128(accm[i]);
+                let sums = _mm_sub_ps(hsum4x16(accf), hsum4x4(accm));
+                _mm_storeu_ps(out.add(4 * g), sums);
             }
         }
+    }
+
+    /// The sums of four registers' 16 lanes, as four lanes.
+    #[inline(always)]
+    unsafe fn hsum4x16(v: [__m512; 4]) -> __m128 {
+        // Lanes of 128 bits pairwise, then registers pairwise, then within each lane.
+        let t01 = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b01_00_01_00>(v[0], v[1]),
+            _mm512_shuffle_f32x4::<0b11_10_11_10>(v[0], v[1]),
+        );
+        let t23 = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b01_00_01_00>(v[2], v[3]),
+            _mm512_shuffle_f32x4::<0b11_10_11_10>(v[2], v[3]),
+        );
+        // Lane i now holds register i's four partial sums (two halves added).
+        let u = _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(t01, t23),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(t01, t23),
+        );
+        let lanes = [
+            _mm512_extractf32x4_ps::<0>(u),
+            _mm512_extractf32x4_ps::<1>(u),
+            _mm512_extractf32x4_ps::<2>(u),
+            _mm512_extractf32x4_ps::<3>(u),
+        ];
+        unsafe { hsum4x4(lanes) }
+    }
+
+    /// The sums of four registers' 4 lanes, as four lanes.
+    #[inline(always)]
+    unsafe fn hsum4x4(v: [__m128; 4]) -> __m128 {
+        let a = _mm_hadd_ps(v[0], v[1]);
+        let b = _mm_hadd_ps(v[2], v[3]);
+        _mm_hadd_ps(a, b)
     }
 
     /// `F`'s kernels, chosen by its format.
@@ -1158,17 +1201,18 @@ mod avx512 {
         unsafe { by_format!(F, rows_of, w, kb, x, rows, out) }
     }
 
-    /// Four weight rows (`w`: `kb` blocks each) times one activation row.
+    /// `4 * groups` consecutive weight rows at `w` times one activation row.
     ///
     /// # Safety
-    /// As [`rows`].
-    pub(super) unsafe fn decode4<F: KFormat>(
-        w: [*const u8; 4],
-        kb: usize,
+    /// As [`rows`]; `w` must hold the rows, `out` their 4·groups outputs.
+    pub(super) unsafe fn decode<F: KFormat>(
+        w: *const u8,
+        row_bytes: usize,
+        groups: usize,
         x: &[ActBlock],
-        out: &mut [f32; 4],
+        out: *mut f32,
     ) {
-        unsafe { by_format!(F, decode4_of, w, kb, x, out) }
+        unsafe { by_format!(F, decode_of, w, row_bytes, groups, x, out) }
     }
 
     /// Up to [`GROUP`] weight rows (`w`: `kb` blocks each) times every activation tile
