@@ -5,6 +5,7 @@
 //! moment, to show what true concurrency gives.
 
 use crate::config::DeviceSpec;
+use crate::engine::cpu::CpuId;
 use crate::engine::synthetic::Shape;
 use crate::engine::{create_device, Model, Options};
 use anyhow::{Context, Result};
@@ -120,6 +121,9 @@ impl DeviceResult {
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub date: String,
+    /// The processor (CPUID), and which of duet's CPU kernels ran on it.
+    pub cpu: CpuId,
+    pub cpu_kernels: String,
     pub layout: String,
     pub threads: usize,
     pub options: ReportOptions,
@@ -368,6 +372,8 @@ pub fn run(
     bar.finish_and_clear();
     Ok(Report {
         date: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        cpu: CpuId::read(),
+        cpu_kernels: crate::engine::cpu::kernels(),
         layout: layout.to_string(),
         threads,
         options: ReportOptions {
@@ -382,8 +388,9 @@ pub fn run(
 /// The report as Markdown tables: each device alone, then all together.
 pub fn markdown(r: &Report) -> String {
     let mut out = format!(
-        "duet bench: layout {}, {} CPU threads, {} repetitions (median (min–max)), {}\n\n",
-        r.layout, r.threads, r.options.reps, r.date
+        "duet bench: layout {}, {} CPU threads, {} repetitions (median (min–max)), {}\n\
+         CPU: {}; duet's CPU kernels: {}\n\n",
+        r.layout, r.threads, r.options.reps, r.date, r.cpu, r.cpu_kernels
     );
     out.push_str("| model | device | load s |");
     for p in &r.options.prompt_sizes {

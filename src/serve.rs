@@ -164,6 +164,11 @@ async fn shutdown_signal() {
 
 pub fn serve(d: Deployment, opts: ServeOptions) -> Result<()> {
     let addr = parse_host(&opts.host)?;
+    tracing::info!(
+        cpu = %crate::engine::cpu::CpuId::read(),
+        kernels = %crate::engine::cpu::kernels(),
+        "CPU"
+    );
     let slots = start_workers(&d, opts.max_queue)?;
     let layout = d.layout();
     let classifier = crate::router::Classifier::new(d.config.routing.clone())?;

@@ -346,7 +346,7 @@ impl<B: WeightBlock> BlockMatrix<B> {
 }
 
 /// Whether this CPU runs the tile kernel (AVX-512 F, BW and VNNI).
-fn tiles_supported() -> bool {
+pub(crate) fn tiles_supported() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         is_x86_feature_detected!("avx512f")

@@ -1,6 +1,7 @@
 //! The inference engine: a GGUF file becomes a [`Model`] (weights on one device, the
 //! tokenizer and chat template from the file's metadata) that produces [`Generation`]s.
 
+pub mod cpu;
 pub mod cpu_attention;
 pub mod cpu_kquants;
 pub mod cpu_matmul;

@@ -1,0 +1,158 @@
+//! Which CPU this is, read with CPUID at run time, and which of duet's CPU kernels run
+//! on it. Numbers measured on one CPU family say little about another (the K-quant
+//! decode of the 1.5B ran at 1.58x llama.cpp on an Intel Xeon and was reported at 0.6x
+//! on an AMD EPYC), so `duet bench` and the logs say what they ran on.
+
+use serde::Serialize;
+
+/// The processor, as CPUID reports it.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct CpuId {
+    /// "GenuineIntel", "AuthenticAMD", … ("unknown" off x86-64).
+    pub vendor: String,
+    /// The brand string ("AMD EPYC", "Intel(R) Xeon(R) Processor", …).
+    pub name: String,
+    /// Display family and model (extended fields folded in, as /proc/cpuinfo shows
+    /// them): AMD Zen 4 is family 25, Zen 5 family 26.
+    pub family: u32,
+    pub model: u32,
+    pub stepping: u32,
+}
+
+impl CpuId {
+    pub fn read() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::__cpuid;
+            // SAFETY: CPUID exists on every x86-64 processor; leaves above the maximum
+            // the processor reports are not queried.
+            let (vendor, max_ext, sig) = {
+                let l0 = __cpuid(0);
+                let mut v = Vec::with_capacity(12);
+                for r in [l0.ebx, l0.edx, l0.ecx] {
+                    v.extend_from_slice(&r.to_le_bytes());
+                }
+                (
+                    String::from_utf8_lossy(&v).into_owned(),
+                    __cpuid(0x8000_0000).eax,
+                    __cpuid(1).eax,
+                )
+            };
+            let name = if max_ext >= 0x8000_0004 {
+                let mut b = Vec::with_capacity(48);
+                for leaf in 0x8000_0002..=0x8000_0004u32 {
+                    // SAFETY: the leaf is within the reported extended maximum.
+                    let r = __cpuid(leaf);
+                    for x in [r.eax, r.ebx, r.ecx, r.edx] {
+                        b.extend_from_slice(&x.to_le_bytes());
+                    }
+                }
+                String::from_utf8_lossy(&b)
+                    .trim_matches(char::from(0))
+                    .trim()
+                    .to_string()
+            } else {
+                String::new()
+            };
+            let base_family = (sig >> 8) & 0xf;
+            let family = if base_family == 0xf {
+                base_family + ((sig >> 20) & 0xff)
+            } else {
+                base_family
+            };
+            let model = if base_family == 0x6 || base_family == 0xf {
+                ((sig >> 16) & 0xf) << 4 | ((sig >> 4) & 0xf)
+            } else {
+                (sig >> 4) & 0xf
+            };
+            Self {
+                vendor,
+                name,
+                family,
+                model,
+                stepping: sig & 0xf,
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        Self {
+            vendor: "unknown".into(),
+            name: std::env::consts::ARCH.into(),
+            family: 0,
+            model: 0,
+            stepping: 0,
+        }
+    }
+
+    /// The CPU family in words, where it is one these machines have had.
+    pub fn family_name(&self) -> Option<&'static str> {
+        match (self.vendor.as_str(), self.family) {
+            ("AuthenticAMD", 0x19) => Some("AMD Zen 3/4"),
+            ("AuthenticAMD", 0x1a) => Some("AMD Zen 5"),
+            ("GenuineIntel", 6) => Some("Intel Core/Xeon"),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for CpuId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({}, family {} model {} stepping {}",
+            if self.name.is_empty() {
+                "unnamed CPU"
+            } else {
+                &self.name
+            },
+            self.vendor,
+            self.family,
+            self.model,
+            self.stepping
+        )?;
+        if let Some(family) = self.family_name() {
+            write!(f, ", {family}")?;
+        }
+        write!(f, ")")
+    }
+}
+
+/// duet's own CPU kernels that this CPU runs (else candle's run), in words.
+pub fn kernels() -> String {
+    let mut k = Vec::new();
+    if super::cpu_kquants::supported() {
+        k.push("Q4_K/Q6_K from the mapped file (AVX-512 VNNI)");
+    }
+    if super::cpu_matmul::tiles_supported() {
+        k.push("Q5_0/Q8_0 tiles (AVX-512 VNNI)");
+    }
+    if k.is_empty() {
+        "candle's".into()
+    } else {
+        k.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What CPUID says agrees with the kernel's reading of it.
+    #[test]
+    #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+    fn cpuid_agrees_with_proc_cpuinfo() {
+        let id = CpuId::read();
+        let info = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+        let field = |key: &str| {
+            info.lines()
+                .find(|l| l.split(':').next().map(str::trim) == Some(key))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|v| v.trim().to_string())
+                .unwrap()
+        };
+        assert_eq!(id.vendor, field("vendor_id"));
+        assert_eq!(id.family.to_string(), field("cpu family"));
+        assert_eq!(id.model.to_string(), field("model"));
+        assert_eq!(id.name, field("model name"));
+        assert!(id.to_string().contains(&id.vendor));
+    }
+}
