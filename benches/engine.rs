@@ -42,9 +42,11 @@ fn attention(c: &mut Criterion) {
     let q = Tensor::randn(0f32, 1f32, (1, 12, 1, 128), &cpu).unwrap();
     let k = Tensor::randn(0f32, 1f32, (1, 2, 1, 128), &cpu).unwrap();
     let v = Tensor::randn(0f32, 1f32, (1, 2, 1, 128), &cpu).unwrap();
+    // The CPU cache holds f16 (what duet allocates there).
+    let half = |t: Tensor| t.to_dtype(candle_core::DType::F16).unwrap();
     let cache = (
-        Tensor::randn(0f32, 1f32, (1, 2, 512, 128), &cpu).unwrap(),
-        Tensor::randn(0f32, 1f32, (1, 2, 512, 128), &cpu).unwrap(),
+        half(Tensor::randn(0f32, 1f32, (1, 2, 512, 128), &cpu).unwrap()),
+        half(Tensor::randn(0f32, 1f32, (1, 2, 512, 128), &cpu).unwrap()),
     );
     let neg_inf = Tensor::new(f32::NEG_INFINITY, &cpu).unwrap();
     c.bench_function("attention decode step (12/2 heads, 256 cached)", |b| {

@@ -6,6 +6,8 @@
 //! dispatch per matmul, and a read of /proc/cpuinfo per matmul to size it. Here each
 //! head reads its keys and values once, straight from the cache.
 
+use half::f16;
+
 /// The cache's layout: `kv_heads` blocks of `capacity` positions of `head_dim` floats.
 #[derive(Clone, Copy, Debug)]
 pub struct Heads {
@@ -18,7 +20,7 @@ pub struct Heads {
 /// `out` (heads × head_dim) = softmax(q·Kᵀ / √head_dim)·V for each query head of `q`
 /// (heads × head_dim) over the first `len` cached positions of `k` and `v`; query head h
 /// reads key/value head h / (heads / kv_heads), as grouped-query attention does.
-pub fn decode(q: &[f32], k: &[f32], v: &[f32], shape: Heads, len: usize, out: &mut [f32]) {
+pub fn decode(q: &[f32], k: &[f16], v: &[f16], shape: Heads, len: usize, out: &mut [f32]) {
     let Heads {
         heads,
         kv_heads,
@@ -37,40 +39,180 @@ pub fn decode(q: &[f32], k: &[f32], v: &[f32], shape: Heads, len: usize, out: &m
     assert_eq!(out.len(), heads * hd);
     assert!(k.len() >= kv_heads * capacity * hd && v.len() >= kv_heads * capacity * hd);
     let group = heads / kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
     let out_at = out.as_mut_ptr() as usize;
-    candle_core::utils::barrier_pool().execute_chunked(heads, |range| {
-        let mut scores = vec![0f32; len];
-        for h in range {
-            let g = h / group;
+    // One item per key/value head: its keys and values are read from memory once for
+    // all the query heads that share them (reading them once per query head made this
+    // bound by the L3 cache).
+    candle_core::utils::barrier_pool().execute_chunked(kv_heads, |range| {
+        let mut scores = vec![0f32; group * len];
+        for g in range {
             let keys = &k[g * capacity * hd..][..len * hd];
             let values = &v[g * capacity * hd..][..len * hd];
-            let qh = &q[h * hd..(h + 1) * hd];
-            let mut max = f32::NEG_INFINITY;
-            for (s, key) in scores.iter_mut().zip(keys.chunks_exact(hd)) {
-                *s = dot(qh, key) * scale;
-                max = max.max(*s);
-            }
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            // SAFETY: each head's output row is written by exactly one item.
-            let o = unsafe { std::slice::from_raw_parts_mut((out_at as *mut f32).add(h * hd), hd) };
-            o.fill(0.0);
-            for (&p, value) in scores.iter().zip(values.chunks_exact(hd)) {
-                let p = p / sum;
-                for (o, &x) in o.iter_mut().zip(value) {
-                    *o += p * x;
-                }
-            }
+            let qg = &q[g * group * hd..(g + 1) * group * hd];
+            // SAFETY: each group's output rows are written by exactly one item.
+            let og = unsafe {
+                std::slice::from_raw_parts_mut((out_at as *mut f32).add(g * group * hd), group * hd)
+            };
+            attend_group(qg, keys, values, hd, len, &mut scores, og);
         }
     });
 }
 
+/// The query heads `q` (group × hd) of one key/value head over its `len` positions.
+fn attend_group(
+    q: &[f32],
+    keys: &[f16],
+    values: &[f16],
+    hd: usize,
+    len: usize,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512 F; the slices have the lengths the kernel reads.
+        match hd {
+            64 => return unsafe { avx512::group::<4>(q, keys, values, len, scores, out) },
+            128 => return unsafe { avx512::group::<8>(q, keys, values, len, scores, out) },
+            _ => {}
+        }
+    }
+    let scale = 1.0 / (hd as f32).sqrt();
+    for ((qh, s), o) in q
+        .chunks_exact(hd)
+        .zip(scores.chunks_exact_mut(len))
+        .zip(out.chunks_exact_mut(hd))
+    {
+        for (s, key) in s.iter_mut().zip(keys.chunks_exact(hd)) {
+            *s = dot(qh, key) * scale;
+        }
+        let sum = softmax_unnormalized(s);
+        o.fill(0.0);
+        for (&p, value) in s.iter().zip(values.chunks_exact(hd)) {
+            for (o, &x) in o.iter_mut().zip(value) {
+                *o += p * x.to_f32();
+            }
+        }
+        for o in o.iter_mut() {
+            *o /= sum;
+        }
+    }
+}
+
+/// e^(s - max s) for each score, in place; returns their sum.
+fn softmax_unnormalized(s: &mut [f32]) -> f32 {
+    let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    for x in s.iter_mut() {
+        *x -= max;
+    }
+    super::cpu_ops::exp_in_place(s);
+    s.iter().sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::super::cpu_ops::avx512::hsum4x16;
+    use core::arch::x86_64::*;
+    use half::f16;
+
+    /// Positions whose values are accumulated for every query head before the next.
+    const SPAN: usize = 32;
+
+    /// Positions ahead whose keys are asked for while four are scored.
+    const AHEAD: usize = 16;
+
+    /// Asks for the cache lines of `xs[at..at + n]` (what lies inside `xs`).
+    #[inline(always)]
+    fn prefetch(xs: &[f16], at: usize, n: usize) {
+        let end = xs.len().min(at + n);
+        for i in (at..end).step_by(32) {
+            // SAFETY: i < xs.len(); a prefetch reads nothing.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(xs.as_ptr().add(i) as *const i8) };
+        }
+    }
+
+    /// [`super::attend_group`] for head_dim = 16·C.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn group<const C: usize>(
+        q: &[f32],
+        keys: &[f16],
+        values: &[f16],
+        len: usize,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let hd = 16 * C;
+        let heads = q.len() / hd;
+        assert!(keys.len() >= len * hd && values.len() >= len * hd);
+        assert!(scores.len() >= heads * len && out.len() >= heads * hd);
+        let scale = _mm512_set1_ps(1.0 / (hd as f32).sqrt());
+        let load = |p: &[f32], at: usize| unsafe { _mm512_loadu_ps(p.as_ptr().add(at)) };
+        let load16 = |p: &[f16], at: usize| unsafe {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p.as_ptr().add(at) as *const __m256i))
+        };
+        // Scores, four keys at a time (their sums reduced together); the four keys stay
+        // in L1 for every query head.
+        let mut t = 0;
+        while t < len {
+            let n = (len - t).min(4);
+            // The cache is read from memory (a token's weights stream through the
+            // caches in between) and its 4 KiB pages stop the hardware prefetcher.
+            prefetch(keys, (t + AHEAD) * hd, 4 * hd);
+            for h in 0..heads {
+                let mut acc = [_mm512_setzero_ps(); 4];
+                for c in 0..C {
+                    let qc = load(q, h * hd + 16 * c);
+                    for (j, a) in acc.iter_mut().enumerate().take(n) {
+                        *a = _mm512_fmadd_ps(qc, load16(keys, (t + j) * hd + 16 * c), *a);
+                    }
+                }
+                let mut four = [0f32; 4];
+                unsafe { _mm_storeu_ps(four.as_mut_ptr(), hsum4x16(acc)) };
+                for j in 0..n {
+                    scores[h * len + t + j] = four[j];
+                }
+            }
+            t += n;
+        }
+        let mut sums = vec![0f32; heads];
+        for h in 0..heads {
+            let s = &mut scores[h * len..(h + 1) * len];
+            for x in s.iter_mut() {
+                *x *= _mm512_cvtss_f32(scale);
+            }
+            sums[h] = super::softmax_unnormalized(s);
+        }
+        // Values: per span of positions (in L1), each head's output in registers.
+        for o in out.iter_mut() {
+            *o = 0.0;
+        }
+        for t0 in (0..len).step_by(SPAN) {
+            let t1 = len.min(t0 + SPAN);
+            prefetch(values, (t0 + SPAN) * hd, SPAN * hd);
+            for h in 0..heads {
+                let mut o: [__m512; C] = std::array::from_fn(|c| load(out, h * hd + 16 * c));
+                for t in t0..t1 {
+                    let p = _mm512_set1_ps(scores[h * len + t]);
+                    for (c, o) in o.iter_mut().enumerate() {
+                        *o = _mm512_fmadd_ps(p, load16(values, t * hd + 16 * c), *o);
+                    }
+                }
+                for (c, o) in o.iter().enumerate() {
+                    unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(h * hd + 16 * c), *o) };
+                }
+            }
+        }
+        for h in 0..heads {
+            let inv = 1.0 / sums[h];
+            for o in &mut out[h * hd..(h + 1) * hd] {
+                *o *= inv;
+            }
+        }
+    }
+}
+
 /// Σ a·b in 16 independent lanes (so that it vectorizes), then their sum.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot(a: &[f32], b: &[f16]) -> f32 {
     const L: usize = 16;
     let mut acc = [0f32; L];
     let (ac, bc) = (a.chunks_exact(L), b.chunks_exact(L));
@@ -78,11 +220,11 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         .remainder()
         .iter()
         .zip(bc.remainder())
-        .map(|(x, y)| x * y)
+        .map(|(x, y)| x * y.to_f32())
         .sum();
     for (x, y) in ac.zip(bc) {
         for i in 0..L {
-            acc[i] += x[i] * y[i];
+            acc[i] += x[i] * y[i].to_f32();
         }
     }
     acc.iter().sum::<f32>() + tail
@@ -93,7 +235,7 @@ mod tests {
     use super::*;
 
     /// The plain formula, one head at a time, in f64.
-    fn reference(q: &[f32], k: &[f32], v: &[f32], s: Heads, len: usize) -> Vec<f32> {
+    fn reference(q: &[f32], k: &[f16], v: &[f16], s: Heads, len: usize) -> Vec<f32> {
         let hd = s.head_dim;
         let mut out = vec![0f32; s.heads * hd];
         for h in 0..s.heads {
@@ -101,7 +243,7 @@ mod tests {
             let scores: Vec<f64> = (0..len)
                 .map(|t| {
                     (0..hd)
-                        .map(|d| q[h * hd + d] as f64 * k[(g * s.capacity + t) * hd + d] as f64)
+                        .map(|d| q[h * hd + d] as f64 * k[(g * s.capacity + t) * hd + d].to_f64())
                         .sum::<f64>()
                         / (hd as f64).sqrt()
                 })
@@ -111,7 +253,7 @@ mod tests {
             let sum: f64 = e.iter().sum();
             for d in 0..hd {
                 out[h * hd + d] = (0..len)
-                    .map(|t| e[t] / sum * v[(g * s.capacity + t) * hd + d] as f64)
+                    .map(|t| e[t] / sum * v[(g * s.capacity + t) * hd + d].to_f64())
                     .sum::<f64>() as f32;
             }
         }
@@ -142,8 +284,9 @@ mod tests {
                     capacity: len + 5,
                 };
                 let q = values(heads * head_dim, 1);
-                let k = values(kv_heads * s.capacity * head_dim, 2);
-                let v = values(kv_heads * s.capacity * head_dim, 3);
+                let half = |v: Vec<f32>| v.into_iter().map(f16::from_f32).collect::<Vec<_>>();
+                let k = half(values(kv_heads * s.capacity * head_dim, 2));
+                let v = half(values(kv_heads * s.capacity * head_dim, 3));
                 let mut out = vec![f32::NAN; heads * head_dim];
                 decode(&q, &k, &v, s, len, &mut out);
                 let want = reference(&q, &k, &v, s, len);

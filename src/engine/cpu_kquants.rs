@@ -477,6 +477,7 @@ impl<F: KFormat> KMatrix<F> {
 // Accumulators, activations and outputs are indexed by the activation row together.
 #[allow(clippy::needless_range_loop)]
 mod avx512 {
+    use super::super::cpu_ops::avx512::{hsum4x16, hsum4x4};
     use super::{ActBlock, ActTile, KFormat, GROUP, Q4K, Q6K, QK_K, ROWS, TILE_ROWS};
     use candle_core::quantized::GgmlDType;
     use core::arch::x86_64::*;
@@ -1139,40 +1140,6 @@ mod avx512 {
                 _mm_storeu_ps(out.add(4 * g), sums);
             }
         }
-    }
-
-    /// The sums of four registers' 16 lanes, as four lanes.
-    #[inline(always)]
-    unsafe fn hsum4x16(v: [__m512; 4]) -> __m128 {
-        // Lanes of 128 bits pairwise, then registers pairwise, then within each lane.
-        let t01 = _mm512_add_ps(
-            _mm512_shuffle_f32x4::<0b01_00_01_00>(v[0], v[1]),
-            _mm512_shuffle_f32x4::<0b11_10_11_10>(v[0], v[1]),
-        );
-        let t23 = _mm512_add_ps(
-            _mm512_shuffle_f32x4::<0b01_00_01_00>(v[2], v[3]),
-            _mm512_shuffle_f32x4::<0b11_10_11_10>(v[2], v[3]),
-        );
-        // Lane i now holds register i's four partial sums (two halves added).
-        let u = _mm512_add_ps(
-            _mm512_shuffle_f32x4::<0b10_00_10_00>(t01, t23),
-            _mm512_shuffle_f32x4::<0b11_01_11_01>(t01, t23),
-        );
-        let lanes = [
-            _mm512_extractf32x4_ps::<0>(u),
-            _mm512_extractf32x4_ps::<1>(u),
-            _mm512_extractf32x4_ps::<2>(u),
-            _mm512_extractf32x4_ps::<3>(u),
-        ];
-        unsafe { hsum4x4(lanes) }
-    }
-
-    /// The sums of four registers' 4 lanes, as four lanes.
-    #[inline(always)]
-    unsafe fn hsum4x4(v: [__m128; 4]) -> __m128 {
-        let a = _mm_hadd_ps(v[0], v[1]);
-        let b = _mm_hadd_ps(v[2], v[3]);
-        _mm_hadd_ps(a, b)
     }
 
     /// `F`'s kernels, chosen by its format.

@@ -5,6 +5,7 @@ pub mod cpu;
 pub mod cpu_attention;
 pub mod cpu_kquants;
 pub mod cpu_matmul;
+pub mod cpu_ops;
 pub mod generate;
 pub mod gguf;
 pub mod qwen2;

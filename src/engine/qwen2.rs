@@ -13,10 +13,10 @@
 //!   Q6_K ones (the 1.5B's) through kernels that read the mapped GGUF file in place
 //!   ([`super::cpu_kquants`]), as does the embedding lookup.
 
-use super::cpu_attention;
 use super::gguf::ModelInfo;
 pub use super::weights::{linear, Linear, WeightSource};
 use super::weights::{Embedding, Projection};
+use super::{cpu_attention, cpu_ops};
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, IndexOp, Module, Result, Storage, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
@@ -31,8 +31,36 @@ struct Mlp {
 impl Mlp {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let [gate, up] = outputs(self.gate_up.forward(xs)?)?;
-        self.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)
+        self.down.forward(&silu_mul(&gate, &up)?)
     }
+}
+
+/// SiLU(gate)·up: on the CPU in one pass over both ([`cpu_ops::silu_mul`]), elsewhere
+/// as candle's two operations.
+fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if !gate.device().is_cpu() || gate.dtype() != DType::F32 || gate.shape() != up.shape() {
+        return candle_nn::ops::silu(gate)? * up;
+    }
+    let mut out = vec![0f32; gate.elem_count()];
+    let fused = {
+        let (g, g_layout) = gate.storage_and_layout();
+        let (u, u_layout) = up.storage_and_layout();
+        let (Storage::Cpu(g), Storage::Cpu(u)) = (&*g, &*u) else {
+            candle_core::bail!("silu_mul: a CPU tensor not in CPU storage");
+        };
+        match (g_layout.contiguous_offsets(), u_layout.contiguous_offsets()) {
+            (Some((g0, g1)), Some((u0, u1))) => {
+                let (g, u) = (&g.as_slice::<f32>()?[g0..g1], &u.as_slice::<f32>()?[u0..u1]);
+                cpu_ops::silu_mul(g, u, &mut out);
+                true
+            }
+            _ => false,
+        }
+    };
+    if !fused {
+        return candle_nn::ops::silu(gate)? * up;
+    }
+    Tensor::from_vec(out, gate.shape(), &Device::Cpu)
 }
 
 struct Layer {
@@ -142,8 +170,9 @@ impl KvCache {
             capacity *= 2;
         }
         for slot in &mut self.layers {
-            let k = Tensor::zeros((1, kv_heads, capacity, head_dim), DType::F32, device)?;
-            let v = Tensor::zeros((1, kv_heads, capacity, head_dim), DType::F32, device)?;
+            let dtype = cache_dtype(device);
+            let k = Tensor::zeros((1, kv_heads, capacity, head_dim), dtype, device)?;
+            let v = Tensor::zeros((1, kv_heads, capacity, head_dim), dtype, device)?;
             if let Some((old_k, old_v)) = slot.take() {
                 if self.len > 0 {
                     k.slice_set(&old_k.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
@@ -177,16 +206,22 @@ pub fn attend(
     let n_rep = n_head / n_kv;
     // Keys and values are kept at f16 precision, as llama.cpp's default cache holds
     // them: greedy output then follows the reference engine's through near-ties.
-    let k = k.to_dtype(DType::F16)?.to_dtype(DType::F32)?;
-    let v = v.to_dtype(DType::F16)?.to_dtype(DType::F32)?;
-    k_cache.slice_set(&k, 2, pos)?;
-    v_cache.slice_set(&v, 2, pos)?;
+    let stored = |t: &Tensor| -> Result<Tensor> {
+        let t = t.to_dtype(DType::F16)?;
+        if k_cache.dtype() == DType::F16 {
+            Ok(t)
+        } else {
+            t.to_dtype(k_cache.dtype())
+        }
+    };
+    k_cache.slice_set(&stored(k)?, 2, pos)?;
+    v_cache.slice_set(&stored(v)?, 2, pos)?;
     let len = pos + seq_len;
-    if seq_len == 1 && b == 1 && q.device().is_cpu() {
+    if seq_len == 1 && b == 1 && q.device().is_cpu() && k_cache.dtype() == DType::F16 {
         return decode_on_cpu(q, (k_cache, v_cache), len);
     }
-    let k = k_cache.narrow(2, 0, len)?;
-    let v = v_cache.narrow(2, 0, len)?;
+    let k = k_cache.narrow(2, 0, len)?.to_dtype(DType::F32)?;
+    let v = v_cache.narrow(2, 0, len)?.to_dtype(DType::F32)?;
 
     let q = q.reshape((b, n_kv, n_rep * seq_len, hd))?;
     let att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
@@ -203,8 +238,19 @@ pub fn attend(
     att.matmul(&v)?.reshape((b, n_head, seq_len, hd))
 }
 
-/// One query position (1, heads, 1, head_dim) against the first `len` positions of the
-/// cache, by [`cpu_attention::decode`].
+/// How a device's cache holds keys and values: f16 on the CPU, where decode attention
+/// reads them from memory and half the bytes is half the time; f32 elsewhere (candle's
+/// matmuls there take f32).
+fn cache_dtype(device: &Device) -> DType {
+    if device.is_cpu() {
+        DType::F16
+    } else {
+        DType::F32
+    }
+}
+
+/// One query position (1, heads, 1, head_dim) against the first `len` positions of an
+/// f16 cache on the CPU, by [`cpu_attention::decode`].
 fn decode_on_cpu(q: &Tensor, (k_cache, v_cache): (&Tensor, &Tensor), len: usize) -> Result<Tensor> {
     let (_, heads, _, head_dim) = q.dims4()?;
     let (_, kv_heads, capacity, _) = k_cache.dims4()?;
@@ -225,8 +271,8 @@ fn decode_on_cpu(q: &Tensor, (k_cache, v_cache): (&Tensor, &Tensor), len: usize)
         if !k_layout.is_contiguous() || !v_layout.is_contiguous() {
             candle_core::bail!("the kv cache is not contiguous");
         }
-        let k = &k.as_slice::<f32>()?[k_layout.start_offset()..];
-        let v = &v.as_slice::<f32>()?[v_layout.start_offset()..];
+        let k = &k.as_slice::<half::f16>()?[k_layout.start_offset()..];
+        let v = &v.as_slice::<half::f16>()?[v_layout.start_offset()..];
         cpu_attention::decode(&q, k, v, shape, len, &mut out);
     }
     Tensor::from_vec(out, (1, heads, 1, head_dim), &Device::Cpu)
