@@ -2,10 +2,6 @@
 //! tokenizer and chat template from the file's metadata) that produces [`Generation`]s.
 
 pub mod cpu;
-pub mod cpu_attention;
-pub mod cpu_kquants;
-pub mod cpu_matmul;
-pub mod cpu_ops;
 pub mod generate;
 pub mod gguf;
 pub mod qwen2;

@@ -9,14 +9,14 @@
 //! - the token embedding stays quantized: only the rows of the tokens fed are dequantized
 //!   (stock candle dequantizes the whole table to f32 at load, 0.9 GB for the 1.5B);
 //! - on the CPU, Q5_0 matrices (the 0.5B's) and Q8_0 ones of widths candle's tiled
-//!   kernels skip run through our own SIMD kernels ([`super::cpu_matmul`]), and Q4_K /
+//!   kernels skip run through our own SIMD kernels ([`super::cpu::matmul`]), and Q4_K /
 //!   Q6_K ones (the 1.5B's) through kernels that read the mapped GGUF file in place
-//!   ([`super::cpu_kquants`]), as does the embedding lookup.
+//!   ([`super::cpu::kquants`]), as does the embedding lookup.
 
+use super::cpu;
 use super::gguf::ModelInfo;
 pub use super::weights::{linear, Linear, WeightSource};
 use super::weights::{Embedding, Projection};
-use super::{cpu_attention, cpu_ops};
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, IndexOp, Module, Result, Storage, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
@@ -35,7 +35,7 @@ impl Mlp {
     }
 }
 
-/// SiLU(gate)·up: on the CPU in one pass over both ([`cpu_ops::silu_mul`]), elsewhere
+/// SiLU(gate)·up: on the CPU in one pass over both ([`cpu::ops::silu_mul`]), elsewhere
 /// as candle's two operations.
 fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if !gate.device().is_cpu() || gate.dtype() != DType::F32 || gate.shape() != up.shape() {
@@ -51,7 +51,7 @@ fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         match (g_layout.contiguous_offsets(), u_layout.contiguous_offsets()) {
             (Some((g0, g1)), Some((u0, u1))) => {
                 let (g, u) = (&g.as_slice::<f32>()?[g0..g1], &u.as_slice::<f32>()?[u0..u1]);
-                cpu_ops::silu_mul(g, u, &mut out);
+                cpu::ops::silu_mul(g, u, &mut out);
                 true
             }
             _ => false,
@@ -250,11 +250,11 @@ fn cache_dtype(device: &Device) -> DType {
 }
 
 /// One query position (1, heads, 1, head_dim) against the first `len` positions of an
-/// f16 cache on the CPU, by [`cpu_attention::decode`].
+/// f16 cache on the CPU, by [`cpu::attention::decode`].
 fn decode_on_cpu(q: &Tensor, (k_cache, v_cache): (&Tensor, &Tensor), len: usize) -> Result<Tensor> {
     let (_, heads, _, head_dim) = q.dims4()?;
     let (_, kv_heads, capacity, _) = k_cache.dims4()?;
-    let shape = cpu_attention::Heads {
+    let shape = cpu::attention::Heads {
         heads,
         kv_heads,
         head_dim,
@@ -273,7 +273,7 @@ fn decode_on_cpu(q: &Tensor, (k_cache, v_cache): (&Tensor, &Tensor), len: usize)
         }
         let k = &k.as_slice::<half::f16>()?[k_layout.start_offset()..];
         let v = &v.as_slice::<half::f16>()?[v_layout.start_offset()..];
-        cpu_attention::decode(&q, k, v, shape, len, &mut out);
+        cpu::attention::decode(&q, k, v, shape, len, &mut out);
     }
     Tensor::from_vec(out, (1, heads, 1, head_dim), &Device::Cpu)
 }

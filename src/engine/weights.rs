@@ -3,8 +3,8 @@
 //! and the projections that read one input, stacked at load into as few matrices as
 //! their formats allow ([`Projection`]).
 
-use super::cpu_kquants::{self, KMatrix, Q4KMatrix, Q6KMatrix};
-use super::cpu_matmul::{Q5_0Matrix, Q8_0Matrix};
+use super::cpu::kquants::{self as cpu_kquants, KMatrix, Q4KMatrix, Q6KMatrix};
+use super::cpu::matmul::{Q5_0Matrix, Q8_0Matrix};
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul, QTensor};
 use candle_core::quantized::{QStorage, QuantizedType};
 use candle_core::{Device, Module, Result, Tensor, D};
@@ -218,8 +218,8 @@ impl<S: WeightSource> WeightSource for Stacked<'_, S> {
 
 /// A quantized weight ready for matmuls on its device: candle's QMatMul, except on the
 /// CPU for Q5_0 (the 0.5B's main format, for which candle has only a scalar loop), Q8_0
-/// of widths candle's tiled kernels skip ([`super::cpu_matmul`]), and Q4_K / Q6_K where
-/// the CPU has AVX-512 VNNI ([`super::cpu_kquants`]: computed from the mapped file,
+/// of widths candle's tiled kernels skip ([`super::cpu::matmul`]), and Q4_K / Q6_K where
+/// the CPU has AVX-512 VNNI ([`super::cpu::kquants`]: computed from the mapped file,
 /// where candle keeps repacked copies beside the blocks).
 pub enum Linear {
     Candle(QMatMul),

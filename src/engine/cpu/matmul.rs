@@ -11,7 +11,7 @@
 //! stay in rows as read, with AVX2 or scalar kernels. The work is split over candle's
 //! own CPU thread pool.
 
-use super::weights::{as_bytes_mut, zeroed_plain, WeightSource};
+use crate::engine::weights::{as_bytes_mut, zeroed_plain, WeightSource};
 use candle_core::{Device, Result, Tensor};
 use half::f16;
 

@@ -1,7 +1,14 @@
-//! Which CPU this is, read with CPUID at run time, and which of duet's CPU kernels run
-//! on it. Numbers measured on one CPU family say little about another (the K-quant
-//! decode of the 1.5B ran at 1.58x llama.cpp on an Intel Xeon and was reported at 0.6x
-//! on an AMD EPYC), so `duet bench` and the logs say what they ran on.
+//! duet's own CPU kernels, chosen at run time from what the CPU has ([`kquants`]: Q4_K /
+//! Q6_K from the mapped file; [`matmul`]: Q5_0 / Q8_0 tiles; [`attention`]: decode
+//! attention; [`ops`]: elementwise), and which CPU this is, read with CPUID, with the
+//! kernels that run on it. Numbers measured on one CPU family say little about another
+//! (the K-quant decode of the 1.5B ran at 1.58x llama.cpp on an Intel Xeon and was
+//! reported at 0.6x on an AMD EPYC), so `duet bench` and the logs say what they ran on.
+
+pub mod attention;
+pub mod kquants;
+pub mod matmul;
+pub mod ops;
 
 use serde::Serialize;
 
@@ -119,10 +126,10 @@ impl std::fmt::Display for CpuId {
 /// duet's own CPU kernels that this CPU runs (else candle's run), in words.
 pub fn kernels() -> String {
     let mut k = Vec::new();
-    if super::cpu_kquants::supported() {
+    if kquants::supported() {
         k.push("Q4_K/Q6_K from the mapped file (AVX-512 VNNI)");
     }
-    if super::cpu_matmul::tiles_supported() {
+    if matmul::tiles_supported() {
         k.push("Q5_0/Q8_0 tiles (AVX-512 VNNI)");
     }
     if k.is_empty() {

@@ -23,7 +23,7 @@
 //! [`supported`] says whether this CPU has what they need (elsewhere the caller keeps
 //! candle's kernels). A scalar kernel is the reference the tests hold them to.
 
-use super::weights::TensorBytes;
+use crate::engine::weights::TensorBytes;
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Result, Tensor};
 use half::f16;
@@ -163,7 +163,7 @@ fn quantize_rows<F: KFormat>(xs: &[f32]) -> Vec<ActBlock> {
     }
     // A prompt: the threads share the blocks (one thread alone took 5% of a prefill).
     // SAFETY: plain data, all zeroes valid; every block is written below.
-    let mut out: Vec<ActBlock> = unsafe { super::weights::zeroed_plain(n) };
+    let mut out: Vec<ActBlock> = unsafe { crate::engine::weights::zeroed_plain(n) };
     let at = out.as_mut_ptr() as usize;
     candle_core::utils::barrier_pool().execute_chunked(n, |blocks| {
         for i in blocks {
@@ -252,7 +252,7 @@ pub struct ActTile {
 fn act_tiles(xq: &[ActBlock], m: usize, kb: usize) -> Vec<ActTile> {
     let count = m.div_ceil(TILE_ROWS) * kb;
     // SAFETY: plain data, all zeroes valid (a zero row has scale 0).
-    let mut tiles: Vec<ActTile> = unsafe { super::weights::zeroed_plain(count) };
+    let mut tiles: Vec<ActTile> = unsafe { crate::engine::weights::zeroed_plain(count) };
     let at = tiles.as_mut_ptr() as usize;
     candle_core::utils::barrier_pool().execute_chunked(count, |items| {
         for item in items {
@@ -477,7 +477,7 @@ impl<F: KFormat> KMatrix<F> {
 // Accumulators, activations and outputs are indexed by the activation row together.
 #[allow(clippy::needless_range_loop)]
 mod avx512 {
-    use super::super::cpu_ops::avx512::{hsum4x16, hsum4x4};
+    use super::super::ops::avx512::{hsum4x16, hsum4x4};
     use super::{ActBlock, ActTile, KFormat, GROUP, Q4K, Q6K, QK_K, ROWS, TILE_ROWS};
     use candle_core::quantized::GgmlDType;
     use core::arch::x86_64::*;

@@ -105,13 +105,13 @@ fn softmax_unnormalized(s: &mut [f32]) -> f32 {
     for x in s.iter_mut() {
         *x -= max;
     }
-    super::cpu_ops::exp_in_place(s);
+    super::ops::exp_in_place(s);
     s.iter().sum()
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::super::cpu_ops::avx512::hsum4x16;
+    use super::super::ops::avx512::hsum4x16;
     use core::arch::x86_64::*;
     use half::f16;
 
