@@ -47,6 +47,32 @@ fn chat_template_renders_byte_for_byte() {
     }
 }
 
+/// With tools, calls and tool results: the template renders as transformers renders it
+/// (jinja2; `scripts/vectors/render_tools.py` made the vectors).
+#[test]
+fn chat_template_with_tools_renders_byte_for_byte() {
+    let v = vectors("chat_template_tools.json");
+    for name in [SMALL, LARGE] {
+        let gguf = GgufFile::open(&weights(name)).unwrap();
+        let info = gguf.info().unwrap();
+        let template =
+            duet::engine::ChatTemplate::new(info.chat_template.as_deref().unwrap()).unwrap();
+        let file = weights(name);
+        let file = file.file_name().unwrap().to_str().unwrap();
+        let prompts = v["prompts"][file].as_array().unwrap();
+        let cases = v["cases"].as_array().unwrap();
+        assert_eq!(prompts.len(), cases.len());
+        for (case, want) in cases.iter().zip(prompts) {
+            let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
+            let tools = case["tools"].as_array().unwrap();
+            let got = template
+                .render_with_tools(&messages, Some(tools), true)
+                .unwrap();
+            assert_eq!(got, want.as_str().unwrap(), "{name}: {messages:?}");
+        }
+    }
+}
+
 /// Two tokens whose logits are closer than this are a tie that rounding decides, not the
 /// model: the reference engine's kernels and ours round differently, and two of our own
 /// kernels of equal accuracy (prompt tiles against single rows for the 0.5B's Q6_K

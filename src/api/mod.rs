@@ -4,6 +4,7 @@
 pub mod ollama;
 pub mod openai;
 mod stream;
+pub mod tools;
 
 use crate::config::Tier;
 use crate::engine::worker::{Job, ModelSlot, SubmitError};

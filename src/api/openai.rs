@@ -2,7 +2,10 @@
 //! /v1/models. Errors take OpenAI's shape, `{"error": {"message", "type", ...}}`.
 
 use super::ollama::{chat_request, fim_prompt};
-use super::stream::{body_response, collect, items, sse_event, Item};
+use super::stream::{body_response, collect, items, sse_event};
+use super::tools::{
+    chat_items, history_calls, split_answer, ChatItem, Choice, Plan, ToolCall, Tools,
+};
 use super::{loaded, parse_body, with_headers, ApiError, AppState, Served, Target};
 use crate::engine::{Message, Options, Summary};
 use crate::router::Request;
@@ -152,6 +155,8 @@ struct ChatMessage {
     role: String,
     #[serde(default)]
     content: Option<Content>,
+    #[serde(default)]
+    tool_calls: Option<Vec<Value>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -163,6 +168,7 @@ struct ChatRequest {
     stream_options: Option<StreamOptions>,
     response_format: Option<Value>,
     tools: Option<Vec<Value>>,
+    tool_choice: Option<Value>,
     #[serde(flatten)]
     sampling: Sampling,
 }
@@ -221,9 +227,8 @@ async fn chat_routed(st: Arc<AppState>, req: ChatRequest, t: Target) -> Result<R
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages must not be empty").into());
     }
-    if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-        return Err(ApiError::bad_request("tool calling is not supported by duet yet").into());
-    }
+    let tools = Tools::parse(req.tools.as_deref().unwrap_or_default())?;
+    let choice = Choice::parse(req.tool_choice.as_ref(), &tools)?;
     if let Some(kind) = req
         .response_format
         .as_ref()
@@ -239,33 +244,59 @@ async fn chat_routed(st: Arc<AppState>, req: ChatRequest, t: Target) -> Result<R
     }
     let mut messages = Vec::with_capacity(req.messages.len());
     for m in &req.messages {
-        messages.push(Message::new(&m.role, &message_text(m)?));
+        let mut msg = Message::new(&m.role, &message_text(m)?);
+        if let Some(calls) = m.tool_calls.as_deref().filter(|c| !c.is_empty()) {
+            msg.tool_calls = Some(history_calls(calls)?);
+        }
+        messages.push(msg);
     }
     let mut options = req.sampling.options()?;
     st.cap_predict(&mut options);
     let model = loaded(&t)?;
-    let prompt = model.tokenize(&model.render_chat(&messages)?)?;
+    let plan = Plan::new(tools, &choice);
+    let text = model.render_chat_with_tools(&messages, plan.specs.as_deref())? + &plan.opening;
+    let prompt = model.tokenize(&text)?;
     let name = t.slot.name.clone();
     let running = st.submit(t, prompt, options)?;
     let id = completion_id("chatcmpl");
     let created = unix_now();
-    let chunk = move |text: &str, finish: Option<&str>| {
+    let chunk = move |delta: Delta, finish: Option<&str>| {
+        let delta = match delta {
+            Delta::Text(text) => json!({"role": "assistant", "content": text}),
+            Delta::Call(c) => {
+                let mut call = c.openai();
+                call["index"] = json!(c.index);
+                json!({"role": "assistant", "content": null, "tool_calls": [call]})
+            }
+            Delta::None => json!({}),
+        };
         json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": name,
                "system_fingerprint": "fp_ollama",
-               "choices": [{"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": finish}]})
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
     };
     if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-        return Ok(sse_body(running.events, include_usage, chunk));
+        let items = chat_items(items(running.events), plan.parser);
+        return Ok(sse_body(items, include_usage, chunk));
     }
     let c = collect(running.events).await?;
+    let (content, calls) = split_answer(&c.text, plan.parser);
+    let mut message = json!({"role": "assistant", "content": content});
+    let mut finish = finish_reason(&c.summary);
+    if !calls.is_empty() {
+        message["tool_calls"] = calls.iter().map(ToolCall::openai).collect();
+        if content.is_empty() {
+            message["content"] = Value::Null;
+        }
+        finish = "tool_calls";
+    }
     Ok(Json(json!({
         "id": completion_id("chatcmpl"),
         "object": "chat.completion",
         "created": created,
         "model": model.name,
         "system_fingerprint": "fp_ollama",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": c.text}, "finish_reason": finish_reason(&c.summary)}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
         "usage": usage(&c.summary),
     }))
     .into_response())
@@ -330,14 +361,22 @@ async fn completions_routed(
     let running = st.submit(t, tokens, options)?;
     let id = completion_id("cmpl");
     let created = unix_now();
-    let chunk = move |text: &str, finish: Option<&str>| {
+    let chunk = move |delta: Delta, finish: Option<&str>| {
+        let text = match delta {
+            Delta::Text(t) => t,
+            _ => "",
+        };
         json!({"id": id, "object": "text_completion", "created": created, "model": name,
                "system_fingerprint": "fp_ollama",
                "choices": [{"text": text, "index": 0, "finish_reason": finish}]})
     };
     if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-        return Ok(sse_body(running.events, include_usage, chunk));
+        return Ok(sse_body(
+            chat_items(items(running.events), None),
+            include_usage,
+            chunk,
+        ));
     }
     let c = collect(running.events).await?;
     Ok(Json(json!({
@@ -352,21 +391,35 @@ async fn completions_routed(
     .into_response())
 }
 
-/// Server-sent events of a streamed completion: one chunk per piece of text (built by
-/// `chunk(text, finish_reason)`), a final chunk with the finish reason, the usage chunk
-/// when asked for, then `[DONE]`. An error after the stream started is sent as an event.
+/// What one streamed chunk carries.
+enum Delta<'a> {
+    Text(&'a str),
+    Call(&'a ToolCall),
+    None,
+}
+
+/// Server-sent events of a streamed completion: one chunk per piece of text or tool call
+/// (built by `chunk(delta, finish_reason)`), a final chunk with the finish reason
+/// ("tool_calls" after calls), the usage chunk when asked for, then `[DONE]`. An error
+/// after the stream started is sent as an event.
 fn sse_body(
-    events: super::stream::Events,
+    items: impl futures_util::Stream<Item = ChatItem> + Send + 'static,
     include_usage: bool,
-    chunk: impl Fn(&str, Option<&str>) -> Value + Send + 'static,
+    chunk: impl Fn(Delta, Option<&str>) -> Value + Send + 'static,
 ) -> Response {
-    let events = items(events).flat_map(move |item| {
+    let mut called = false;
+    let events = items.flat_map(move |item| {
         let out: Vec<String> = match item {
-            Item::Text(text) => vec![sse_event(&chunk(&text, None).to_string())],
-            Item::Done(s) => {
-                let mut v = vec![sse_event(&chunk("", Some(finish_reason(&s))).to_string())];
+            ChatItem::Text(text) => vec![sse_event(&chunk(Delta::Text(&text), None).to_string())],
+            ChatItem::Call(c) => {
+                called = true;
+                vec![sse_event(&chunk(Delta::Call(&c), None).to_string())]
+            }
+            ChatItem::Done(s) => {
+                let finish = if called { "tool_calls" } else { finish_reason(&s) };
+                let mut v = vec![sse_event(&chunk(Delta::None, Some(finish)).to_string())];
                 if include_usage {
-                    let mut u = chunk("", None);
+                    let mut u = chunk(Delta::None, None);
                     u["choices"] = json!([]);
                     u["usage"] = usage(&s);
                     v.push(sse_event(&u.to_string()));
@@ -374,7 +427,7 @@ fn sse_body(
                 v.push(sse_event("[DONE]"));
                 v
             }
-            Item::Error(e) => vec![
+            ChatItem::Error(e) => vec![
                 sse_event(&json!({"error": {"message": e, "type": "api_error", "param": null, "code": null}}).to_string()),
                 sse_event("[DONE]"),
             ],

@@ -42,6 +42,11 @@ pub struct ModelInfo {
     pub file_size: u64,
     pub architecture: String,
     pub name: Option<String>,
+    /// `general.basename` ("Qwen2.5-Coder").
+    pub basename: Option<String>,
+    /// Whether the vocabulary has the fill-in-the-middle tokens (`<|fim_prefix|>`,
+    /// `<|fim_suffix|>`, `<|fim_middle|>`): Ollama's "insert" capability.
+    pub fill_in_middle: bool,
     /// Elements of every tensor (an untied output projection counts, as in llama.cpp).
     pub parameter_count: u64,
     /// `general.size_label`, the publisher's rounded size ("1.5B").
@@ -209,6 +214,18 @@ impl GgufFile {
         self.get(key)?.to_string().ok().cloned()
     }
 
+    /// Whether the tokenizer's vocabulary holds every one of `tokens`.
+    fn has_tokens(&self, tokens: &[&str]) -> bool {
+        let Some(Value::Array(vocab)) = self.get("tokenizer.ggml.tokens") else {
+            return false;
+        };
+        tokens.iter().all(|t| {
+            vocab
+                .iter()
+                .any(|v| matches!(v, Value::String(s) if s == t))
+        })
+    }
+
     /// Reads and checks the metadata; only the qwen2 architecture is supported.
     pub fn info(&self) -> Result<ModelInfo, GgufError> {
         let arch = self
@@ -247,6 +264,12 @@ impl GgufFile {
             path: self.path.clone(),
             file_size: self.file_size,
             name: self.get_str("general.name"),
+            basename: self.get_str("general.basename"),
+            fill_in_middle: self.has_tokens(&[
+                "<|fim_prefix|>",
+                "<|fim_suffix|>",
+                "<|fim_middle|>",
+            ]),
             size_label: self.get_str("general.size_label"),
             parameter_count,
             quantization: file_type

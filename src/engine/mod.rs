@@ -252,6 +252,15 @@ impl Model {
         Ok(self.template.render(messages, true)?)
     }
 
+    /// As [`render_chat`](Self::render_chat), with tools the model may call.
+    pub fn render_chat_with_tools(
+        &self,
+        messages: &[Message],
+        tools: Option<&[serde_json::Value]>,
+    ) -> Result<String, EngineError> {
+        Ok(self.template.render_with_tools(messages, tools, true)?)
+    }
+
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, EngineError> {
         Ok(self.codec.encode(text)?)
     }

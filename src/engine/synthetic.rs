@@ -87,6 +87,8 @@ impl Shape {
             file_size: tensors.iter().map(|t| t.bytes() as u64).sum(),
             architecture: "qwen2".into(),
             name: Some(format!("generated {}", self.name())),
+            basename: None,
+            fill_in_middle: false,
             parameter_count: tensors.iter().map(|t| t.elems() as u64).sum(),
             size_label: Some(size_label.into()),
             quantization: quantization.into(),

@@ -19,6 +19,10 @@ pub struct Message {
     pub role: String,
     #[serde(default)]
     pub content: String,
+    /// An assistant message's calls, as the templates read them: `{"function": {"name",
+    /// "arguments": {…}}}` each.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
 }
 
 impl Message {
@@ -26,6 +30,7 @@ impl Message {
         Self {
             role: role.to_string(),
             content: content.to_string(),
+            tool_calls: None,
         }
     }
 }
@@ -42,6 +47,52 @@ fn raise_exception(msg: String) -> Result<String, JinjaError> {
     Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
 }
 
+/// `tojson` as transformers' chat templates have it: Python's `json.dumps(x,
+/// ensure_ascii=False)`, keys in their order, `", "` and `": "` between items (minijinja's
+/// own is compact and escapes `<`, `>` and `&`). The Qwen templates write the tools and
+/// each call's arguments with it.
+fn tojson(value: minijinja::Value) -> Result<minijinja::Value, JinjaError> {
+    struct Python;
+    impl serde_json::ser::Formatter for Python {
+        fn begin_array_value<W: ?Sized + std::io::Write>(
+            &mut self,
+            w: &mut W,
+            first: bool,
+        ) -> std::io::Result<()> {
+            if first {
+                Ok(())
+            } else {
+                w.write_all(b", ")
+            }
+        }
+        fn begin_object_key<W: ?Sized + std::io::Write>(
+            &mut self,
+            w: &mut W,
+            first: bool,
+        ) -> std::io::Result<()> {
+            if first {
+                Ok(())
+            } else {
+                w.write_all(b", ")
+            }
+        }
+        fn begin_object_value<W: ?Sized + std::io::Write>(
+            &mut self,
+            w: &mut W,
+        ) -> std::io::Result<()> {
+            w.write_all(b": ")
+        }
+    }
+    let mut out = Vec::new();
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, Python);
+    value
+        .serialize(&mut ser)
+        .map_err(|e| JinjaError::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let text = String::from_utf8(out)
+        .map_err(|e| JinjaError::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    Ok(minijinja::Value::from_safe_string(text))
+}
+
 impl ChatTemplate {
     pub fn new(source: &str) -> Result<Self, TemplateError> {
         let mut env = Environment::new();
@@ -49,6 +100,7 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
+        env.add_filter("tojson", tojson);
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| TemplateError::Invalid(e.to_string()))?;
         Ok(Self {
@@ -68,14 +120,29 @@ impl ChatTemplate {
         messages: &[Message],
         add_generation_prompt: bool,
     ) -> Result<String, TemplateError> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// As [`render`](Self::render), with the tools the model may call (the template
+    /// lists them in its system message).
+    pub fn render_with_tools(
+        &self,
+        messages: &[Message],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+    ) -> Result<String, TemplateError> {
         let tmpl = self
             .env
             .get_template("chat")
             .map_err(|e| TemplateError::Invalid(e.to_string()))?;
+        let tools = match tools {
+            Some(t) if !t.is_empty() => minijinja::Value::from_serialize(t),
+            _ => minijinja::Value::UNDEFINED,
+        };
         tmpl.render(minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
-            tools => minijinja::Value::UNDEFINED,
+            tools => tools,
             bos_token => "",
             eos_token => "<|im_end|>",
         })

@@ -1,0 +1,276 @@
+//! What coding agents and IDEs need beyond plain chat, over HTTP against a real `duet
+//! serve` on the CPU layout: tool calls (Ollama's and OpenAI's shapes, streamed and not,
+//! with the history of calls and results), the capabilities and template clients read
+//! from /api/show, and the request fields strict clients send.
+
+mod common;
+#[path = "common/server.rs"]
+mod server;
+
+use common::*;
+use serde_json::{json, Value};
+use server::{client, Server};
+use std::io::{BufRead, BufReader};
+use std::sync::OnceLock;
+
+fn srv() -> &'static Server {
+    static S: OnceLock<Server> = OnceLock::new();
+    S.get_or_init(|| server::start(&["--layout", "cpu"]))
+}
+
+fn post(path: &str, body: Value) -> (u16, Value) {
+    let r = client()
+        .post(format!("{}{path}", srv().base))
+        .json(&body)
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().unwrap_or(Value::Null))
+}
+
+/// The lines of a streamed answer: NDJSON, or the `data:` of server-sent events.
+fn stream(path: &str, body: Value) -> Vec<Value> {
+    let r = client()
+        .post(format!("{}{path}", srv().base))
+        .json(&body)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    BufReader::new(r)
+        .lines()
+        .map(|l| l.unwrap())
+        .filter(|l| !l.is_empty() && l != "data: [DONE]")
+        .map(|l| serde_json::from_str(l.strip_prefix("data: ").unwrap_or(&l)).unwrap())
+        .collect()
+}
+
+fn weather() -> Value {
+    json!({"type": "function", "function": {"name": "get_weather", "description": "Current weather for a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "City name"}}, "required": ["city"]}}})
+}
+
+fn read_file() -> Value {
+    json!({"type": "function", "function": {"name": "read_file", "description": "Read a file of the project",
+           "parameters": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}})
+}
+
+fn ask_weather() -> Value {
+    json!([{"role": "user", "content": "What is the weather in Paris right now?"}])
+}
+
+fn city(arguments: &Value) -> String {
+    arguments["city"]
+        .as_str()
+        .unwrap_or_default()
+        .to_lowercase()
+}
+
+#[test]
+fn native_chat_returns_tool_calls_streamed_and_not() {
+    let body = json!({"model": LARGE, "messages": ask_weather(), "tools": [weather()], "stream": false,
+                      "options": {"temperature": 0, "num_predict": 64}});
+    let (s, v) = post("/api/chat", body.clone());
+    assert_eq!(s, 200, "{v}");
+    let calls = v["message"]["tool_calls"].as_array().expect("tool_calls");
+    assert_eq!(calls.len(), 1, "{v}");
+    let f = &calls[0]["function"];
+    assert_eq!(f["name"], "get_weather");
+    assert_eq!(f["index"], 0);
+    assert!(f["arguments"].is_object(), "arguments as an object: {v}");
+    assert!(city(&f["arguments"]).contains("paris"), "{v}");
+    assert!(calls[0]["id"].as_str().unwrap().starts_with("call_"));
+    assert_eq!(v["message"]["content"], "");
+
+    let mut body = body;
+    body["stream"] = json!(true);
+    let lines = stream("/api/chat", body);
+    let with_calls: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["message"]["tool_calls"].is_array())
+        .collect();
+    assert_eq!(with_calls.len(), 1, "{lines:?}");
+    assert_eq!(with_calls[0]["done"], false);
+    assert_eq!(
+        with_calls[0]["message"]["tool_calls"][0]["function"]["name"],
+        "get_weather"
+    );
+    assert_eq!(lines.last().unwrap()["done"], true);
+}
+
+#[test]
+fn a_tool_result_in_the_history_is_answered_in_text() {
+    // Ollama's shapes: the assistant's call, then the result as role "tool" with tool_name.
+    let messages = json!([
+        {"role": "user", "content": "What is the weather in Paris right now?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "tool_name": "get_weather", "content": "{\"temperature_c\": 18, \"sky\": \"cloudy\"}"},
+        {"role": "user", "content": "So, do I need a coat? Answer in one sentence without calling tools."}
+    ]);
+    let (s, v) = post(
+        "/api/chat",
+        json!({"model": LARGE, "messages": messages, "tools": [weather()], "stream": false,
+               "options": {"temperature": 0, "num_predict": 40}}),
+    );
+    assert_eq!(s, 200, "{v}");
+    let content = v["message"]["content"].as_str().unwrap();
+    assert!(v["message"]["tool_calls"].is_null(), "{v}");
+    assert!(!content.trim().is_empty(), "{v}");
+}
+
+#[test]
+fn openai_tool_calls_streamed_and_not_with_tool_choice() {
+    let body = json!({"model": LARGE, "messages": ask_weather(), "tools": [weather(), read_file()], "temperature": 0});
+    let (s, v) = post("/v1/chat/completions", body.clone());
+    assert_eq!(s, 200, "{v}");
+    let choice = &v["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{v}");
+    let call = &choice["message"]["tool_calls"][0];
+    assert_eq!(call["type"], "function");
+    assert_eq!(call["function"]["name"], "get_weather");
+    let args: Value =
+        serde_json::from_str(call["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert!(city(&args).contains("paris"), "{v}");
+    assert!(choice["message"]["content"].is_null());
+
+    let mut body = body;
+    body["stream"] = json!(true);
+    let chunks = stream("/v1/chat/completions", body);
+    let deltas: Vec<&Value> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].as_array())
+        .flatten()
+        .collect();
+    assert_eq!(deltas.len(), 1, "{chunks:?}");
+    assert_eq!(deltas[0]["index"], 0);
+    assert!(deltas[0]["id"].as_str().unwrap().starts_with("call_"));
+    assert_eq!(deltas[0]["function"]["name"], "get_weather");
+    let last = chunks
+        .iter()
+        .rev()
+        .find(|c| !c["choices"][0]["finish_reason"].is_null());
+    assert_eq!(last.unwrap()["choices"][0]["finish_reason"], "tool_calls");
+
+    // A named function is called, even by the small model and where it would not.
+    let (s, v) = post(
+        "/v1/chat/completions",
+        json!({"model": SMALL, "temperature": 0, "tools": [weather(), read_file()],
+               "messages": [{"role": "user", "content": "Show me src/lib.rs"}],
+               "tool_choice": {"type": "function", "function": {"name": "read_file"}}}),
+    );
+    assert_eq!(s, 200, "{v}");
+    let call = &v["choices"][0]["message"]["tool_calls"][0]["function"];
+    assert_eq!(call["name"], "read_file", "{v}");
+    // "none": the tools are not offered, the answer is text.
+    let (s, v) = post(
+        "/v1/chat/completions",
+        json!({"model": SMALL, "temperature": 0, "max_tokens": 12, "tools": [weather()],
+               "messages": ask_weather(), "tool_choice": "none"}),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert!(v["choices"][0]["message"]["tool_calls"].is_null(), "{v}");
+    // A result paired by tool_call_id, arguments as OpenAI's JSON string in the history.
+    let messages = json!([
+        {"role": "user", "content": "What is the weather in Paris right now?"},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "18 C, cloudy"}
+    ]);
+    let (s, v) = post(
+        "/v1/chat/completions",
+        json!({"model": SMALL, "temperature": 0, "max_tokens": 24, "tools": [weather()], "messages": messages}),
+    );
+    assert_eq!(s, 200, "{v}");
+}
+
+#[test]
+fn bad_tools_and_choices_are_clear_errors() {
+    for (path, body) in [
+        (
+            "/api/chat",
+            json!({"model": SMALL, "messages": ask_weather(), "tools": [{"type": "function", "function": {}}]}),
+        ),
+        (
+            "/api/chat",
+            json!({"model": SMALL, "messages": ask_weather(), "tools": [{"type": "code_interpreter"}]}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": SMALL, "messages": ask_weather(), "tool_choice": "required"}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": SMALL, "messages": ask_weather(), "tools": [weather()],
+            "tool_choice": {"type": "function", "function": {"name": "launch_rocket"}}}),
+        ),
+        (
+            "/api/chat",
+            json!({"model": SMALL, "messages": [{"role": "assistant", "content": "", "tool_calls": [{"function": {}}]}]}),
+        ),
+    ] {
+        let (s, v) = post(path, body.clone());
+        assert_eq!(s, 400, "{body} -> {v}");
+        let message = v["error"].as_str().or(v["error"]["message"].as_str());
+        assert!(message.is_some_and(|m| !m.is_empty()), "{v}");
+    }
+}
+
+#[test]
+fn show_reports_tools_insert_and_the_go_template_clients_read() {
+    for model in [SMALL, LARGE] {
+        let (s, v) = post("/api/show", json!({"name": model}));
+        assert_eq!(s, 200, "{v}");
+        let caps: Vec<&str> = v["capabilities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap())
+            .collect();
+        assert_eq!(caps, vec!["completion", "tools", "insert"], "{model}");
+        let template = v["template"].as_str().unwrap();
+        assert!(
+            template.contains(".Suffix") && template.contains(".Tools"),
+            "{template}"
+        );
+        let info = &v["model_info"];
+        assert_eq!(info["general.architecture"], "qwen2");
+        assert!(info["general.basename"]
+            .as_str()
+            .unwrap()
+            .contains("Qwen2.5"));
+        assert_eq!(info["qwen2.context_length"], 32768);
+        assert!(v["parameters"].as_str().unwrap().contains("stop"));
+    }
+}
+
+#[test]
+fn strict_clients_fields_are_accepted() {
+    // Zed: options with nulls, think null, tools [], keep_alive -1.
+    let (s, v) = post(
+        "/api/chat",
+        json!({"model": SMALL, "messages": [{"role": "user", "content": "hi"}], "stream": false,
+               "think": null, "tools": [], "keep_alive": -1,
+               "options": {"num_ctx": null, "temperature": null, "num_predict": 4}}),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["eval_count"], 4, "{v}");
+    let (s, _) = post(
+        "/api/chat",
+        json!({"model": SMALL, "messages": [{"role": "user", "content": "hi"}], "stream": false,
+               "think": false, "options": null, "keep_alive": "5m"}),
+    );
+    assert_eq!(s, 200);
+    let (s, v) = post(
+        "/api/chat",
+        json!({"model": SMALL, "messages": [{"role": "user", "content": "hi"}], "think": true}),
+    );
+    assert_eq!(s, 400, "{v}");
+    assert!(v["error"]
+        .as_str()
+        .unwrap()
+        .contains("does not support thinking"));
+    let (s, _) = post(
+        "/api/generate",
+        json!({"model": SMALL, "prompt": "hi", "think": true}),
+    );
+    assert_eq!(s, 400);
+}
