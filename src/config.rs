@@ -115,6 +115,20 @@ pub struct ModelSpec {
     pub aliases: Vec<String>,
 }
 
+/// An embedding model (served by /api/embed, /api/embeddings and /v1/embeddings, on
+/// the CPU, in every layout): a sentence-transformers folder from the hf-hub cache
+/// (`repo`) or on disk (`path`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddingSpec {
+    #[serde(default)]
+    pub repo: Option<String>,
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    #[serde(default)]
+    pub aliases: Vec<String>,
+}
+
 /// One model placed on one device in a layout.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -167,6 +181,8 @@ struct RawConfig {
     #[serde(default)]
     prefer: Vec<String>,
     models: BTreeMap<String, ModelSpec>,
+    #[serde(default)]
+    embeddings: BTreeMap<String, EmbeddingSpec>,
     #[serde(default)]
     layouts: BTreeMap<String, Layout>,
     #[serde(default)]
@@ -273,6 +289,7 @@ pub struct Config {
     pub layout: String,
     pub prefer: Vec<String>,
     pub models: BTreeMap<String, ModelSpec>,
+    pub embeddings: BTreeMap<String, EmbeddingSpec>,
     pub layouts: BTreeMap<String, Layout>,
     pub routing: Routing,
 }
@@ -324,6 +341,7 @@ impl Config {
             layout: raw.layout,
             prefer: raw.prefer,
             models: raw.models,
+            embeddings: raw.embeddings,
             layouts: raw.layouts,
             routing: raw.routing,
         };
@@ -354,8 +372,28 @@ impl Config {
             }
             names.insert(name);
         }
-        for (name, spec) in &self.models {
-            for alias in &spec.aliases {
+        for (name, spec) in &self.embeddings {
+            if name.trim().is_empty() {
+                return Err(self.invalid("an embedding model has an empty name".into()));
+            }
+            if spec.path.is_none() && spec.repo.is_none() {
+                return Err(
+                    self.invalid(format!("embedding model '{name}' needs `path` or `repo`"))
+                );
+            }
+            if !names.insert(name) {
+                return Err(self.invalid(format!(
+                    "embedding model '{name}' has the name of a chat model"
+                )));
+            }
+        }
+        let aliases = self
+            .models
+            .iter()
+            .map(|(n, s)| (n, &s.aliases))
+            .chain(self.embeddings.iter().map(|(n, s)| (n, &s.aliases)));
+        for (name, aliases) in aliases {
+            for alias in aliases {
                 if !names.insert(alias) {
                     return Err(self.invalid(format!(
                         "alias '{alias}' of model '{name}' is already a model name or another alias"

@@ -22,6 +22,59 @@ pub enum HubError {
     },
     #[error("weights of model '{model}' not found: {path} does not exist (the `path` set in models.toml)")]
     MissingPath { model: String, path: String },
+    #[error(
+        "embedding model '{model}' not found: {what}. Fetch it with `{FETCH_COMMAND} --only \
+         {model}` (or `huggingface-cli download {repo}` where the hub is reachable), or set \
+         `path` for it under [embeddings] in models.toml"
+    )]
+    FolderMissing {
+        model: String,
+        repo: String,
+        what: String,
+    },
+}
+
+/// The files of an embedding model's folder that duet reads.
+pub const EMBEDDING_FILES: [&str; 3] = ["config.json", "tokenizer.json", "model.safetensors"];
+
+/// Resolves an embedding model's folder (the hf-hub snapshot, or `path`) without
+/// touching the network; every file of [`EMBEDDING_FILES`] must be there.
+pub fn resolve_embedding(
+    cfg: &Config,
+    model: &str,
+    spec: &crate::config::EmbeddingSpec,
+) -> Result<PathBuf, HubError> {
+    let repo = spec.repo.clone().unwrap_or_default();
+    let missing = |what: String| HubError::FolderMissing {
+        model: model.to_string(),
+        repo: repo.clone(),
+        what,
+    };
+    let dir = match &spec.path {
+        Some(path) if path.is_absolute() => path.clone(),
+        Some(path) => cfg.base_dir.join(path),
+        None => {
+            let cache = cache();
+            match cache
+                .repo(Repo::model(repo.clone()))
+                .get(EMBEDDING_FILES[0])
+            {
+                Some(p) => p.parent().map(PathBuf::from).unwrap_or_default(),
+                None => {
+                    return Err(missing(format!(
+                        "repo '{repo}' is not in the hf-hub cache at {}",
+                        cache.path().display()
+                    )))
+                }
+            }
+        }
+    };
+    for f in EMBEDDING_FILES {
+        if !dir.join(f).is_file() {
+            return Err(missing(format!("{} has no {f}", dir.display())));
+        }
+    }
+    Ok(dir)
 }
 
 /// The hub cache directory: HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub.

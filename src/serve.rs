@@ -86,6 +86,23 @@ fn start_workers(d: &Deployment, max_queue: usize) -> Result<Vec<Arc<ModelSlot>>
     Ok(slots)
 }
 
+/// Starts loading every embedding model whose folder is there (the others are logged
+/// with the command that fetches them).
+fn start_embedders(cfg: &crate::config::Config) -> Vec<Arc<crate::engine::embed::EmbedSlot>> {
+    cfg.embeddings
+        .iter()
+        .filter_map(
+            |(name, spec)| match crate::hub::resolve_embedding(cfg, name, spec) {
+                Ok(dir) => Some(crate::engine::embed::EmbedSlot::start(name, dir)),
+                Err(e) => {
+                    tracing::warn!(model = %name, "unavailable: {e}");
+                    None
+                }
+            },
+        )
+        .collect()
+}
+
 /// Shows loading progress until every model is loaded (or failed).
 async fn report_progress(state: Arc<AppState>) {
     let start = Instant::now();
@@ -185,10 +202,14 @@ pub fn serve(d: Deployment, opts: ServeOptions) -> Result<()> {
         .config
         .models
         .iter()
-        .flat_map(|(name, spec)| spec.aliases.iter().map(move |a| (a.clone(), name.clone())))
+        .map(|(name, spec)| (name, &spec.aliases))
+        .chain(d.config.embeddings.iter().map(|(n, s)| (n, &s.aliases)))
+        .flat_map(|(name, aliases)| aliases.iter().map(move |a| (a.clone(), name.clone())))
         .collect();
+    let embedders = start_embedders(&d.config);
     let state = Arc::new(AppState {
         slots,
+        embedders,
         routed_names,
         classifier,
         chains,

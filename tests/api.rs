@@ -68,7 +68,27 @@ fn tags_show_and_ps_use_ollama_shapes() {
         .iter()
         .map(|m| m["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, vec![SMALL, LARGE]);
+    assert_eq!(names, vec![SMALL, LARGE, EMBED]);
+    let e = &v["models"][2];
+    assert_eq!(e["details"]["family"], "bert");
+    assert_eq!(e["details"]["parameter_size"], "23M");
+    assert!(e["size"].as_u64().unwrap() > 90_000_000);
+    // Every field strict clients (Zed) parse, on every entry.
+    for m in v["models"].as_array().unwrap() {
+        for key in ["name", "model", "modified_at", "size", "digest", "details"] {
+            assert!(!m[key].is_null(), "{key} of {m}");
+        }
+        for key in [
+            "parent_model",
+            "format",
+            "family",
+            "families",
+            "parameter_size",
+            "quantization_level",
+        ] {
+            assert!(!m["details"][key].is_null(), "details.{key} of {m}");
+        }
+    }
     let m = &v["models"][0];
     assert_eq!(m["details"]["family"], "qwen2");
     assert_eq!(m["details"]["quantization_level"], "Q4_K_M");
@@ -89,7 +109,7 @@ fn tags_show_and_ps_use_ollama_shapes() {
 
     let v: Value = client().get(url("/api/ps")).send().unwrap().json().unwrap();
     let ps = v["models"].as_array().unwrap();
-    assert_eq!(ps.len(), 2);
+    assert_eq!(ps.len(), 3);
     for m in ps {
         assert_eq!(m["size_vram"], 0);
         assert!(m["expires_at"].as_str().unwrap().ends_with('Z'));
@@ -97,6 +117,12 @@ fn tags_show_and_ps_use_ollama_shapes() {
     }
     assert_eq!(ps[0]["device"], "cpu:0");
     assert_eq!(ps[1]["device"], "cpu:1");
+    assert_eq!(ps[2]["name"], EMBED);
+
+    let (status, v) = post("/api/show", json!({"model": EMBED}));
+    assert_eq!(status, 200);
+    assert_eq!(v["capabilities"], json!(["embedding"]));
+    assert_eq!(v["model_info"]["bert.embedding_length"], 384);
 }
 
 #[test]
@@ -336,7 +362,7 @@ fn openai_chat_completions_and_completions() {
         .unwrap()
         .json()
         .unwrap();
-    assert_eq!(v["data"].as_array().unwrap().len(), 2);
+    assert_eq!(v["data"].as_array().unwrap().len(), 3);
     let r = client()
         .get(url("/v1/models/qwen2.5-coder:0.5b"))
         .send()

@@ -1,6 +1,7 @@
 //! The HTTP API: Ollama's native routes (`ollama.rs`), the OpenAI-compatible ones
 //! (`openai.rs`), and what they share: state, model lookup, body parsing, errors.
 
+pub mod embed;
 pub mod ollama;
 pub mod openai;
 mod stream;
@@ -33,6 +34,8 @@ pub struct Limits {
 
 pub struct AppState {
     pub slots: Vec<Arc<ModelSlot>>,
+    /// The embedding models (every layout's), loading or loaded.
+    pub embedders: Vec<Arc<crate::engine::embed::EmbedSlot>>,
     /// Names that mean "route this request" ("auto" and configured aliases).
     pub routed_names: Vec<String>,
     pub classifier: Classifier,
@@ -245,6 +248,12 @@ impl AppState {
         self.slots.iter().find(|s| s.name == canonical)
     }
 
+    /// The embedding model a name (or alias, or `name:latest`) means.
+    pub fn embedder(&self, name: &str) -> Option<&Arc<crate::engine::embed::EmbedSlot>> {
+        let canonical = self.canonical(name.trim());
+        self.embedders.iter().find(|e| e.name == canonical)
+    }
+
     fn canonical<'a>(&'a self, name: &'a str) -> &'a str {
         // Ollama treats "name" and "name:latest" alike.
         let name = name.strip_suffix(":latest").unwrap_or(name);
@@ -322,6 +331,10 @@ impl AppState {
             .iter()
             .all(|s| s.is_ready() || s.failure().is_some())
             && self.slots.iter().any(|s| s.is_ready())
+            && self
+                .embedders
+                .iter()
+                .all(|e| e.get().is_some() || e.failure().is_some())
     }
 
     /// Applies the server's num_predict cap.
@@ -478,6 +491,7 @@ pub fn router(state: Arc<AppState>, origins_env: Option<String>) -> Router {
     Router::new()
         .merge(ollama::routes())
         .merge(openai::routes())
+        .merge(embed::routes())
         .route("/metrics", axum::routing::get(metrics))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -455,11 +455,22 @@ async fn models(State(st): S) -> Json<Value> {
         .slots
         .iter()
         .map(|s| model_object(&s.name, created_of(&s.path)))
+        .chain(
+            st.embedders
+                .iter()
+                .map(|e| model_object(&e.name, created_of(&e.dir.join("model.safetensors")))),
+        )
         .collect();
     Json(json!({"object": "list", "data": data}))
 }
 
 async fn model(State(st): S, Path(id): Path<String>) -> Result<Json<Value>> {
+    if let Some(e) = st.embedder(&id) {
+        return Ok(Json(model_object(
+            &id,
+            created_of(&e.dir.join("model.safetensors")),
+        )));
+    }
     let t = st.target(Some(&id), Request::default)?;
     Ok(Json(model_object(&id, created_of(&t.slot.path))))
 }

@@ -2,6 +2,7 @@
 //! tokenizer and chat template from the file's metadata) that produces [`Generation`]s.
 
 pub mod cpu;
+pub mod embed;
 pub mod generate;
 pub mod gguf;
 pub mod qwen2;

@@ -30,6 +30,15 @@ pub fn weights(name: &str) -> PathBuf {
     duet::hub::resolve(&cfg, name, spec).unwrap_or_else(|e| panic!("{e}"))
 }
 
+pub const EMBED: &str = "all-minilm";
+
+/// Folder of the embedding model in the hf-hub cache; fails with the fetch command if absent.
+pub fn embedding_dir() -> PathBuf {
+    let cfg = config();
+    duet::hub::resolve_embedding(&cfg, EMBED, &cfg.embeddings[EMBED])
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
 fn load(name: &str) -> Model {
     Model::load(name, &weights(name), DeviceSpec::Cpu(0)).unwrap_or_else(|e| panic!("{e}"))
 }
