@@ -152,7 +152,7 @@ fn errors_have_ollama_statuses_and_messages() {
     assert_eq!(s, 400, "{v}");
     let (s, v) = post(
         "/api/generate",
-        json!({"model": SMALL, "prompt": "hi", "format": "json"}),
+        json!({"model": SMALL, "prompt": "hi", "format": "xml"}),
     );
     assert_eq!(s, 400, "{v}");
     let (s, v) = post(

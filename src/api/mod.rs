@@ -79,7 +79,9 @@ impl From<crate::engine::EngineError> for ApiError {
     fn from(e: crate::engine::EngineError) -> Self {
         use crate::engine::EngineError as E;
         let status = match e {
-            E::Option(_) | E::EmptyPrompt | E::Template(_) => StatusCode::BAD_REQUEST,
+            E::Option(_) | E::EmptyPrompt | E::Template(_) | E::Grammar(_) => {
+                StatusCode::BAD_REQUEST
+            }
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self::new(status, e.to_string())
@@ -362,6 +364,17 @@ impl AppState {
         prompt: Vec<u32>,
         options: Options,
     ) -> Result<Running, ApiError> {
+        self.submit_constrained(target, prompt, options, None)
+    }
+
+    /// As [`submit`](Self::submit), the output kept to a grammar.
+    pub fn submit_constrained(
+        &self,
+        target: Target,
+        prompt: Vec<u32>,
+        options: Options,
+        constraint: Option<crate::engine::grammar::Constraint>,
+    ) -> Result<Running, ApiError> {
         let model = loaded(&target)?;
         // Routed to a smaller model than the layout's largest: routing saved time.
         let largest = self.slots.iter().max_by_key(|s| s.info.parameter_count);
@@ -377,6 +390,7 @@ impl AppState {
             model: target.slot.name.clone(),
             prompt,
             options,
+            constraint,
             events: tx,
             enqueued: Instant::now(),
         })?;

@@ -5,6 +5,7 @@ use super::tools::{
     chat_items, history_calls, split_answer, ChatItem, Choice, Plan, ToolCall, Tools,
 };
 use super::{loaded, parse_body, with_headers, ApiError, AppState, Served, Target, OLLAMA_VERSION};
+use crate::engine::grammar::Format;
 use crate::engine::{Message, Model, Options, Summary};
 use crate::router::Request;
 use axum::body::Bytes;
@@ -350,14 +351,9 @@ pub fn parse_options(v: Option<Value>) -> Result<Options, ApiError> {
     }
 }
 
-fn reject_format(format: &Option<Value>) -> Result<(), ApiError> {
-    match format {
-        None | Some(Value::Null) => Ok(()),
-        Some(Value::String(s)) if s.is_empty() => Ok(()),
-        Some(_) => Err(ApiError::bad_request(
-            "structured outputs (format \"json\" or a JSON schema) are not supported by duet yet",
-        )),
-    }
+/// Ollama's `format`, as a grammar for the model's answer.
+fn parse_format(format: &Option<Value>) -> Result<Option<Format>, ApiError> {
+    Format::from_ollama(format.as_ref()).map_err(ApiError::bad_request)
 }
 
 fn reject_images(images: &[Value], model: &str) -> Result<(), ApiError> {
@@ -443,7 +439,7 @@ async fn generate_routed(
     t: Target,
 ) -> Result<Response, ApiError> {
     reject_images(req.images.as_deref().unwrap_or_default(), &t.requested)?;
-    reject_format(&req.format)?;
+    let format = parse_format(&req.format)?;
     reject_think(&req.think, &t.requested)?;
     if req.template.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::bad_request(
@@ -480,7 +476,8 @@ async fn generate_routed(
             "context holds token id {bad}, outside the vocabulary"
         )));
     }
-    let running = st.submit(t, tokens, options)?;
+    let constraint = format.map(|f| model.constraint(&f)).transpose()?;
+    let running = st.submit_constrained(t, tokens, options, constraint)?;
     let final_fields = move |s: &Summary| {
         let mut m = stats(s);
         m.insert("context".into(), json!(s.context));
@@ -586,7 +583,7 @@ async fn chat(State(st): S, body: Bytes) -> Result<Response, ApiError> {
 }
 
 async fn chat_routed(st: Arc<AppState>, req: ChatRequest, t: Target) -> Result<Response, ApiError> {
-    reject_format(&req.format)?;
+    let format = parse_format(&req.format)?;
     reject_think(&req.think, &t.requested)?;
     let tools = Tools::parse(req.tools.as_deref().unwrap_or_default())?;
     let mut messages = Vec::with_capacity(req.messages.len());
@@ -608,10 +605,16 @@ async fn chat_routed(st: Arc<AppState>, req: ChatRequest, t: Target) -> Result<R
     if messages.is_empty() {
         return Ok(Json(json!({"model": name, "created_at": now_rfc3339(), "message": {"role": "assistant", "content": ""}, "done_reason": "load", "done": true})).into_response());
     }
-    let plan = Plan::new(tools, &Choice::Auto);
+    let mut plan = Plan::new(tools, &Choice::Auto);
+    if format.is_some() {
+        // The client asked for JSON content (LiteLLM's fallback for tool calls reads it
+        // itself): it is not turned into calls.
+        plan.parser = None;
+    }
     let text = model.render_chat_with_tools(&messages, plan.specs.as_deref())? + &plan.opening;
     let prompt = model.tokenize(&text)?;
-    let running = st.submit(t, prompt, options)?;
+    let constraint = format.map(|f| model.constraint(&f)).transpose()?;
+    let running = st.submit_constrained(t, prompt, options, constraint)?;
     let finish = move |name: &str, s: &Summary, content: String, calls: &[ToolCall]| {
         let mut m = stats(s);
         m.insert("model".into(), json!(name));

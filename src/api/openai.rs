@@ -7,6 +7,7 @@ use super::tools::{
     chat_items, history_calls, split_answer, ChatItem, Choice, Plan, ToolCall, Tools,
 };
 use super::{loaded, parse_body, with_headers, ApiError, AppState, Served, Target};
+use crate::engine::grammar::Format;
 use crate::engine::{Message, Options, Summary};
 use crate::router::Request;
 use axum::body::Bytes;
@@ -197,6 +198,26 @@ fn message_text(m: &ChatMessage) -> std::result::Result<String, ApiError> {
     }
 }
 
+/// OpenAI's `response_format`: text, `json_object`, or `json_schema` with its schema.
+fn response_format(v: Option<&Value>) -> std::result::Result<Option<Format>, ApiError> {
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    match v.get("type").and_then(Value::as_str) {
+        None | Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(Format::Json)),
+        Some("json_schema") => match v.pointer("/json_schema/schema") {
+            Some(schema) if schema.is_object() => Ok(Some(Format::Schema(schema.clone()))),
+            _ => Err(ApiError::bad_request(
+                "response_format json_schema needs json_schema.schema, a JSON schema object",
+            )),
+        },
+        Some(other) => Err(ApiError::bad_request(format!(
+            "response_format '{other}' is not one of text, json_object, json_schema"
+        ))),
+    }
+}
+
 fn finish_reason(s: &Summary) -> &'static str {
     s.done_reason.as_str()
 }
@@ -229,19 +250,7 @@ async fn chat_routed(st: Arc<AppState>, req: ChatRequest, t: Target) -> Result<R
     }
     let tools = Tools::parse(req.tools.as_deref().unwrap_or_default())?;
     let choice = Choice::parse(req.tool_choice.as_ref(), &tools)?;
-    if let Some(kind) = req
-        .response_format
-        .as_ref()
-        .and_then(|f| f.get("type"))
-        .and_then(Value::as_str)
-    {
-        if kind != "text" {
-            return Err(ApiError::bad_request(format!(
-                "response_format '{kind}' is not supported by duet yet"
-            ))
-            .into());
-        }
-    }
+    let format = response_format(req.response_format.as_ref())?;
     let mut messages = Vec::with_capacity(req.messages.len());
     for m in &req.messages {
         let mut msg = Message::new(&m.role, &message_text(m)?);
@@ -253,11 +262,20 @@ async fn chat_routed(st: Arc<AppState>, req: ChatRequest, t: Target) -> Result<R
     let mut options = req.sampling.options()?;
     st.cap_predict(&mut options);
     let model = loaded(&t)?;
-    let plan = Plan::new(tools, &choice);
+    let mut plan = Plan::new(tools, &choice);
+    if format.is_some() && plan.grammar.is_none() {
+        plan.parser = None; // JSON content was asked for, not calls
+    }
     let text = model.render_chat_with_tools(&messages, plan.specs.as_deref())? + &plan.opening;
     let prompt = model.tokenize(&text)?;
+    let constraint = plan
+        .grammar
+        .take()
+        .or(format)
+        .map(|f| model.constraint(&f))
+        .transpose()?;
     let name = t.slot.name.clone();
-    let running = st.submit(t, prompt, options)?;
+    let running = st.submit_constrained(t, prompt, options, constraint)?;
     let id = completion_id("chatcmpl");
     let created = unix_now();
     let chunk = move |delta: Delta, finish: Option<&str>| {

@@ -10,6 +10,7 @@
 
 use super::stream::Item;
 use super::ApiError;
+use crate::engine::grammar::Format;
 use crate::engine::Summary;
 use futures_util::{Stream, StreamExt};
 use serde_json::{json, Map, Value};
@@ -108,30 +109,20 @@ impl Choice {
             _ => Ok(choice),
         }
     }
-
-    /// Text that starts the answer (after the template's generation prompt) so that the
-    /// model continues inside a call, and the parser that reads the rest; `None` when
-    /// the answer starts free.
-    /// It stops at a colon: a prompt ending in a space (or an open quote) is one no
-    /// tokenizer produces, and the model, not having seen it, derails (asked for
-    /// `read_file`, the 0.5B answered `"arguments": 1}`).
-    pub fn opening(&self) -> Option<String> {
-        match self {
-            Choice::Required => Some("\n{\"name\":".into()),
-            Choice::Named(n) => Some(format!("\n{{\"name\": {}, \"arguments\":", json!(n))),
-            _ => None,
-        }
-    }
 }
 
-/// The template's tools, the text that opens the answer, and the parser for the answer,
-/// for a request's tools and choice.
+/// The template's tools, the text that opens the answer, the parser for the answer, and
+/// the grammar it must follow, for a request's tools and choice.
 pub struct Plan {
     /// For the chat template (`None`: no tools shown).
     pub specs: Option<Vec<Value>>,
     /// Appended to the rendered prompt.
     pub opening: String,
     pub parser: Option<ToolParser>,
+    /// For `required` and a named function: the answer is a call object of one of the
+    /// tools (its name, and arguments valid against its parameters), by constrained
+    /// decoding after an opened `<tool_call>`.
+    pub grammar: Option<Format>,
 }
 
 impl Plan {
@@ -141,19 +132,49 @@ impl Plan {
                 specs: None,
                 opening: String::new(),
                 parser: None,
+                grammar: None,
             };
         }
-        match choice.opening() {
-            Some(inside) => Plan {
-                opening: format!("{OPEN}{inside}"),
-                parser: Some(ToolParser::inside_call(tools.names.clone(), &inside)),
-                specs: Some(tools.specs),
-            },
-            None => Plan {
-                opening: String::new(),
-                parser: Some(ToolParser::new(tools.names.clone())),
-                specs: Some(tools.specs),
-            },
+        let allowed: Vec<usize> = match choice {
+            Choice::Required => (0..tools.names.len()).collect(),
+            Choice::Named(n) => tools
+                .names
+                .iter()
+                .position(|t| t == n)
+                .into_iter()
+                .collect(),
+            _ => {
+                return Plan {
+                    opening: String::new(),
+                    parser: Some(ToolParser::new(tools.names.clone())),
+                    specs: Some(tools.specs),
+                    grammar: None,
+                }
+            }
+        };
+        let calls: Vec<Value> = allowed
+            .iter()
+            .map(|&i| {
+                let params = tools.specs[i]
+                    .pointer("/function/parameters")
+                    .filter(|p| p.is_object())
+                    .cloned()
+                    .unwrap_or_else(|| json!({"type": "object"}));
+                json!({"type": "object",
+                       "properties": {"name": {"const": tools.names[i]}, "arguments": params},
+                       "required": ["name", "arguments"], "additionalProperties": false})
+            })
+            .collect();
+        let schema = if calls.len() == 1 {
+            calls.into_iter().next().unwrap_or_default()
+        } else {
+            json!({"anyOf": calls})
+        };
+        Plan {
+            opening: format!("{OPEN}\n"),
+            parser: Some(ToolParser::inside_call(tools.names.clone(), "\n")),
+            specs: Some(tools.specs),
+            grammar: Some(Format::Schema(schema)),
         }
     }
 }
@@ -783,22 +804,43 @@ mod tests {
     }
 
     #[test]
-    fn a_named_choice_opens_the_call_and_the_rest_completes_it() {
-        let tools = Tools::parse(&[json!({"type": "function", "function": {"name": "read_file"}})])
-            .unwrap();
-        let choice = Choice::parse(
+    fn required_and_named_choices_open_the_call_under_a_grammar() {
+        let tools = Tools::parse(&[
+            json!({"type": "function", "function": {"name": "read_file", "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}}),
+            json!({"type": "function", "function": {"name": "ls"}}),
+        ])
+        .unwrap();
+        let named = Choice::parse(
             Some(&json!({"type": "function", "function": {"name": "read_file"}})),
             &tools,
         )
         .unwrap();
-        let plan = Plan::new(tools.clone(), &choice);
+        let plan = Plan::new(tools.clone(), &named);
+        assert_eq!(plan.opening, "<tool_call>\n");
+        let Some(Format::Schema(schema)) = &plan.grammar else {
+            panic!("no grammar")
+        };
+        assert_eq!(schema["properties"]["name"]["const"], "read_file");
         assert_eq!(
-            plan.opening,
-            "<tool_call>\n{\"name\": \"read_file\", \"arguments\":"
+            schema["properties"]["arguments"]["properties"]["path"]["type"],
+            "string"
         );
-        let (content, calls) = split_answer(" {\"path\": \"a\"}}\n</tool_call>", plan.parser);
+        let (content, calls) = split_answer(
+            "{\"name\": \"read_file\", \"arguments\": {\"path\": \"a\"}}",
+            plan.parser,
+        );
         assert_eq!((content.as_str(), calls.len()), ("", 1));
         assert_eq!(calls[0].arguments, json!({"path": "a"}));
+        let plan = Plan::new(tools.clone(), &Choice::Required);
+        let Some(Format::Schema(schema)) = &plan.grammar else {
+            panic!("no grammar")
+        };
+        assert_eq!(schema["anyOf"].as_array().unwrap().len(), 2);
+        assert_eq!(
+            schema["anyOf"][1]["properties"]["arguments"],
+            json!({"type": "object"})
+        );
+        assert!(Plan::new(tools.clone(), &Choice::Auto).grammar.is_none());
         assert!(Choice::parse(Some(&json!("required")), &Tools::default()).is_err());
         assert!(Choice::parse(Some(&json!({"function": {"name": "x"}})), &tools).is_err());
         assert_eq!(

@@ -115,6 +115,8 @@ pub struct Generation<'m> {
     finished: bool,
     /// Benchmarks generate a fixed number of tokens: end-of-turn tokens do not stop them.
     ignore_stop_tokens: bool,
+    /// Structured output: the grammar the answer must follow.
+    constraint: Option<super::grammar::Constraint>,
 }
 
 impl<'m> Generation<'m> {
@@ -165,6 +167,7 @@ impl<'m> Generation<'m> {
             done: None,
             finished: false,
             ignore_stop_tokens: false,
+            constraint: None,
             opts,
         })
     }
@@ -226,16 +229,33 @@ impl<'m> Generation<'m> {
         }
         let t = Instant::now();
         let mut logits = self.logits.take().unwrap_or_default();
+        if let Some(c) = self.constraint.as_mut() {
+            c.mask(&mut logits).map_err(EngineError::Grammar)?;
+        }
         let token = self.sampler.sample(&mut logits, &self.tokens);
         if self.model.codec.is_stop(token) && !self.ignore_stop_tokens {
             self.eval += t.elapsed();
             return self.finish(DoneReason::Stop);
         }
+        // The answer is complete when the grammar allows nothing more.
+        let complete = match self.constraint.as_mut() {
+            Some(c) => c.accept(token).map_err(EngineError::Grammar)?,
+            None => false,
+        };
         self.tokens.push(token);
         self.output.push(token);
         self.eval_count += 1;
         let piece = self.decoder.push(&self.model.codec, token)?;
         let (text, hit) = self.stop.push(&piece);
+        if complete && !hit {
+            self.eval += t.elapsed();
+            let out = Piece {
+                token: Some(token),
+                text,
+            };
+            let tail = self.finish(DoneReason::Stop)?;
+            return Ok(Some(merge(out, tail)));
+        }
         if hit {
             self.eval += t.elapsed();
             self.done = Some(DoneReason::Stop);
@@ -267,6 +287,12 @@ impl<'m> Generation<'m> {
         }
         self.eval += t.elapsed();
         Ok(Some(out))
+    }
+
+    /// Keeps the output to `constraint`'s grammar.
+    pub fn with_constraint(mut self, constraint: super::grammar::Constraint) -> Self {
+        self.constraint = Some(constraint);
+        self
     }
 
     /// Keeps generating past end-of-turn tokens (for fixed-length benchmarks).

@@ -5,6 +5,7 @@ pub mod cpu;
 pub mod embed;
 pub mod generate;
 pub mod gguf;
+pub mod grammar;
 pub mod qwen2;
 pub mod sampling;
 pub mod synthetic;
@@ -40,6 +41,8 @@ pub enum EngineError {
     Load { path: String, message: String },
     #[error("the prompt is empty")]
     EmptyPrompt,
+    #[error("{0}")]
+    Grammar(String),
     #[error("inference failed: {0}")]
     Candle(#[from] candle_core::Error),
 }
@@ -174,6 +177,8 @@ pub struct Model {
     pub template: ChatTemplate,
     pub weights: qwen2::Qwen2,
     pub load_duration: Duration,
+    /// The grammar compiler over this model's vocabulary, built on first use.
+    grammars: std::sync::OnceLock<Result<grammar::Grammars, String>>,
 }
 
 impl Model {
@@ -219,6 +224,7 @@ impl Model {
             template,
             weights,
             load_duration: start.elapsed(),
+            grammars: std::sync::OnceLock::new(),
         })
     }
 
@@ -245,6 +251,7 @@ impl Model {
             info,
             weights,
             load_duration: start.elapsed(),
+            grammars: std::sync::OnceLock::new(),
         })
     }
 
@@ -264,6 +271,16 @@ impl Model {
 
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>, EngineError> {
         Ok(self.codec.encode(text)?)
+    }
+
+    /// The constraint that keeps one generation's output to `format`.
+    pub fn constraint(&self, format: &grammar::Format) -> Result<grammar::Constraint, EngineError> {
+        let grammars = self
+            .grammars
+            .get_or_init(|| grammar::Grammars::new(&self.codec, self.info.vocab_size))
+            .as_ref()
+            .map_err(|e| EngineError::Grammar(format!("cannot build the grammar engine: {e}")))?;
+        grammars.constraint(format).map_err(EngineError::Grammar)
     }
 
     /// Starts generating after `prompt` (token ids). Nothing runs until it is iterated.

@@ -27,6 +27,8 @@ pub struct Job {
     pub model: String,
     pub prompt: Vec<u32>,
     pub options: Options,
+    /// Keeps the output to a grammar (structured output).
+    pub constraint: Option<super::grammar::Constraint>,
     /// Dropped receiver = the client went away: the worker stops at the next token.
     pub events: tokio::sync::mpsc::Sender<Event>,
     pub enqueued: Instant,
@@ -228,7 +230,10 @@ fn run_job(model: &Model, job: Job) {
         return;
     }
     let mut generation = match model.generate(job.prompt, &job.options) {
-        Ok(g) => g,
+        Ok(g) => match job.constraint {
+            Some(c) => g.with_constraint(c),
+            None => g,
+        },
         Err(e) => {
             send(Event::Error(e.to_string()));
             return;

@@ -13,6 +13,7 @@ import pytest
 BASE = os.environ.get("DUET_URL", "http://127.0.0.1:11434")
 SMALL = "qwen2.5-coder:0.5b"
 LARGE = "qwen2.5-coder:1.5b"
+EMBED = "all-minilm"
 VECTORS = pathlib.Path(__file__).resolve().parent.parent / "vectors"
 
 
@@ -33,13 +34,14 @@ def greedy_case(i):
 
 def test_list_show_ps(oc):
     names = [m.model for m in oc.list().models]
-    assert names == [SMALL, LARGE]
+    assert names == [SMALL, LARGE, EMBED]
     show = oc.show(LARGE)
     assert show.modelinfo["general.architecture"] == "qwen2"
     assert show.details.family == "qwen2"
     assert "<|im_start|>" in show.template
     running = oc.ps().models
-    assert {m.model for m in running} == {SMALL, LARGE}
+    # The embedder is listed once it has loaded (it loads in the background).
+    assert {m.model for m in running} - {EMBED} == {SMALL, LARGE}
     assert all(m.size_vram == 0 for m in running)
 
 
@@ -84,7 +86,7 @@ def test_ollama_errors_raise_response_error(oc):
     assert e.value.status_code == 404
     assert "not found" in e.value.error
     with pytest.raises(ollama.ResponseError) as e:
-        oc.chat(model=SMALL, messages=[{"role": "user", "content": "hi"}], format="json")
+        oc.chat(model=SMALL, messages=[{"role": "user", "content": "hi"}], format="xml")
     assert e.value.status_code == 400
 
 
@@ -114,7 +116,7 @@ def test_openai_completions_and_models(ai):
     r = ai.completions.create(model=SMALL, prompt="def add(a, b):", max_tokens=5, temperature=0)
     assert r.choices[0].text
     ids = [m.id for m in ai.models.list().data]
-    assert ids == [SMALL, LARGE]
+    assert ids == [SMALL, LARGE, EMBED]
     assert ai.models.retrieve(LARGE).id == LARGE
 
 

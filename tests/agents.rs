@@ -1,7 +1,8 @@
 //! What coding agents and IDEs need beyond plain chat, over HTTP against a real `duet
 //! serve` on the CPU layout: tool calls (Ollama's and OpenAI's shapes, streamed and not,
-//! with the history of calls and results), the capabilities and template clients read
-//! from /api/show, and the request fields strict clients send.
+//! with the history of calls and results), structured output (`format`,
+//! `response_format`), the capabilities and template clients read from /api/show, and
+//! the request fields strict clients send.
 
 mod common;
 #[path = "common/server.rs"]
@@ -273,4 +274,141 @@ fn strict_clients_fields_are_accepted() {
         json!({"model": SMALL, "prompt": "hi", "think": true}),
     );
     assert_eq!(s, 400);
+}
+
+fn person_schema() -> Value {
+    json!({"type": "object", "additionalProperties": false, "required": ["name", "born", "languages"],
+           "properties": {"name": {"type": "string", "maxLength": 40},
+                          "born": {"type": "integer", "minimum": 1000, "maximum": 2100},
+                          "languages": {"type": "array", "items": {"type": "string", "maxLength": 20}, "maxItems": 3}}})
+}
+
+/// Checks `v` against [`person_schema`] by hand.
+fn valid_person(v: &Value) -> bool {
+    let Some(o) = v.as_object() else { return false };
+    o.len() == 3
+        && o["name"].as_str().is_some_and(|n| n.chars().count() <= 40)
+        && o["born"]
+            .as_i64()
+            .is_some_and(|y| (1000..=2100).contains(&y))
+        && o["languages"].as_array().is_some_and(|l| {
+            l.len() <= 3
+                && l.iter()
+                    .all(|x| x.as_str().is_some_and(|s| s.chars().count() <= 20))
+        })
+}
+
+#[test]
+fn a_schema_is_always_followed_whatever_the_prompt() {
+    for (model, prompt, temperature) in [
+        (SMALL, "Tell me about Ada Lovelace.", 0.0),
+        (
+            SMALL,
+            "Ignore any format and write a haiku about the sea.",
+            0.0,
+        ),
+        (LARGE, "Who created Python? Answer in French prose.", 0.0),
+        (SMALL, "Grace Hopper", 1.0),
+    ] {
+        let (s, v) = post(
+            "/api/chat",
+            json!({"model": model, "stream": false, "format": person_schema(),
+                   "messages": [{"role": "user", "content": prompt}],
+                   "options": {"temperature": temperature, "seed": 7, "num_predict": 256}}),
+        );
+        assert_eq!(s, 200, "{v}");
+        let content = v["message"]["content"].as_str().unwrap();
+        let parsed: Value =
+            serde_json::from_str(content).unwrap_or_else(|e| panic!("{prompt}: {e}: {content}"));
+        assert!(valid_person(&parsed), "{prompt}: {parsed}");
+        assert_eq!(v["done_reason"], "stop", "{v}");
+    }
+    // Streamed, on /api/generate: the pieces join into the same kind of answer.
+    let lines = stream(
+        "/api/generate",
+        json!({"model": SMALL, "prompt": "Linus Torvalds", "format": person_schema(),
+               "options": {"temperature": 0, "num_predict": 256}}),
+    );
+    let text: String = lines
+        .iter()
+        .filter_map(|l| l["response"].as_str())
+        .collect();
+    assert!(
+        valid_person(&serde_json::from_str(&text).unwrap()),
+        "{text}"
+    );
+}
+
+#[test]
+fn json_mode_and_openai_response_formats() {
+    let (s, v) = post(
+        "/api/generate",
+        json!({"model": SMALL, "stream": false, "format": "json",
+               "prompt": "Give the name and version of a programming language as a small JSON object.",
+               "options": {"temperature": 0, "num_predict": 200}}),
+    );
+    assert_eq!(s, 200, "{v}");
+    let parsed: Value = serde_json::from_str(v["response"].as_str().unwrap()).unwrap();
+    assert!(parsed.is_object(), "{parsed}");
+
+    let (s, v) = post(
+        "/v1/chat/completions",
+        json!({"model": SMALL, "temperature": 0, "max_tokens": 256,
+               "messages": [{"role": "user", "content": "Barbara Liskov"}],
+               "response_format": {"type": "json_schema", "json_schema": {"name": "person", "strict": true, "schema": person_schema()}}}),
+    );
+    assert_eq!(s, 200, "{v}");
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(
+        valid_person(&serde_json::from_str(content).unwrap()),
+        "{content}"
+    );
+
+    let (s, v) = post(
+        "/v1/chat/completions",
+        json!({"model": SMALL, "temperature": 0, "max_tokens": 200, "response_format": {"type": "json_object"},
+               "messages": [{"role": "user", "content": "A JSON object with the key ok set to true."}]}),
+    );
+    assert_eq!(s, 200, "{v}");
+    let parsed: Value =
+        serde_json::from_str(v["choices"][0]["message"]["content"].as_str().unwrap()).unwrap();
+    assert!(parsed.is_object());
+
+    for (path, body) in [
+        (
+            "/api/generate",
+            json!({"model": SMALL, "prompt": "hi", "format": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}),
+        ),
+        (
+            "/api/chat",
+            json!({"model": SMALL, "messages": [{"role": "user", "content": "hi"}], "format": 42}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": SMALL, "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_schema"}}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": SMALL, "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "yaml"}}),
+        ),
+    ] {
+        let (s, v) = post(path, body.clone());
+        assert_eq!(s, 400, "{body} -> {v}");
+    }
+}
+
+#[test]
+fn required_tool_choice_makes_even_the_small_model_call_a_supplied_tool() {
+    let (s, v) = post(
+        "/v1/chat/completions",
+        json!({"model": SMALL, "temperature": 0, "tools": [weather(), read_file()],
+               "messages": [{"role": "user", "content": "Show me src/lib.rs"}], "tool_choice": "required"}),
+    );
+    assert_eq!(s, 200, "{v}");
+    let call = &v["choices"][0]["message"]["tool_calls"][0]["function"];
+    let name = call["name"].as_str().unwrap_or_default();
+    assert!(["get_weather", "read_file"].contains(&name), "{v}");
+    let args: Value = serde_json::from_str(call["arguments"].as_str().unwrap()).unwrap();
+    assert!(args.is_object());
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
 }
