@@ -74,6 +74,14 @@ struct ServeArgs {
     /// Cap on tokens generated per request (num_predict / max_tokens); unlimited if unset
     #[arg(long, env = "DUET_MAX_PREDICT")]
     max_predict: Option<i32>,
+    /// How long a model stays loaded after its last request when the request does not
+    /// say ("5m", "1h", seconds; negative: forever, 0: unload after each request).
+    /// duet pins each model to its own device, so the default is forever.
+    #[arg(long, env = "OLLAMA_KEEP_ALIVE", value_parser = duet::keep_alive::KeepAlive::parse, allow_hyphen_values = true)]
+    keep_alive: Option<duet::keep_alive::KeepAlive>,
+    /// Do not load the models at start: each loads on its first request
+    #[arg(long, env = "DUET_NO_PRELOAD")]
+    no_preload: bool,
 }
 
 #[derive(clap::Args)]
@@ -213,6 +221,12 @@ fn real_main(cli: Cli) -> Result<()> {
                         max_predict: args.max_predict,
                     },
                     origins: env("OLLAMA_ORIGINS"),
+                    lifecycle: duet::engine::worker::Lifecycle {
+                        preload: !args.no_preload,
+                        keep_alive: args
+                            .keep_alive
+                            .unwrap_or(duet::keep_alive::KeepAlive::FOREVER),
+                    },
                 },
             )
         }

@@ -22,6 +22,8 @@ pub struct ServeOptions {
     pub max_queue: usize,
     pub limits: Limits,
     pub origins: Option<String>,
+    /// Preloading and the default keep-alive.
+    pub lifecycle: worker::Lifecycle,
 }
 
 /// Parses OLLAMA_HOST-style addresses: "0.0.0.0", ":8080", "http://host:1234", "[::1]:11434".
@@ -52,7 +54,11 @@ pub fn parse_host(s: &str) -> Result<SocketAddr> {
 }
 
 /// Reads each placed model's file header and starts one worker per device.
-fn start_workers(d: &Deployment, max_queue: usize) -> Result<Vec<Arc<ModelSlot>>> {
+fn start_workers(
+    d: &Deployment,
+    max_queue: usize,
+    life: worker::Lifecycle,
+) -> Result<Vec<Arc<ModelSlot>>> {
     let mut by_device: BTreeMap<_, Vec<Placement>> = BTreeMap::new();
     for p in &d.layout().place {
         let Some(m) = d.model(&p.model) else { continue };
@@ -81,7 +87,7 @@ fn start_workers(d: &Deployment, max_queue: usize) -> Result<Vec<Arc<ModelSlot>>
     }
     let mut slots = Vec::new();
     for (device, placements) in by_device {
-        slots.extend(worker::spawn(device, placements, max_queue));
+        slots.extend(worker::spawn(device, placements, max_queue, life));
     }
     Ok(slots)
 }
@@ -127,12 +133,23 @@ async fn report_progress(state: Arc<AppState>) {
             if done[i] {
                 continue;
             }
-            if s.is_ready() {
-                bars[i].finish_with_message(format!("{} ready on {}", s.name, s.device));
-                done[i] = true;
-            } else if let Some(e) = s.failure() {
-                bars[i].abandon_with_message(format!("{} failed on {}: {e}", s.name, s.device));
-                done[i] = true;
+            match s.state() {
+                worker::Load::Ready(_) => {
+                    bars[i].finish_with_message(format!("{} ready on {}", s.name, s.device));
+                    done[i] = true;
+                }
+                worker::Load::Unloaded => {
+                    bars[i].finish_with_message(format!(
+                        "{} loads on {} at its first request",
+                        s.name, s.device
+                    ));
+                    done[i] = true;
+                }
+                worker::Load::Failed(e) => {
+                    bars[i].abandon_with_message(format!("{} failed on {}: {e}", s.name, s.device));
+                    done[i] = true;
+                }
+                worker::Load::Loading => {}
             }
         }
         if done.iter().all(|d| *d) {
@@ -149,7 +166,7 @@ async fn report_progress(state: Arc<AppState>) {
     if failed.is_empty() {
         tracing::info!(
             secs = start.elapsed().as_secs_f64(),
-            "all models loaded and warm: ready"
+            "all models settled: ready"
         );
         eprintln!("duet is ready ({:.1}s)", start.elapsed().as_secs_f64());
     } else {
@@ -186,7 +203,8 @@ pub fn serve(d: Deployment, opts: ServeOptions) -> Result<()> {
         kernels = %crate::engine::cpu::kernels(),
         "CPU"
     );
-    let slots = start_workers(&d, opts.max_queue)?;
+    let slots = start_workers(&d, opts.max_queue, opts.lifecycle)?;
+    tracing::info!(preload = opts.lifecycle.preload, keep_alive = %opts.lifecycle.keep_alive, "model lifecycle");
     let layout = d.layout();
     let classifier = crate::router::Classifier::new(d.config.routing.clone())?;
     let chains = [Tier::Simple, Tier::Moderate, Tier::Complex]
@@ -215,6 +233,7 @@ pub fn serve(d: Deployment, opts: ServeOptions) -> Result<()> {
         chains,
         aliases,
         limits: opts.limits.clone(),
+        keep_alive: opts.lifecycle.keep_alive,
         metrics: Arc::new(crate::metrics::Metrics::new()?),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()

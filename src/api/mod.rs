@@ -44,6 +44,8 @@ pub struct AppState {
     /// Alias → canonical name.
     pub aliases: Vec<(String, String)>,
     pub limits: Limits,
+    /// Keep-alive of a request that does not set one (OLLAMA_KEEP_ALIVE).
+    pub keep_alive: crate::keep_alive::KeepAlive,
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -124,6 +126,9 @@ pub struct Target {
     pub requested: String,
     pub routed: bool,
     pub route: Option<Route>,
+    /// Set by [`loaded`]: the model, once in memory, and how long the request waited.
+    pub model: Option<Arc<Model>>,
+    pub load_wait: std::time::Duration,
 }
 
 impl Target {
@@ -286,6 +291,8 @@ impl AppState {
                 requested: name.to_string(),
                 routed: false,
                 route: None,
+                model: None,
+                load_wait: Default::default(),
             });
         }
         let decision = self.classifier.classify(&request());
@@ -323,16 +330,17 @@ impl AppState {
                 fallback: pick.fallback,
                 skipped: pick.skipped,
             }),
+            model: None,
+            load_wait: Default::default(),
         })
     }
 
-    /// Every model has settled (loaded and warm, or failed) and at least one answers:
-    /// a model that cannot load (missing GPU, bad file) does not hold the rest back.
+    /// Every model has settled (loaded and warm, left to load on demand, or failed) and
+    /// at least one answers: a model that cannot load (missing GPU, bad file) does not
+    /// hold the rest back.
     pub fn ready(&self) -> bool {
-        self.slots
-            .iter()
-            .all(|s| s.is_ready() || s.failure().is_some())
-            && self.slots.iter().any(|s| s.is_ready())
+        self.slots.iter().all(|s| !s.is_loading())
+            && self.slots.iter().any(|s| s.failure().is_none())
             && self
                 .embedders
                 .iter()
@@ -375,7 +383,12 @@ impl AppState {
         options: Options,
         constraint: Option<crate::engine::grammar::Constraint>,
     ) -> Result<Running, ApiError> {
-        let model = loaded(&target)?;
+        let model = target.model.clone().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("model '{}' was not loaded", target.slot.name),
+            )
+        })?;
         // Routed to a smaller model than the layout's largest: routing saved time.
         let largest = self.slots.iter().max_by_key(|s| s.info.parameter_count);
         let larger = largest
@@ -393,6 +406,7 @@ impl AppState {
             constraint,
             events: tx,
             enqueued: Instant::now(),
+            load_wait: target.load_wait,
         })?;
         let recorder = crate::metrics::Recorder::new(
             self.metrics.clone(),
@@ -408,20 +422,34 @@ impl AppState {
     }
 }
 
-/// The loaded model of a target, or 503 while it loads.
-pub fn loaded(target: &Target) -> Result<Arc<Model>, ApiError> {
-    if let Some(why) = target.slot.failure() {
-        return Err(SubmitError::Unavailable {
-            model: target.slot.name.clone(),
-            why: why.to_string(),
-        }
-        .into());
+/// The target's model, loaded on its device first if it is not in memory (the request
+/// waits while it loads, as Ollama's do); 503 only when it cannot load. `keep_alive` is
+/// the request's (`null` or absent: the server's default).
+pub async fn loaded(
+    st: &AppState,
+    target: &mut Target,
+    keep_alive: &Option<serde_json::Value>,
+) -> Result<Arc<Model>, ApiError> {
+    let k = keep_alive_of(st, keep_alive)?;
+    target.slot.set_keep_alive(k);
+    let start = Instant::now();
+    let model = target.slot.ready_model().await?;
+    target.load_wait = start.elapsed();
+    target.model = Some(model.clone());
+    Ok(model)
+}
+
+/// A request's keep-alive, or the server's default.
+pub fn keep_alive_of(
+    st: &AppState,
+    v: &Option<serde_json::Value>,
+) -> Result<crate::keep_alive::KeepAlive, ApiError> {
+    match v {
+        None => Ok(st.keep_alive),
+        Some(v) => Ok(crate::keep_alive::KeepAlive::from_json(v)
+            .map_err(ApiError::bad_request)?
+            .unwrap_or(st.keep_alive)),
     }
-    target
-        .slot
-        .model()
-        .cloned()
-        .ok_or_else(|| SubmitError::Loading(target.slot.name.clone()).into())
 }
 
 /// CORS as Ollama does it: localhost origins (and OLLAMA_ORIGINS, comma-separated, `*`

@@ -4,7 +4,10 @@ use super::stream::{body_response, collect, items, ndjson_line, Item};
 use super::tools::{
     chat_items, history_calls, split_answer, ChatItem, Choice, Plan, ToolCall, Tools,
 };
-use super::{loaded, parse_body, with_headers, ApiError, AppState, Served, Target, OLLAMA_VERSION};
+use super::{
+    keep_alive_of, loaded, parse_body, with_headers, ApiError, AppState, Served, Target,
+    OLLAMA_VERSION,
+};
 use crate::engine::grammar::Format;
 use crate::engine::{Message, Model, Options, Summary};
 use crate::router::Request;
@@ -297,15 +300,26 @@ pub fn capabilities(info: &crate::engine::ModelInfo) -> Vec<&'static str> {
     c
 }
 
+/// When a model unloads, as a wall-clock time; a model kept forever shows a date a
+/// century ahead.
+pub fn expires_rfc3339(at: Option<std::time::Instant>) -> String {
+    let now = std::time::SystemTime::now();
+    let left = match at {
+        Some(at) => at.saturating_duration_since(std::time::Instant::now()),
+        None => std::time::Duration::from_secs(100 * 365 * 86400),
+    };
+    rfc3339(now + left)
+}
+
 async fn ps(State(st): S) -> Json<Value> {
-    // duet keeps every model of the layout loaded for the life of the server.
-    let expires =
-        rfc3339(std::time::SystemTime::now() + std::time::Duration::from_secs(100 * 365 * 86400));
+    // Embedding models stay loaded for the life of the server.
+    let expires = expires_rfc3339(None);
     let models: Vec<Value> = st
         .slots
         .iter()
         .filter(|s| s.is_ready())
         .map(|s| {
+            let expires = expires_rfc3339(s.expires_at());
             let size = s.info.file_size;
             json!({
                 "name": s.name,
@@ -403,7 +417,6 @@ struct GenerateRequest {
     images: Option<Vec<Value>>,
     options: Option<Value>,
     think: Option<Value>,
-    #[allow(dead_code)]
     keep_alive: Option<Value>,
 }
 
@@ -433,11 +446,34 @@ async fn generate(State(st): S, body: Bytes) -> Result<Response, ApiError> {
     Ok(with_headers(served, generate_routed(st, req, t).await))
 }
 
+/// An empty request with `keep_alive: 0` unloads its model (Open WebUI's "eject"),
+/// without loading it first.
+fn unload_request(
+    st: &AppState,
+    t: &Target,
+    keep_alive: &Option<Value>,
+) -> Result<Option<Value>, ApiError> {
+    if !keep_alive_of(st, keep_alive)?.is_zero() || keep_alive.is_none() {
+        return Ok(None);
+    }
+    t.slot.unload();
+    Ok(Some(
+        json!({"model": reply_name(t), "created_at": now_rfc3339(), "done": true, "done_reason": "unload"}),
+    ))
+}
+
 async fn generate_routed(
     st: Arc<AppState>,
     req: GenerateRequest,
-    t: Target,
+    mut t: Target,
 ) -> Result<Response, ApiError> {
+    let empty = req.prompt.is_empty() && req.suffix.is_empty() && req.context.is_empty();
+    if empty {
+        if let Some(mut v) = unload_request(&st, &t, &req.keep_alive)? {
+            v["response"] = json!("");
+            return Ok(Json(v).into_response());
+        }
+    }
     reject_images(req.images.as_deref().unwrap_or_default(), &t.requested)?;
     let format = parse_format(&req.format)?;
     reject_think(&req.think, &t.requested)?;
@@ -448,9 +484,9 @@ async fn generate_routed(
     }
     let mut options = parse_options(req.options)?;
     st.cap_predict(&mut options);
-    let model: Arc<Model> = loaded(&t)?;
+    let model: Arc<Model> = loaded(&st, &mut t, &req.keep_alive).await?;
     let name = reply_name(&t);
-    if req.prompt.is_empty() && req.suffix.is_empty() && req.context.is_empty() {
+    if empty {
         // Ollama answers an empty prompt by (re)loading the model.
         return Ok(Json(json!({"model": name, "created_at": now_rfc3339(), "response": "", "done": true, "done_reason": "load"})).into_response());
     }
@@ -529,7 +565,6 @@ struct ChatRequest {
     format: Option<Value>,
     options: Option<Value>,
     think: Option<Value>,
-    #[allow(dead_code)]
     keep_alive: Option<Value>,
 }
 
@@ -582,7 +617,17 @@ async fn chat(State(st): S, body: Bytes) -> Result<Response, ApiError> {
     Ok(with_headers(served, chat_routed(st, req, t).await))
 }
 
-async fn chat_routed(st: Arc<AppState>, req: ChatRequest, t: Target) -> Result<Response, ApiError> {
+async fn chat_routed(
+    st: Arc<AppState>,
+    req: ChatRequest,
+    mut t: Target,
+) -> Result<Response, ApiError> {
+    if req.messages.is_empty() {
+        if let Some(mut v) = unload_request(&st, &t, &req.keep_alive)? {
+            v["message"] = json!({"role": "assistant", "content": ""});
+            return Ok(Json(v).into_response());
+        }
+    }
     let format = parse_format(&req.format)?;
     reject_think(&req.think, &t.requested)?;
     let tools = Tools::parse(req.tools.as_deref().unwrap_or_default())?;
@@ -600,7 +645,7 @@ async fn chat_routed(st: Arc<AppState>, req: ChatRequest, t: Target) -> Result<R
     }
     let mut options = parse_options(req.options)?;
     st.cap_predict(&mut options);
-    let model = loaded(&t)?;
+    let model = loaded(&st, &mut t, &req.keep_alive).await?;
     let name = reply_name(&t);
     if messages.is_empty() {
         return Ok(Json(json!({"model": name, "created_at": now_rfc3339(), "message": {"role": "assistant", "content": ""}, "done_reason": "load", "done": true})).into_response());

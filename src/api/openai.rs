@@ -244,7 +244,7 @@ async fn chat_completions(State(st): S, body: Bytes) -> Result<Response> {
     Ok(with_headers(served, chat_routed(st, req, t).await))
 }
 
-async fn chat_routed(st: Arc<AppState>, req: ChatRequest, t: Target) -> Result<Response> {
+async fn chat_routed(st: Arc<AppState>, req: ChatRequest, mut t: Target) -> Result<Response> {
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages must not be empty").into());
     }
@@ -261,7 +261,7 @@ async fn chat_routed(st: Arc<AppState>, req: ChatRequest, t: Target) -> Result<R
     }
     let mut options = req.sampling.options()?;
     st.cap_predict(&mut options);
-    let model = loaded(&t)?;
+    let model = loaded(&st, &mut t, &None).await?;
     let mut plan = Plan::new(tools, &choice);
     if format.is_some() && plan.grammar.is_none() {
         plan.parser = None; // JSON content was asked for, not calls
@@ -356,7 +356,7 @@ async fn completions(State(st): S, body: Bytes) -> Result<Response> {
 async fn completions_routed(
     st: Arc<AppState>,
     req: CompletionRequest,
-    t: Target,
+    mut t: Target,
 ) -> Result<Response> {
     let prompt = match &req.prompt {
         Some(Value::String(s)) => s.clone(),
@@ -368,7 +368,7 @@ async fn completions_routed(
     };
     let mut options = req.sampling.options()?;
     st.cap_predict(&mut options);
-    let model = loaded(&t)?;
+    let model = loaded(&st, &mut t, &None).await?;
     // As Ollama does: the prompt goes through the chat template, or FIM with a suffix.
     let text = match req.suffix.as_deref().filter(|s| !s.is_empty()) {
         Some(suffix) => fim_prompt(&prompt, suffix),

@@ -1,14 +1,17 @@
 //! One OS thread per device. The thread creates the device's candle `Device` once, loads
-//! and warms the models placed on it, then runs their jobs one at a time; it is the only
+//! and warms the models placed on it (at start, or on a model's first request), runs their
+//! jobs one at a time and unloads a model whose keep-alive has run out; it is the only
 //! thread that drives that device. A bounded count of pending jobs per model stands in
 //! front, so a full queue is refused at once instead of growing without bound.
 
 use super::{EngineError, Model, ModelInfo, Options, Summary};
 use crate::config::DeviceSpec;
+use crate::keep_alive::KeepAlive;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, OnceLock};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 
 /// What a job sends back while it runs.
 #[derive(Debug)]
@@ -32,16 +35,37 @@ pub struct Job {
     /// Dropped receiver = the client went away: the worker stops at the next token.
     pub events: tokio::sync::mpsc::Sender<Event>,
     pub enqueued: Instant,
+    /// How long the request waited for its model to load before it was submitted.
+    pub load_wait: Duration,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum SubmitError {
     #[error("server busy, please try again.  maximum pending requests exceeded")]
     QueueFull,
-    #[error("model '{0}' is still loading")]
-    Loading(String),
     #[error("model '{model}' is unavailable: {why}")]
     Unavailable { model: String, why: String },
+}
+
+/// Where a model is in its life.
+#[derive(Clone)]
+pub enum Load {
+    /// Not in memory; the next request loads it.
+    Unloaded,
+    Loading,
+    Ready(Arc<Model>),
+    /// Loading failed; the model stays unavailable.
+    Failed(String),
+}
+
+/// How long a model loaded for a request with keep-alive 0 waits for that request's job.
+const LOAD_GRACE: Duration = Duration::from_secs(5);
+
+/// What the API asks of a device's worker besides jobs.
+enum Msg {
+    Job(Box<Job>),
+    Load(String),
+    Unload(String),
 }
 
 /// The state of one model as the server sees it.
@@ -51,27 +75,42 @@ pub struct ModelSlot {
     pub path: PathBuf,
     /// The file's metadata, read before loading.
     pub info: ModelInfo,
-    /// Set once the worker has loaded and warmed it.
-    model: OnceLock<Arc<Model>>,
-    /// Set when loading failed (the model stays unavailable).
-    failed: OnceLock<String>,
+    load: watch::Sender<Load>,
+    /// The keep-alive the last request asked for (or the server's default).
+    keep_alive: Mutex<KeepAlive>,
+    /// When the model unloads if nothing else arrives (`None`: never, or busy).
+    expires: Mutex<Option<Instant>>,
     pending: AtomicUsize,
     in_flight: AtomicUsize,
     max_queue: usize,
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::Sender<Msg>,
 }
 
 impl ModelSlot {
-    pub fn model(&self) -> Option<&Arc<Model>> {
-        self.model.get()
+    pub fn state(&self) -> Load {
+        self.load.borrow().clone()
     }
 
-    pub fn failure(&self) -> Option<&str> {
-        self.failed.get().map(String::as_str)
+    pub fn model(&self) -> Option<Arc<Model>> {
+        match &*self.load.borrow() {
+            Load::Ready(m) => Some(m.clone()),
+            _ => None,
+        }
+    }
+
+    pub fn failure(&self) -> Option<String> {
+        match &*self.load.borrow() {
+            Load::Failed(why) => Some(why.clone()),
+            _ => None,
+        }
     }
 
     pub fn is_ready(&self) -> bool {
-        self.model.get().is_some()
+        matches!(*self.load.borrow(), Load::Ready(_))
+    }
+
+    pub fn is_loading(&self) -> bool {
+        matches!(*self.load.borrow(), Load::Loading)
     }
 
     /// Jobs waiting (not yet started) for this model.
@@ -88,27 +127,84 @@ impl ModelSlot {
         self.queue_depth() >= self.max_queue
     }
 
+    fn unavailable(&self, why: impl Into<String>) -> SubmitError {
+        SubmitError::Unavailable {
+            model: self.name.clone(),
+            why: why.into(),
+        }
+    }
+
+    /// Sets how long the model stays loaded after the current requests.
+    pub fn set_keep_alive(&self, k: KeepAlive) {
+        *self.keep_alive.lock().unwrap_or_else(|e| e.into_inner()) = k;
+    }
+
+    pub fn keep_alive(&self) -> KeepAlive {
+        *self.keep_alive.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// When the model unloads as things stand: `None` for never. A busy model expires its
+    /// keep-alive after the work in hand, as Ollama reports it.
+    pub fn expires_at(&self) -> Option<Instant> {
+        if self.queue_depth() + self.in_flight() > 0 {
+            return self.keep_alive().deadline(Instant::now());
+        }
+        *self.expires.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_expiry(&self, at: Option<Instant>) {
+        *self.expires.lock().unwrap_or_else(|e| e.into_inner()) = at;
+    }
+
+    /// The loaded model, loading it first (on its worker) if it is not in memory and
+    /// waiting while it loads. Fails only when loading fails.
+    pub async fn ready_model(&self) -> Result<Arc<Model>, SubmitError> {
+        let mut rx = self.load.subscribe();
+        loop {
+            let begin_load = self.load.send_if_modified(|s| {
+                if matches!(s, Load::Unloaded) {
+                    *s = Load::Loading;
+                    true
+                } else {
+                    false
+                }
+            });
+            if begin_load && self.jobs.send(Msg::Load(self.name.clone())).is_err() {
+                self.load
+                    .send_replace(Load::Failed("its worker has stopped".into()));
+            }
+            let settled = rx
+                .wait_for(|s| !matches!(s, Load::Loading))
+                .await
+                .map_err(|_| self.unavailable("its worker has stopped"))?
+                .clone();
+            match settled {
+                Load::Ready(m) => return Ok(m),
+                Load::Failed(why) => return Err(self.unavailable(why)),
+                // Unloaded again before this request got it (keep_alive 0 elsewhere).
+                Load::Unloaded | Load::Loading => continue,
+            }
+        }
+    }
+
+    /// Asks the worker to unload the model once the work in hand is done.
+    pub fn unload(&self) {
+        self.set_keep_alive(KeepAlive::NOW);
+        let _ = self.jobs.send(Msg::Unload(self.name.clone()));
+    }
+
     pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
         if let Some(why) = self.failure() {
-            return Err(SubmitError::Unavailable {
-                model: self.name.clone(),
-                why: why.to_string(),
-            });
-        }
-        if !self.is_ready() {
-            return Err(SubmitError::Loading(self.name.clone()));
+            return Err(self.unavailable(why));
         }
         let prev = self.pending.fetch_add(1, Ordering::AcqRel);
         if prev >= self.max_queue {
             self.pending.fetch_sub(1, Ordering::AcqRel);
             return Err(SubmitError::QueueFull);
         }
-        self.jobs.send(job).map_err(|_| {
+        self.jobs.send(Msg::Job(Box::new(job))).map_err(|_| {
             self.pending.fetch_sub(1, Ordering::AcqRel);
-            SubmitError::Unavailable {
-                model: self.name.clone(),
-                why: "its worker has stopped".into(),
-            }
+            self.unavailable("its worker has stopped")
         })
     }
 }
@@ -120,13 +216,37 @@ pub struct Placement {
     pub info: ModelInfo,
 }
 
+/// How a worker treats its models' lifetimes.
+#[derive(Debug, Clone, Copy)]
+pub struct Lifecycle {
+    /// Load every model when the worker starts (else on its first request).
+    pub preload: bool,
+    /// Keep-alive of a request that does not set one.
+    pub keep_alive: KeepAlive,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Self {
+            preload: true,
+            keep_alive: KeepAlive::FOREVER,
+        }
+    }
+}
+
 /// Starts the worker thread of one device. The returned slots fill in as models load.
 pub fn spawn(
     device: DeviceSpec,
     placements: Vec<Placement>,
     max_queue: usize,
+    life: Lifecycle,
 ) -> Vec<Arc<ModelSlot>> {
-    let (tx, rx) = mpsc::channel::<Job>();
+    let (tx, rx) = mpsc::channel::<Msg>();
+    let initial = if life.preload {
+        Load::Loading
+    } else {
+        Load::Unloaded
+    };
     let slots: Vec<Arc<ModelSlot>> = placements
         .into_iter()
         .map(|p| {
@@ -135,8 +255,9 @@ pub fn spawn(
                 device,
                 path: p.path,
                 info: p.info,
-                model: OnceLock::new(),
-                failed: OnceLock::new(),
+                load: watch::Sender::new(initial.clone()),
+                keep_alive: Mutex::new(life.keep_alive),
+                expires: Mutex::new(None),
                 pending: AtomicUsize::new(0),
                 in_flight: AtomicUsize::new(0),
                 max_queue,
@@ -148,56 +269,195 @@ pub fn spawn(
     let worker_slots = slots.clone();
     let spawned = std::thread::Builder::new()
         .name(format!("duet-{device}"))
-        .spawn(move || worker_main(device, worker_slots, rx));
+        .spawn(move || Worker::start(device, worker_slots, life).run(rx));
     if let Err(e) = spawned {
         for s in &slots {
-            let _ = s.failed.set(format!("cannot start the worker thread: {e}"));
+            s.load
+                .send_replace(Load::Failed(format!("cannot start the worker thread: {e}")));
         }
     }
     slots
 }
 
-fn worker_main(device: DeviceSpec, slots: Vec<Arc<ModelSlot>>, rx: mpsc::Receiver<Job>) {
-    // The device is created once, here, and only this thread drives it.
-    let dev = match super::create_device(device) {
-        Ok(dev) => dev,
-        Err(e) => {
-            for slot in &slots {
-                tracing::error!(model = %slot.name, %device, error = %e, "device unavailable: model not loaded");
-                let _ = slot.failed.set(e.to_string());
+struct Worker {
+    device: DeviceSpec,
+    dev: Option<candle_core::Device>,
+    slots: Vec<Arc<ModelSlot>>,
+}
+
+impl Worker {
+    fn start(device: DeviceSpec, slots: Vec<Arc<ModelSlot>>, life: Lifecycle) -> Self {
+        // The device is created once, here, and only this thread drives it.
+        let dev = match super::create_device(device) {
+            Ok(dev) => Some(dev),
+            Err(e) => {
+                for slot in &slots {
+                    tracing::error!(model = %slot.name, %device, error = %e, "device unavailable: model not loaded");
+                    slot.load.send_replace(Load::Failed(e.to_string()));
+                }
+                None
             }
-            return;
+        };
+        let w = Self { device, dev, slots };
+        if life.preload {
+            for slot in &w.slots {
+                w.load(slot);
+                w.loaded(slot);
+            }
         }
-    };
-    for slot in &slots {
-        match load_and_warm(slot, device, &dev) {
+        w
+    }
+
+    /// Loads a model that is not in memory; true when it is ready.
+    fn load(&self, slot: &ModelSlot) -> bool {
+        match &*slot.load.borrow() {
+            Load::Ready(_) => return true,
+            Load::Failed(_) => return false,
+            _ => {}
+        }
+        let Some(dev) = &self.dev else { return false };
+        slot.load.send_replace(Load::Loading);
+        match load_and_warm(slot, self.device, dev) {
             Ok(model) => {
-                let _ = slot.model.set(Arc::new(model));
+                slot.load.send_replace(Load::Ready(Arc::new(model)));
+                true
             }
             Err(e) => {
-                tracing::error!(model = %slot.name, %device, error = %e, "model failed to load");
-                let _ = slot.failed.set(e.to_string());
+                tracing::error!(model = %slot.name, device = %self.device, error = %e, "model failed to load");
+                slot.load.send_replace(Load::Failed(e.to_string()));
+                false
             }
         }
     }
-    while let Ok(job) = rx.recv() {
-        let Some(slot) = slots.iter().find(|s| s.name == job.model) else {
+
+    fn unload(&self, slot: &ModelSlot) {
+        if slot.load.send_if_modified(|s| {
+            if matches!(s, Load::Ready(_)) {
+                *s = Load::Unloaded;
+                true
+            } else {
+                false
+            }
+        }) {
+            slot.set_expiry(None);
+            tracing::info!(model = %slot.name, device = %self.device, "unloaded");
+        }
+    }
+
+    /// After a model's last queued job: start its keep-alive, or unload it now for a
+    /// keep-alive of zero.
+    fn idle(&self, slot: &ModelSlot) {
+        if slot.queue_depth() > 0 || !slot.is_ready() {
+            return;
+        }
+        let k = slot.keep_alive();
+        if k.is_zero() {
+            self.unload(slot);
+        } else {
+            slot.set_expiry(k.deadline(Instant::now()));
+        }
+    }
+
+    /// After a load: the request that asked for it is about to submit its job, so even
+    /// a keep-alive of zero leaves the model a grace period to receive it.
+    fn loaded(&self, slot: &ModelSlot) {
+        if slot.queue_depth() > 0 || !slot.is_ready() {
+            return;
+        }
+        let k = slot.keep_alive();
+        let k = if k.is_zero() {
+            KeepAlive(Some(LOAD_GRACE))
+        } else {
+            k
+        };
+        slot.set_expiry(k.deadline(Instant::now()));
+    }
+
+    /// Unloads every idle model whose keep-alive has run out; returns the next deadline.
+    fn expire(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let mut next: Option<Instant> = None;
+        for slot in &self.slots {
+            if slot.queue_depth() > 0 || !slot.is_ready() {
+                continue;
+            }
+            let at = *slot.expires.lock().unwrap_or_else(|e| e.into_inner());
+            match at {
+                Some(at) if at <= now => self.unload(slot),
+                Some(at) => next = Some(next.map_or(at, |n| n.min(at))),
+                None => {}
+            }
+        }
+        next
+    }
+
+    fn slot(&self, name: &str) -> Option<&Arc<ModelSlot>> {
+        self.slots.iter().find(|s| s.name == name)
+    }
+
+    fn run(self, rx: mpsc::Receiver<Msg>) {
+        loop {
+            let msg = match self.expire() {
+                Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                    Ok(m) => m,
+                    Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                },
+                None => match rx.recv() {
+                    Ok(m) => m,
+                    Err(_) => return,
+                },
+            };
+            match msg {
+                Msg::Load(name) => {
+                    if let Some(slot) = self.slot(&name) {
+                        self.load(slot);
+                        self.loaded(slot);
+                    }
+                }
+                Msg::Unload(name) => {
+                    if let Some(slot) = self.slot(&name) {
+                        self.idle(slot);
+                    }
+                }
+                Msg::Job(job) => self.job(*job),
+            }
+        }
+    }
+
+    fn job(&self, mut job: Job) {
+        let Some(slot) = self.slot(&job.model) else {
             let _ = job.events.blocking_send(Event::Error(format!(
-                "model '{}' is not on {device}",
-                job.model
+                "model '{}' is not on {}",
+                job.model, self.device
             )));
-            continue;
+            return;
         };
         slot.pending.fetch_sub(1, Ordering::AcqRel);
         if job.events.is_closed() {
-            continue; // the client gave up while queued
+            self.idle(slot);
+            return; // the client gave up while queued
         }
-        let Some(model) = slot.model.get() else {
-            continue;
-        };
         slot.in_flight.fetch_add(1, Ordering::AcqRel);
-        run_job(model, job);
+        // Unloaded between the request's wait and now (its keep-alive ran out): load again.
+        let start = Instant::now();
+        let was_ready = slot.is_ready();
+        if self.load(slot) {
+            if !was_ready {
+                job.load_wait += start.elapsed();
+            }
+            if let Some(model) = slot.model() {
+                run_job(&model, job);
+            }
+        } else {
+            let why = slot.failure().unwrap_or_else(|| "not loaded".into());
+            let _ = job.events.blocking_send(Event::Error(format!(
+                "model '{}' is unavailable: {why}",
+                slot.name
+            )));
+        }
         slot.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.idle(slot);
     }
 }
 
@@ -258,5 +518,7 @@ fn run_job(model: &Model, job: Job) {
             return;
         }
     }
-    send(Event::Done(generation.summary()));
+    let mut summary = generation.summary();
+    summary.load_duration = job.load_wait;
+    send(Event::Done(summary));
 }

@@ -1,5 +1,5 @@
 //! Tier → model: walk the tier's ordered model list and take the first model that is
-//! loaded, not failed and not at its queue limit. When none is free, the first model that
+//! not loading, not failed and not at its queue limit. When none is free, the first model that
 //! still exists takes the request (and may answer 503 for a full queue); with a single
 //! model, everything goes there.
 
@@ -17,9 +17,11 @@ pub enum Availability {
 
 impl Availability {
     pub fn of(slot: &ModelSlot) -> Self {
+        // A model out of memory (keep-alive ran out, or not preloaded) takes its
+        // requests and loads; one loading now is skipped for a ready fallback.
         if slot.failure().is_some() {
             Availability::Failed
-        } else if !slot.is_ready() {
+        } else if slot.is_loading() {
             Availability::Loading
         } else if slot.is_full() {
             Availability::QueueFull

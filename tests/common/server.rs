@@ -49,6 +49,16 @@ pub fn start(args: &[&str]) -> Server {
 
 /// Starts `duet [global] serve [serve]` on a free port and waits until /ready answers 200.
 pub fn start_with(global: &[&str], serve: &[&str]) -> Server {
+    start_until(global, serve, "/ready")
+}
+
+/// Starts `duet [global] serve [serve]` and returns as soon as it answers HTTP, while its
+/// models may still be loading.
+pub fn start_listening(global: &[&str], serve: &[&str]) -> Server {
+    start_until(global, serve, "/")
+}
+
+fn start_until(global: &[&str], serve: &[&str], probe: &str) -> Server {
     let port = free_port();
     let global: Vec<String> = global.iter().map(|s| s.to_string()).collect();
     let serve: Vec<String> = serve.iter().map(|s| s.to_string()).collect();
@@ -72,7 +82,7 @@ pub fn start_with(global: &[&str], serve: &[&str]) -> Server {
     let deadline = Instant::now() + Duration::from_secs(300);
     let client = reqwest::blocking::Client::new();
     loop {
-        if let Ok(r) = client.get(format!("{base}/ready")).send() {
+        if let Ok(r) = client.get(format!("{base}{probe}")).send() {
             if r.status() == 200 {
                 break;
             }
