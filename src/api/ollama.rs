@@ -488,6 +488,7 @@ async fn generate_routed(
     let name = reply_name(&t);
     if empty {
         // Ollama answers an empty prompt by (re)loading the model.
+        t.slot.refresh();
         return Ok(Json(json!({"model": name, "created_at": now_rfc3339(), "response": "", "done": true, "done_reason": "load"})).into_response());
     }
     let text = if req.raw {
@@ -648,6 +649,7 @@ async fn chat_routed(
     let model = loaded(&st, &mut t, &req.keep_alive).await?;
     let name = reply_name(&t);
     if messages.is_empty() {
+        t.slot.refresh();
         return Ok(Json(json!({"model": name, "created_at": now_rfc3339(), "message": {"role": "assistant", "content": ""}, "done_reason": "load", "done": true})).into_response());
     }
     let mut plan = Plan::new(tools, &Choice::Auto);

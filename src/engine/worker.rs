@@ -187,6 +187,11 @@ impl ModelSlot {
         }
     }
 
+    /// Restarts the keep-alive of a loaded model from now (a request that only loads).
+    pub fn refresh(&self) {
+        let _ = self.jobs.send(Msg::Load(self.name.clone()));
+    }
+
     /// Asks the worker to unload the model once the work in hand is done.
     pub fn unload(&self) {
         self.set_keep_alive(KeepAlive::NOW);

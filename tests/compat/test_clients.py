@@ -86,7 +86,7 @@ def test_ollama_errors_raise_response_error(oc):
     assert e.value.status_code == 404
     assert "not found" in e.value.error
     with pytest.raises(ollama.ResponseError) as e:
-        oc.chat(model=SMALL, messages=[{"role": "user", "content": "hi"}], format="xml")
+        oc.chat(model=SMALL, messages=[{"role": "user", "content": "hi"}], think=True)
     assert e.value.status_code == 400
 
 
