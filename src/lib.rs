@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod client;
 pub mod config;
 pub mod device_check;
 pub mod engine;
@@ -10,5 +11,6 @@ pub mod hub;
 pub mod keep_alive;
 pub mod layout;
 pub mod metrics;
+pub mod repl;
 pub mod router;
 pub mod serve;

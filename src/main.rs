@@ -30,8 +30,13 @@ struct Cli {
 enum Command {
     /// Serve the Ollama and OpenAI-compatible APIs with every model of the layout loaded
     Serve(ServeArgs),
-    /// Generate an answer and stream it to stdout
+    /// Generate an answer and stream it to stdout; with no prompt on a terminal, chat
+    /// interactively (through the server at OLLAMA_HOST when one answers)
     Run(RunArgs),
+    /// List the models a running server has in memory, and until when
+    Ps,
+    /// Unload a model from a running server now
+    Stop { model: String },
     /// Show how the router classifies a prompt, or score it on a labelled JSONL file
     Classify(ClassifyArgs),
     /// Measure each device's token throughput, alone and all at once
@@ -175,6 +180,9 @@ struct RunArgs {
     /// Print Ollama-style timings and token rates after the answer
     #[arg(long)]
     verbose: bool,
+    /// Chat interactively even when stdin is not a terminal (reads messages line by line)
+    #[arg(long)]
+    interactive: bool,
 }
 
 fn main() {
@@ -234,6 +242,17 @@ fn real_main(cli: Cli) -> Result<()> {
             let deployment = deployment(config, cli.layout.as_deref())?;
             run(&deployment, args)
         }
+        Command::Ps => {
+            let client = duet::client::Client::from_env()?;
+            client.require()?;
+            duet::client::print_ps(&client.ps()?);
+            Ok(())
+        }
+        Command::Stop { model } => {
+            let client = duet::client::Client::from_env()?;
+            client.require()?;
+            client.stop(&model)
+        }
         Command::Classify(args) => classify(config, cli.layout.as_deref(), args),
         Command::DeviceCheck {
             device,
@@ -265,7 +284,79 @@ fn set_threads(n: usize) {
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
 }
 
+/// The sampling options `duet run` was given.
+fn run_options(args: &RunArgs) -> Options {
+    let defaults = Options::default();
+    Options {
+        temperature: args.temperature.unwrap_or(defaults.temperature),
+        seed: args.seed.unwrap_or(defaults.seed),
+        num_predict: args.num_predict.unwrap_or(defaults.num_predict),
+        num_ctx: args.num_ctx.unwrap_or(defaults.num_ctx),
+        top_k: args.top_k.unwrap_or(defaults.top_k),
+        top_p: args.top_p.unwrap_or(defaults.top_p),
+        stop: args.stop.clone(),
+        ..defaults
+    }
+}
+
+/// The interactive chat: through a running server if one answers, else in-process.
+fn interactive(d: &Deployment, args: &RunArgs) -> Result<()> {
+    let client = duet::client::Client::from_env()?;
+    let backend = if client.is_up() {
+        let mut options = serde_json::json!({});
+        let o = run_options(args);
+        let given = [
+            (
+                "temperature",
+                args.temperature.map(|v| serde_json::json!(v)),
+            ),
+            ("seed", args.seed.map(|v| serde_json::json!(v))),
+            (
+                "num_predict",
+                args.num_predict.map(|v| serde_json::json!(v)),
+            ),
+            ("num_ctx", args.num_ctx.map(|v| serde_json::json!(v))),
+            ("top_k", args.top_k.map(|v| serde_json::json!(v))),
+            ("top_p", args.top_p.map(|v| serde_json::json!(v))),
+        ];
+        for (k, v) in given {
+            if let Some(v) = v {
+                options[k] = v;
+            }
+        }
+        if !o.stop.is_empty() {
+            options["stop"] = serde_json::json!(o.stop);
+        }
+        eprintln!("(chatting through the server at {})", client.base());
+        duet::repl::Backend::Remote { client, options }
+    } else {
+        let resolved = d
+            .model(&args.model)
+            .ok_or_else(|| anyhow::anyhow!(d.unknown_model_message(&args.model)))?;
+        let path = resolved.weights?;
+        let device = resolved.device.unwrap_or(duet::config::DeviceSpec::Cpu(0));
+        set_threads(args.threads.unwrap_or_else(available_cores));
+        let model = Model::load(resolved.name, &path, device)
+            .with_context(|| format!("loading {}", resolved.name))?;
+        duet::repl::Backend::Local {
+            model: Box::new(model),
+            options: run_options(args),
+        }
+    };
+    let stdin = std::io::stdin();
+    duet::repl::chat(
+        &args.model,
+        &backend,
+        args.system.as_deref(),
+        &mut stdin.lock(),
+        &mut std::io::stdout().lock(),
+    )
+}
+
 fn run(d: &Deployment, args: RunArgs) -> Result<()> {
+    if args.prompt.is_none() && (args.interactive || std::io::stdin().is_terminal()) {
+        return interactive(d, &args);
+    }
     let resolved = d
         .model(&args.model)
         .ok_or_else(|| anyhow::anyhow!(d.unknown_model_message(&args.model)))?;
@@ -274,14 +365,13 @@ fn run(d: &Deployment, args: RunArgs) -> Result<()> {
     // Alone on the machine, `run` uses every core unless told otherwise.
     set_threads(args.threads.unwrap_or_else(available_cores));
 
-    let prompt = match args.prompt {
+    let prompt = match args.prompt.clone() {
         Some(p) => p,
-        None if !std::io::stdin().is_terminal() => {
+        None => {
             let mut s = String::new();
             std::io::stdin().read_to_string(&mut s)?;
             s
         }
-        None => bail!("no prompt: pass it as an argument or on stdin"),
     };
     let model = Model::load(resolved.name, &path, device)
         .with_context(|| format!("loading {}", resolved.name))?;
@@ -295,17 +385,7 @@ fn run(d: &Deployment, args: RunArgs) -> Result<()> {
         messages.push(Message::new("user", &prompt));
         model.render_chat(&messages)?
     };
-    let defaults = Options::default();
-    let opts = Options {
-        temperature: args.temperature.unwrap_or(defaults.temperature),
-        seed: args.seed.unwrap_or(defaults.seed),
-        num_predict: args.num_predict.unwrap_or(defaults.num_predict),
-        num_ctx: args.num_ctx.unwrap_or(defaults.num_ctx),
-        top_k: args.top_k.unwrap_or(defaults.top_k),
-        top_p: args.top_p.unwrap_or(defaults.top_p),
-        stop: args.stop,
-        ..defaults
-    };
+    let opts = run_options(&args);
     let tokens = model.tokenize(&text)?;
     let mut generation = model.generate(tokens, &opts)?;
     let mut out = std::io::stdout().lock();
