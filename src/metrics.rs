@@ -227,7 +227,7 @@ impl Recorder {
                     .with_label_values(&[model])
                     .observe(self.start.elapsed().as_secs_f64());
             }
-            Event::Text(_) => {}
+            Event::Text(_) | Event::Logprobs(_) => {}
             Event::Done(s) => {
                 self.finished = true;
                 let total = self.start.elapsed();

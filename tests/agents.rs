@@ -412,3 +412,122 @@ fn required_tool_choice_makes_even_the_small_model_call_a_supplied_tool() {
     assert!(args.is_object());
     assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
 }
+
+fn check_logprobs(l: &[Value], top: usize) {
+    for p in l {
+        let lp = p["logprob"].as_f64().unwrap();
+        assert!(lp <= 0.0, "{p}");
+        let alts = p["top_logprobs"].as_array().unwrap();
+        assert_eq!(alts.len(), top, "{p}");
+        let alt_lps: Vec<f64> = alts
+            .iter()
+            .map(|a| a["logprob"].as_f64().unwrap())
+            .collect();
+        assert!(alt_lps.windows(2).all(|w| w[0] >= w[1]), "not sorted: {p}");
+        // The bytes are the token's, as numbers.
+        let bytes: Vec<u8> = p["bytes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap() as u8)
+            .collect();
+        assert_eq!(
+            String::from_utf8_lossy(&bytes),
+            p["token"].as_str().unwrap()
+        );
+    }
+}
+
+#[test]
+fn logprobs_on_generate_chat_and_v1() {
+    // Greedy: the chosen token is the most likely one, with the same log probability.
+    let (status, v) = post(
+        "/api/generate",
+        json!({"model": SMALL, "prompt": "def add(a, b):", "raw": true, "stream": false,
+               "logprobs": true, "top_logprobs": 3, "options": {"temperature": 0, "num_predict": 8}}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let l = v["logprobs"].as_array().unwrap();
+    assert_eq!(l.len(), 8);
+    check_logprobs(l, 3);
+    for p in l {
+        assert_eq!(p["token"], p["top_logprobs"][0]["token"], "{p}");
+        assert_eq!(p["logprob"], p["top_logprobs"][0]["logprob"], "{p}");
+    }
+    let text: String = l.iter().map(|p| p["token"].as_str().unwrap()).collect();
+    assert_eq!(text, v["response"].as_str().unwrap());
+
+    // Streamed chat: every generated token's entry arrives, none twice.
+    let chunks = stream(
+        "/api/chat",
+        json!({"model": SMALL, "messages": [{"role": "user", "content": "Say hello."}],
+               "logprobs": true, "options": {"temperature": 0, "num_predict": 6}}),
+    );
+    let streamed: Vec<Value> = chunks
+        .iter()
+        .filter_map(|c| c["logprobs"].as_array())
+        .flatten()
+        .cloned()
+        .collect();
+    let last = chunks.last().unwrap();
+    assert_eq!(
+        streamed.len() as u64,
+        last["eval_count"].as_u64().unwrap(),
+        "{chunks:?}"
+    );
+    check_logprobs(&streamed, 0);
+    // Without logprobs, there are none.
+    let (_, v) = post(
+        "/api/chat",
+        json!({"model": SMALL, "stream": false, "messages": [{"role": "user", "content": "Hi"}], "options": {"num_predict": 2}}),
+    );
+    assert!(v.get("logprobs").is_none(), "{v}");
+
+    // OpenAI chat, streamed and not.
+    let body = json!({"model": SMALL, "messages": [{"role": "user", "content": "Say hello."}],
+                      "logprobs": true, "top_logprobs": 2, "temperature": 0, "max_tokens": 5});
+    let (status, v) = post("/v1/chat/completions", body.clone());
+    assert_eq!(status, 200, "{v}");
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(
+        content.len() as u64,
+        v["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    check_logprobs(content, 2);
+    let mut body = body;
+    body["stream"] = json!(true);
+    let chunks = stream("/v1/chat/completions", body);
+    let n: usize = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array())
+        .map(|a| a.len())
+        .sum();
+    assert_eq!(n, content.len());
+
+    // The legacy completions API: parallel lists with offsets into the text.
+    let (status, v) = post(
+        "/v1/completions",
+        json!({"model": SMALL, "prompt": "def add(a, b):", "logprobs": 2, "temperature": 0, "max_tokens": 5}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let lp = &v["choices"][0]["logprobs"];
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), 5, "{v}");
+    assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), 5);
+    assert_eq!(lp["top_logprobs"][0].as_object().unwrap().len(), 2);
+    let offsets: Vec<u64> = lp["text_offset"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets[0], 0);
+    assert!(offsets.windows(2).all(|w| w[0] < w[1]), "{offsets:?}");
+
+    // More alternatives than 20 is a clear error.
+    let (status, v) = post(
+        "/api/generate",
+        json!({"model": SMALL, "prompt": "x", "logprobs": true, "top_logprobs": 21}),
+    );
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("top_logprobs"), "{v}");
+}

@@ -282,7 +282,8 @@ impl AppState {
         if name.is_empty() {
             return Err(ApiError::bad_request("model is required"));
         }
-        if !self.routed_names.iter().any(|r| r == name) {
+        let routed = name.strip_suffix(":latest").unwrap_or(name);
+        if !self.routed_names.iter().any(|r| r == routed) {
             let slot = self
                 .slot(self.canonical(name))
                 .ok_or_else(|| ApiError::not_found(name))?;
@@ -357,6 +358,33 @@ impl AppState {
     }
 }
 
+/// What a job asks for beyond its prompt and sampling options.
+#[derive(Default)]
+pub struct Extras {
+    /// Keep the output to a grammar (structured output, required tool calls).
+    pub constraint: Option<crate::engine::grammar::Constraint>,
+    /// Report each token's log probability with this many alternatives.
+    pub logprobs: Option<usize>,
+}
+
+/// `logprobs` / `top_logprobs` as Ollama and OpenAI's chat take them: off unless
+/// `logprobs` is true; `top_logprobs` from 0 to 20.
+pub fn logprobs_of(logprobs: Option<bool>, top: Option<i64>) -> Result<Option<usize>, ApiError> {
+    let max = crate::engine::MAX_TOP_LOGPROBS as i64;
+    match top {
+        Some(n) if !(0..=max).contains(&n) => Err(ApiError::bad_request(format!(
+            "top_logprobs must be between 0 and {max}"
+        ))),
+        _ if logprobs != Some(true) => Ok(None),
+        n => Ok(Some(n.unwrap_or(0) as usize)),
+    }
+}
+
+/// Log probabilities as both APIs write them: token, logprob, bytes, top_logprobs.
+pub fn logprobs_json(l: &[crate::engine::Logprob]) -> serde_json::Value {
+    serde_json::to_value(l).unwrap_or_default()
+}
+
 /// A submitted job: the event stream and what it needs to answer.
 pub struct Running {
     pub events: stream::Events,
@@ -372,16 +400,16 @@ impl AppState {
         prompt: Vec<u32>,
         options: Options,
     ) -> Result<Running, ApiError> {
-        self.submit_constrained(target, prompt, options, None)
+        self.submit_with(target, prompt, options, Extras::default())
     }
 
-    /// As [`submit`](Self::submit), the output kept to a grammar.
-    pub fn submit_constrained(
+    /// As [`submit`](Self::submit), with a grammar or log probabilities.
+    pub fn submit_with(
         &self,
         target: Target,
         prompt: Vec<u32>,
         options: Options,
-        constraint: Option<crate::engine::grammar::Constraint>,
+        extras: Extras,
     ) -> Result<Running, ApiError> {
         let model = target.model.clone().ok_or_else(|| {
             ApiError::new(
@@ -403,10 +431,11 @@ impl AppState {
             model: target.slot.name.clone(),
             prompt,
             options,
-            constraint,
+            constraint: extras.constraint,
             events: tx,
             enqueued: Instant::now(),
             load_wait: target.load_wait,
+            logprobs: extras.logprobs,
         })?;
         let recorder = crate::metrics::Recorder::new(
             self.metrics.clone(),

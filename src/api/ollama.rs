@@ -5,8 +5,8 @@ use super::tools::{
     chat_items, history_calls, split_answer, ChatItem, Choice, Plan, ToolCall, Tools,
 };
 use super::{
-    keep_alive_of, loaded, parse_body, with_headers, ApiError, AppState, Served, Target,
-    OLLAMA_VERSION,
+    keep_alive_of, loaded, logprobs_json, logprobs_of, parse_body, with_headers, ApiError,
+    AppState, Extras, Served, Target, OLLAMA_VERSION,
 };
 use crate::engine::grammar::Format;
 use crate::engine::{Message, Model, Options, Summary};
@@ -418,6 +418,8 @@ struct GenerateRequest {
     options: Option<Value>,
     think: Option<Value>,
     keep_alive: Option<Value>,
+    logprobs: Option<bool>,
+    top_logprobs: Option<i64>,
 }
 
 /// Qwen2.5-Coder's fill-in-the-middle prompt, as Ollama's template writes it for `suffix`.
@@ -513,8 +515,12 @@ async fn generate_routed(
             "context holds token id {bad}, outside the vocabulary"
         )));
     }
-    let constraint = format.map(|f| model.constraint(&f)).transpose()?;
-    let running = st.submit_constrained(t, tokens, options, constraint)?;
+    let extras = Extras {
+        constraint: format.map(|f| model.constraint(&f)).transpose()?,
+        logprobs: logprobs_of(req.logprobs, req.top_logprobs)?,
+    };
+    let with_logprobs = extras.logprobs.is_some();
+    let running = st.submit_with(t, tokens, options, extras)?;
     let final_fields = move |s: &Summary| {
         let mut m = stats(s);
         m.insert("context".into(), json!(s.context));
@@ -522,7 +528,13 @@ async fn generate_routed(
     };
     if req.stream.unwrap_or(true) {
         let lines = items(running.events).map(move |item| match item {
-            Item::Text(text) => ndjson_line(&json!({"model": name, "created_at": now_rfc3339(), "response": text, "done": false})),
+            Item::Text(text, l) => {
+                let mut v = json!({"model": name, "created_at": now_rfc3339(), "response": text, "done": false});
+                if with_logprobs {
+                    v["logprobs"] = logprobs_json(&l);
+                }
+                ndjson_line(&v)
+            }
             Item::Done(s) => {
                 let mut m = final_fields(&s);
                 m.insert("model".into(), json!(name));
@@ -541,6 +553,9 @@ async fn generate_routed(
     m.insert("created_at".into(), json!(now_rfc3339()));
     m.insert("response".into(), json!(c.text));
     m.insert("done".into(), json!(true));
+    if with_logprobs {
+        m.insert("logprobs".into(), logprobs_json(&c.logprobs));
+    }
     Ok(Json(Value::Object(m)).into_response())
 }
 
@@ -567,6 +582,8 @@ struct ChatRequest {
     options: Option<Value>,
     think: Option<Value>,
     keep_alive: Option<Value>,
+    logprobs: Option<bool>,
+    top_logprobs: Option<i64>,
 }
 
 /// `think`: false or absent is fine; these models do not think, so anything else is
@@ -660,8 +677,12 @@ async fn chat_routed(
     }
     let text = model.render_chat_with_tools(&messages, plan.specs.as_deref())? + &plan.opening;
     let prompt = model.tokenize(&text)?;
-    let constraint = format.map(|f| model.constraint(&f)).transpose()?;
-    let running = st.submit_constrained(t, prompt, options, constraint)?;
+    let extras = Extras {
+        constraint: format.map(|f| model.constraint(&f)).transpose()?,
+        logprobs: logprobs_of(req.logprobs, req.top_logprobs)?,
+    };
+    let with_logprobs = extras.logprobs.is_some();
+    let running = st.submit_with(t, prompt, options, extras)?;
     let finish = move |name: &str, s: &Summary, content: String, calls: &[ToolCall]| {
         let mut m = stats(s);
         m.insert("model".into(), json!(name));
@@ -676,7 +697,13 @@ async fn chat_routed(
     };
     if req.stream.unwrap_or(true) {
         let lines = chat_items(items(running.events), plan.parser).map(move |item| match item {
-            ChatItem::Text(text) => ndjson_line(&json!({"model": name, "created_at": now_rfc3339(), "message": {"role": "assistant", "content": text}, "done": false})),
+            ChatItem::Text(text, l) => {
+                let mut v = json!({"model": name, "created_at": now_rfc3339(), "message": {"role": "assistant", "content": text}, "done": false});
+                if with_logprobs {
+                    v["logprobs"] = logprobs_json(&l);
+                }
+                ndjson_line(&v)
+            }
             ChatItem::Call(c) => ndjson_line(&json!({"model": name, "created_at": now_rfc3339(), "message": {"role": "assistant", "content": "", "tool_calls": [c.ollama()]}, "done": false})),
             ChatItem::Done(s) => ndjson_line(&finish(&name, &s, String::new(), &[])),
             ChatItem::Error(e) => ndjson_line(&json!({ "error": e })),
@@ -685,5 +712,9 @@ async fn chat_routed(
     }
     let c = collect(running.events).await?;
     let (content, calls) = split_answer(&c.text, plan.parser);
-    Ok(Json(finish(&name, &c.summary, content, &calls)).into_response())
+    let mut v = finish(&name, &c.summary, content, &calls);
+    if with_logprobs {
+        v["logprobs"] = logprobs_json(&c.logprobs);
+    }
+    Ok(Json(v).into_response())
 }

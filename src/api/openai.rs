@@ -6,7 +6,10 @@ use super::stream::{body_response, collect, items, sse_event};
 use super::tools::{
     chat_items, history_calls, split_answer, ChatItem, Choice, Plan, ToolCall, Tools,
 };
-use super::{loaded, parse_body, with_headers, ApiError, AppState, Served, Target};
+use super::{
+    loaded, logprobs_json, logprobs_of, parse_body, with_headers, ApiError, AppState, Extras,
+    Served, Target,
+};
 use crate::engine::grammar::Format;
 use crate::engine::{Message, Options, Summary};
 use crate::router::Request;
@@ -170,6 +173,8 @@ struct ChatRequest {
     response_format: Option<Value>,
     tools: Option<Vec<Value>>,
     tool_choice: Option<Value>,
+    logprobs: Option<bool>,
+    top_logprobs: Option<i64>,
     #[serde(flatten)]
     sampling: Sampling,
 }
@@ -268,19 +273,29 @@ async fn chat_routed(st: Arc<AppState>, req: ChatRequest, mut t: Target) -> Resu
     }
     let text = model.render_chat_with_tools(&messages, plan.specs.as_deref())? + &plan.opening;
     let prompt = model.tokenize(&text)?;
-    let constraint = plan
-        .grammar
-        .take()
-        .or(format)
-        .map(|f| model.constraint(&f))
-        .transpose()?;
+    let extras = Extras {
+        constraint: plan
+            .grammar
+            .take()
+            .or(format)
+            .map(|f| model.constraint(&f))
+            .transpose()?,
+        logprobs: logprobs_of(req.logprobs, req.top_logprobs)?,
+    };
+    let with_logprobs = extras.logprobs.is_some();
     let name = t.slot.name.clone();
-    let running = st.submit_constrained(t, prompt, options, constraint)?;
+    let running = st.submit_with(t, prompt, options, extras)?;
     let id = completion_id("chatcmpl");
     let created = unix_now();
     let chunk = move |delta: Delta, finish: Option<&str>| {
+        let mut logprobs = Value::Null;
         let delta = match delta {
-            Delta::Text(text) => json!({"role": "assistant", "content": text}),
+            Delta::Text(text, l) => {
+                if with_logprobs {
+                    logprobs = json!({"content": logprobs_json(l)});
+                }
+                json!({"role": "assistant", "content": text})
+            }
             Delta::Call(c) => {
                 let mut call = c.openai();
                 call["index"] = json!(c.index);
@@ -290,7 +305,7 @@ async fn chat_routed(st: Arc<AppState>, req: ChatRequest, mut t: Target) -> Resu
         };
         json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": name,
                "system_fingerprint": "fp_ollama",
-               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+               "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
     };
     if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
@@ -314,7 +329,8 @@ async fn chat_routed(st: Arc<AppState>, req: ChatRequest, mut t: Target) -> Resu
         "created": created,
         "model": model.name,
         "system_fingerprint": "fp_ollama",
-        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish,
+                     "logprobs": if with_logprobs { json!({"content": logprobs_json(&c.logprobs)}) } else { Value::Null }}],
         "usage": usage(&c.summary),
     }))
     .into_response())
@@ -328,6 +344,8 @@ struct CompletionRequest {
     suffix: Option<String>,
     stream: bool,
     stream_options: Option<StreamOptions>,
+    /// The legacy API's number of alternatives per token (its log probabilities).
+    logprobs: Option<i64>,
     #[serde(flatten)]
     sampling: Sampling,
 }
@@ -376,17 +394,38 @@ async fn completions_routed(
     };
     let tokens = model.tokenize(&text)?;
     let name = t.slot.name.clone();
-    let running = st.submit(t, tokens, options)?;
+    // The legacy API's `logprobs` is the number of alternatives (0 to 5 in OpenAI's).
+    let top = match req.logprobs {
+        Some(n) => logprobs_of(Some(true), Some(n))?,
+        None => None,
+    };
+    let running = st.submit_with(
+        t,
+        tokens,
+        options,
+        Extras {
+            logprobs: top,
+            ..Extras::default()
+        },
+    )?;
     let id = completion_id("cmpl");
     let created = unix_now();
+    // Where the next streamed token starts in the completion's text.
+    let offset = std::sync::atomic::AtomicUsize::new(0);
     let chunk = move |delta: Delta, finish: Option<&str>| {
-        let text = match delta {
-            Delta::Text(t) => t,
-            _ => "",
+        let (text, l) = match delta {
+            Delta::Text(t, l) => (t, l),
+            _ => ("", &[][..]),
+        };
+        let len: usize = l.iter().map(|p| p.token.token.len()).sum();
+        let at = offset.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+        let logprobs = match top {
+            Some(_) => legacy_logprobs(l, at),
+            None => Value::Null,
         };
         json!({"id": id, "object": "text_completion", "created": created, "model": name,
                "system_fingerprint": "fp_ollama",
-               "choices": [{"text": text, "index": 0, "finish_reason": finish}]})
+               "choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish}]})
     };
     if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
@@ -403,15 +442,36 @@ async fn completions_routed(
         "created": created,
         "model": model.name,
         "system_fingerprint": "fp_ollama",
-        "choices": [{"text": c.text, "index": 0, "finish_reason": finish_reason(&c.summary)}],
+        "choices": [{"text": c.text, "index": 0, "finish_reason": finish_reason(&c.summary),
+                     "logprobs": if top.is_some() { legacy_logprobs(&c.logprobs, 0) } else { Value::Null }}],
         "usage": usage(&c.summary),
     }))
     .into_response())
 }
 
+/// The legacy completions API's log probabilities: parallel lists of tokens, their
+/// log probabilities, each place's alternatives, and the tokens' offsets in the text
+/// (from `offset`).
+fn legacy_logprobs(l: &[crate::engine::Logprob], offset: usize) -> Value {
+    let mut at = offset;
+    let mut offsets = Vec::with_capacity(l.len());
+    for p in l {
+        offsets.push(at);
+        at += p.token.token.len();
+    }
+    json!({
+        "tokens": l.iter().map(|p| p.token.token.clone()).collect::<Vec<_>>(),
+        "token_logprobs": l.iter().map(|p| p.token.logprob).collect::<Vec<_>>(),
+        "top_logprobs": l.iter().map(|p| {
+            p.top_logprobs.iter().map(|t| (t.token.clone(), json!(t.logprob))).collect::<serde_json::Map<_, _>>()
+        }).collect::<Vec<_>>(),
+        "text_offset": offsets,
+    })
+}
+
 /// What one streamed chunk carries.
 enum Delta<'a> {
-    Text(&'a str),
+    Text(&'a str, &'a [crate::engine::Logprob]),
     Call(&'a ToolCall),
     None,
 }
@@ -428,7 +488,9 @@ fn sse_body(
     let mut called = false;
     let events = items.flat_map(move |item| {
         let out: Vec<String> = match item {
-            ChatItem::Text(text) => vec![sse_event(&chunk(Delta::Text(&text), None).to_string())],
+            ChatItem::Text(text, l) => {
+                vec![sse_event(&chunk(Delta::Text(&text, &l), None).to_string())]
+            }
             ChatItem::Call(c) => {
                 called = true;
                 vec![sse_event(&chunk(Delta::Call(&c), None).to_string())]

@@ -3,7 +3,7 @@
 
 use super::ApiError;
 use crate::engine::worker::Event;
-use crate::engine::Summary;
+use crate::engine::{Logprob, Summary};
 use axum::body::Body;
 use axum::http::{header, StatusCode};
 use axum::response::Response;
@@ -28,16 +28,26 @@ impl Events {
 pub struct Collected {
     pub text: String,
     pub summary: Summary,
+    /// Each token's log probability, when the request asked.
+    pub logprobs: Vec<Logprob>,
 }
 
 /// Waits for the job to end and gathers its text.
 pub async fn collect(mut events: Events) -> Result<Collected, ApiError> {
     let mut text = String::new();
+    let mut logprobs = Vec::new();
     while let Some(ev) = events.recv().await {
         match ev {
             Event::Started { .. } => {}
             Event::Text(t) => text.push_str(&t),
-            Event::Done(summary) => return Ok(Collected { text, summary }),
+            Event::Logprobs(l) => logprobs.extend(l),
+            Event::Done(summary) => {
+                return Ok(Collected {
+                    text,
+                    summary,
+                    logprobs,
+                })
+            }
             Event::Error(e) => return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e)),
         }
     }
@@ -49,32 +59,45 @@ pub async fn collect(mut events: Events) -> Result<Collected, ApiError> {
 
 /// What a streamed body is made of, in order.
 pub enum Item {
-    Text(String),
+    /// Text, and the log probabilities of its tokens (when asked for).
+    Text(String, Vec<Logprob>),
     Done(Summary),
     Error(String),
 }
 
 /// The job's events as a stream of items; ends after Done or Error.
 pub fn items(events: Events) -> impl Stream<Item = Item> + Send {
-    futures_util::stream::unfold((events, false), |(mut rx, finished)| async move {
-        if finished {
-            return None;
-        }
-        loop {
-            match rx.recv().await {
-                Some(Event::Started { .. }) => continue,
-                Some(Event::Text(t)) => return Some((Item::Text(t), (rx, false))),
-                Some(Event::Done(s)) => return Some((Item::Done(s), (rx, true))),
-                Some(Event::Error(e)) => return Some((Item::Error(e), (rx, true))),
-                None => {
-                    return Some((
-                        Item::Error("the worker stopped before the answer was complete".into()),
-                        (rx, true),
-                    ))
-                }
+    // The state: the events, and the Done held back while trailing log probabilities
+    // go out first (`Some(None)` once the stream is over).
+    futures_util::stream::unfold(
+        (events, None::<Option<Item>>),
+        |(mut rx, held)| async move {
+            match held {
+                Some(None) => return None,
+                Some(Some(item)) => return Some((item, (rx, Some(None)))),
+                None => {}
             }
-        }
-    })
+            let mut logprobs = Vec::new();
+            loop {
+                let last = match rx.recv().await {
+                    Some(Event::Started { .. }) => continue,
+                    Some(Event::Logprobs(l)) => {
+                        logprobs.extend(l);
+                        continue;
+                    }
+                    Some(Event::Text(t)) => return Some((Item::Text(t, logprobs), (rx, None))),
+                    Some(Event::Done(s)) => Item::Done(s),
+                    Some(Event::Error(e)) => Item::Error(e),
+                    None => Item::Error("the worker stopped before the answer was complete".into()),
+                };
+                if logprobs.is_empty() {
+                    return Some((last, (rx, Some(None))));
+                }
+                // Tokens whose text never came (the answer ended) keep their logprobs.
+                return Some((Item::Text(String::new(), logprobs), (rx, Some(Some(last)))));
+            }
+        },
+    )
 }
 
 /// A streamed body of text chunks with the given content type.

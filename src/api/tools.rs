@@ -480,7 +480,8 @@ impl ToolParser {
 
 /// A chat answer's stream once tool calls are picked out of its text.
 pub enum ChatItem {
-    Text(String),
+    /// Text, and the log probabilities of the tokens behind it (when asked for).
+    Text(String, Vec<crate::engine::Logprob>),
     Call(ToolCall),
     Done(Summary),
     Error(String),
@@ -493,30 +494,37 @@ pub fn chat_items(
 ) -> impl Stream<Item = ChatItem> + Send {
     let items = Box::pin(items);
     let pending: VecDeque<ChatItem> = VecDeque::new();
+    // Log probabilities wait for the next text piece the parser lets through.
+    let held: Vec<crate::engine::Logprob> = Vec::new();
     futures_util::stream::unfold(
-        (items, parser, pending, false),
-        |(mut items, mut parser, mut pending, mut ended)| async move {
+        (items, parser, pending, held, false),
+        |(mut items, mut parser, mut pending, mut held, mut ended)| async move {
             loop {
                 if let Some(next) = pending.pop_front() {
-                    return Some((next, (items, parser, pending, ended)));
+                    return Some((next, (items, parser, pending, held, ended)));
                 }
                 if ended {
                     return None;
                 }
-                let pieces = |p: Vec<Piece>| {
-                    p.into_iter().map(|p| match p {
-                        Piece::Text(t) => ChatItem::Text(t),
-                        Piece::Call(c) => ChatItem::Call(c),
-                    })
+                let mut pieces = |p: Vec<Piece>, held: &mut Vec<crate::engine::Logprob>| {
+                    for p in p {
+                        pending.push_back(match p {
+                            Piece::Text(t) => ChatItem::Text(t, std::mem::take(held)),
+                            Piece::Call(c) => ChatItem::Call(c),
+                        })
+                    }
                 };
                 match items.next().await {
-                    Some(Item::Text(t)) => match parser.as_mut() {
-                        Some(p) => pending.extend(pieces(p.push(&t))),
-                        None => pending.push_back(ChatItem::Text(t)),
-                    },
+                    Some(Item::Text(t, l)) => {
+                        held.extend(l);
+                        match parser.as_mut() {
+                            Some(p) => pieces(p.push(&t), &mut held),
+                            None => pieces(vec![Piece::Text(t)], &mut held),
+                        }
+                    }
                     Some(Item::Done(s)) => {
                         if let Some(p) = parser.as_mut() {
-                            pending.extend(pieces(p.finish()));
+                            pieces(p.finish(), &mut held);
                         }
                         pending.push_back(ChatItem::Done(s));
                         ended = true;

@@ -35,6 +35,62 @@ impl DoneReason {
 pub struct Piece {
     pub token: Option<u32>,
     pub text: String,
+    /// The token's log probability (and the most likely alternatives), when asked for.
+    pub logprob: Option<Logprob>,
+}
+
+/// One token and its log probability under the model (before sampling settings).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+/// A generated token's log probability and the `top` most likely tokens at its place.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Logprob {
+    #[serde(flatten)]
+    pub token: TokenLogprob,
+    pub top_logprobs: Vec<TokenLogprob>,
+}
+
+/// The most top-logprobs a request may ask for (OpenAI's and Ollama's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+fn logprob_of(codec: &super::TextCodec, logits: &[f32], chosen: u32, top: usize) -> Logprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits
+        .iter()
+        .map(|&l| f64::from(l - max).exp())
+        .sum::<f64>();
+    let lse = max + sum.ln() as f32;
+    let entry = |id: u32| {
+        let bytes = codec.token_bytes(id);
+        TokenLogprob {
+            token: String::from_utf8_lossy(&bytes).into_owned(),
+            logprob: logits
+                .get(id as usize)
+                .map_or(f32::NEG_INFINITY, |l| l - lse),
+            bytes,
+        }
+    };
+    let mut best: Vec<u32> = Vec::new();
+    if top > 0 {
+        let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+        let by_logit = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+        let k = top.min(ids.len());
+        if k < ids.len() {
+            ids.select_nth_unstable_by(k - 1, by_logit);
+            ids.truncate(k);
+        }
+        ids.sort_unstable_by(by_logit);
+        best = ids;
+    }
+    Logprob {
+        token: entry(chosen),
+        top_logprobs: best.into_iter().map(entry).collect(),
+    }
 }
 
 /// Counts and timings as Ollama reports them.
@@ -117,6 +173,8 @@ pub struct Generation<'m> {
     ignore_stop_tokens: bool,
     /// Structured output: the grammar the answer must follow.
     constraint: Option<super::grammar::Constraint>,
+    /// Report each token's log probability with this many alternatives.
+    logprobs: Option<usize>,
 }
 
 impl<'m> Generation<'m> {
@@ -168,6 +226,7 @@ impl<'m> Generation<'m> {
             finished: false,
             ignore_stop_tokens: false,
             constraint: None,
+            logprobs: None,
             opts,
         })
     }
@@ -211,7 +270,11 @@ impl<'m> Generation<'m> {
             text.push_str(&self.stop.flush());
         }
         self.done = Some(reason);
-        Ok((!text.is_empty()).then_some(Piece { token: None, text }))
+        Ok((!text.is_empty()).then_some(Piece {
+            token: None,
+            text,
+            logprob: None,
+        }))
     }
 
     fn step(&mut self) -> Result<Option<Piece>, EngineError> {
@@ -229,10 +292,14 @@ impl<'m> Generation<'m> {
         }
         let t = Instant::now();
         let mut logits = self.logits.take().unwrap_or_default();
+        // Log probabilities are the model's own, before the grammar and the sampler.
+        let raw = self.logprobs.map(|_| logits.clone());
         if let Some(c) = self.constraint.as_mut() {
             c.mask(&mut logits).map_err(EngineError::Grammar)?;
         }
         let token = self.sampler.sample(&mut logits, &self.tokens);
+        let logprob =
+            raw.map(|raw| logprob_of(&self.model.codec, &raw, token, self.logprobs.unwrap_or(0)));
         if self.model.codec.is_stop(token) && !self.ignore_stop_tokens {
             self.eval += t.elapsed();
             return self.finish(DoneReason::Stop);
@@ -252,6 +319,7 @@ impl<'m> Generation<'m> {
             let out = Piece {
                 token: Some(token),
                 text,
+                logprob,
             };
             let tail = self.finish(DoneReason::Stop)?;
             return Ok(Some(merge(out, tail)));
@@ -262,11 +330,13 @@ impl<'m> Generation<'m> {
             return Ok(Some(Piece {
                 token: Some(token),
                 text,
+                logprob,
             }));
         }
         let out = Piece {
             token: Some(token),
             text,
+            logprob,
         };
         if limit == Some(self.eval_count) {
             // No need to run the model for a token nobody will sample.
@@ -287,6 +357,12 @@ impl<'m> Generation<'m> {
         }
         self.eval += t.elapsed();
         Ok(Some(out))
+    }
+
+    /// Reports each generated token's log probability with `top` alternatives.
+    pub fn with_logprobs(mut self, top: usize) -> Self {
+        self.logprobs = Some(top.min(MAX_TOP_LOGPROBS));
+        self
     }
 
     /// Keeps the output to `constraint`'s grammar.

@@ -76,23 +76,6 @@ impl TokenizerEnv for Vocabulary {
     }
 }
 
-/// GPT-2's byte-level alphabet: the printable character each byte is written as.
-fn byte_level_map() -> std::collections::HashMap<char, u8> {
-    let mut map = std::collections::HashMap::new();
-    let mut next = 0x100u32;
-    for b in 0..=255u8 {
-        let c = b as char;
-        let printable = matches!(c, '!'..='~' | '\u{A1}'..='\u{AC}' | '\u{AE}'..='\u{FF}');
-        if printable {
-            map.insert(c, b);
-        } else {
-            map.insert(char::from_u32(next).unwrap_or(c), b);
-            next += 1;
-        }
-    }
-    map
-}
-
 impl Vocabulary {
     /// The vocabulary of `codec`, over `n_vocab` logits (a model may have more output
     /// rows than tokens; those rows are never allowed).
@@ -105,7 +88,7 @@ impl Vocabulary {
             .filter(|(_, t)| t.special || (t.content.starts_with('<') && t.content.ends_with('>')))
             .map(|(id, _)| id)
             .collect();
-        let map = byte_level_map();
+        let map = super::tokenizer::byte_level_map();
         let mut words: Vec<Vec<u8>> = Vec::with_capacity(size);
         for id in 0..size as u32 {
             let word = match tok.id_to_token(id) {

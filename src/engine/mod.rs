@@ -14,7 +14,9 @@ pub mod tokenizer;
 pub mod weights;
 pub mod worker;
 
-pub use generate::{DoneReason, Generation, Piece, Summary};
+pub use generate::{
+    DoneReason, Generation, Logprob, Piece, Summary, TokenLogprob, MAX_TOP_LOGPROBS,
+};
 pub use gguf::{GgufError, GgufFile, ModelInfo};
 pub use sampling::Options;
 pub use template::{ChatTemplate, Message};

@@ -106,6 +106,38 @@ impl TextCodec {
     pub fn inner(&self) -> &Tokenizer {
         &self.tokenizer
     }
+
+    /// The bytes a token stands for: byte-level BPE undone; an added token's text.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        static MAP: std::sync::OnceLock<std::collections::HashMap<char, u8>> =
+            std::sync::OnceLock::new();
+        let map = MAP.get_or_init(byte_level_map);
+        match self.tokenizer.id_to_token(id) {
+            Some(t) => t
+                .chars()
+                .map(|c| map.get(&c).copied())
+                .collect::<Option<Vec<u8>>>()
+                .unwrap_or_else(|| t.into_bytes()),
+            None => Vec::new(),
+        }
+    }
+}
+
+/// GPT-2's byte-level alphabet: the printable character each byte is written as.
+pub fn byte_level_map() -> std::collections::HashMap<char, u8> {
+    let mut map = std::collections::HashMap::new();
+    let mut next = 0x100u32;
+    for b in 0..=255u8 {
+        let c = b as char;
+        let printable = matches!(c, '!'..='~' | '\u{A1}'..='\u{AC}' | '\u{AE}'..='\u{FF}');
+        if printable {
+            map.insert(c, b);
+        } else {
+            map.insert(char::from_u32(next).unwrap_or(c), b);
+            next += 1;
+        }
+    }
+    map
 }
 
 /// Turns a stream of token ids into text pieces, holding back bytes of a character that

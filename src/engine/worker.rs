@@ -22,6 +22,8 @@ pub enum Event {
     },
     /// Text produced by one or more tokens.
     Text(String),
+    /// Log probabilities of the tokens behind the next `Text` (when the job asked).
+    Logprobs(Vec<super::Logprob>),
     Done(Summary),
     Error(String),
 }
@@ -37,6 +39,8 @@ pub struct Job {
     pub enqueued: Instant,
     /// How long the request waited for its model to load before it was submitted.
     pub load_wait: Duration,
+    /// Report log probabilities with this many alternatives per token.
+    pub logprobs: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -495,19 +499,33 @@ fn run_job(model: &Model, job: Job) {
         return;
     }
     let mut generation = match model.generate(job.prompt, &job.options) {
-        Ok(g) => match job.constraint {
-            Some(c) => g.with_constraint(c),
-            None => g,
-        },
+        Ok(g) => {
+            let g = match job.constraint {
+                Some(c) => g.with_constraint(c),
+                None => g,
+            };
+            match job.logprobs {
+                Some(top) => g.with_logprobs(top),
+                None => g,
+            }
+        }
         Err(e) => {
             send(Event::Error(e.to_string()));
             return;
         }
     };
+    // Log probabilities of tokens whose text is held back wait for the next text.
+    let mut logprobs = Vec::new();
     for piece in generation.by_ref() {
         match piece {
-            Ok(p) if p.text.is_empty() => {}
             Ok(p) => {
+                logprobs.extend(p.logprob);
+                if p.text.is_empty() {
+                    continue;
+                }
+                if !logprobs.is_empty() && !send(Event::Logprobs(std::mem::take(&mut logprobs))) {
+                    return;
+                }
                 if !send(Event::Text(p.text)) {
                     tracing::info!(model = %model.name, "client went away: generation stopped");
                     return;
@@ -522,6 +540,9 @@ fn run_job(model: &Model, job: Job) {
             tracing::info!(model = %model.name, "client went away: generation stopped");
             return;
         }
+    }
+    if !logprobs.is_empty() {
+        send(Event::Logprobs(logprobs));
     }
     let mut summary = generation.summary();
     summary.load_duration = job.load_wait;

@@ -188,3 +188,16 @@ def test_keep_alive_zero_unloads_and_the_next_request_reloads(oc):
     secs = (left - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
     assert 500 < secs <= 600
     oc.generate(model=SMALL, prompt="", keep_alive=-1)
+
+
+def test_logprobs_through_both_clients(oc, ai):
+    r = oc.generate(model=SMALL, prompt="def add(a, b):", raw=True, logprobs=True, top_logprobs=2,
+                    options={"temperature": 0, "num_predict": 5})
+    assert len(r.logprobs) == 5
+    assert all(len(p.top_logprobs) == 2 and p.logprob <= 0 for p in r.logprobs)
+    assert "".join(p.token for p in r.logprobs) == r.response
+    c = ai.chat.completions.create(model=SMALL, messages=[{"role": "user", "content": "Say hi."}], logprobs=True,
+                                   top_logprobs=2, temperature=0, max_tokens=4)
+    content = c.choices[0].logprobs.content
+    assert len(content) == c.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 2 for t in content)
