@@ -127,6 +127,109 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Streams a pull's status lines to `on_status`; fails with the server's error.
+    pub fn pull(&self, model: &str, mut on_status: impl FnMut(&Value)) -> Result<()> {
+        let r = self.post("/api/pull", &json!({"model": model, "stream": true}))?;
+        for line in BufReader::new(r.into_reader()).lines() {
+            let line = line?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v: Value = serde_json::from_str(&line).context("a pull status line")?;
+            if let Some(e) = v["error"].as_str() {
+                bail!("{e}");
+            }
+            on_status(&v);
+            if v["status"] == "success" {
+                return Ok(());
+            }
+        }
+        bail!("the server closed the pull before it succeeded")
+    }
+
+    pub fn delete(&self, model: &str) -> Result<()> {
+        match self
+            .agent
+            .delete(&format!("{}/api/delete", self.base))
+            .send_json(json!({"model": model}))
+        {
+            Ok(_) => Ok(()),
+            Err(ureq::Error::Status(code, r)) => {
+                let v: Value = r.into_json().unwrap_or_default();
+                bail!(
+                    "{} (HTTP {code})",
+                    v["error"].as_str().unwrap_or("no message")
+                )
+            }
+            Err(e) => Err(e).context("DELETE /api/delete"),
+        }
+    }
+
+    pub fn copy(&self, source: &str, destination: &str) -> Result<()> {
+        self.post(
+            "/api/copy",
+            &json!({"source": source, "destination": destination}),
+        )?;
+        Ok(())
+    }
+}
+
+/// Shows pull status lines as `ollama pull` does: a progress bar per file, the other
+/// statuses as lines.
+pub struct PullDisplay {
+    bar: Option<(String, indicatif::ProgressBar)>,
+    last: String,
+}
+
+impl Default for PullDisplay {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PullDisplay {
+    pub fn new() -> Self {
+        Self {
+            bar: None,
+            last: String::new(),
+        }
+    }
+
+    pub fn show(&mut self, v: &Value) {
+        let status = v["status"].as_str().unwrap_or_default().to_string();
+        match (v["total"].as_u64(), v["completed"].as_u64()) {
+            (Some(total), Some(done)) => {
+                if self.bar.as_ref().map(|(s, _)| s != &status).unwrap_or(true) {
+                    if let Some((_, b)) = self.bar.take() {
+                        b.finish();
+                    }
+                    let b = indicatif::ProgressBar::new(total);
+                    b.set_style(
+                        indicatif::ProgressStyle::with_template(
+                            "{msg} {percent:>3}% ▕{bar:40}▏ {bytes}/{total_bytes} {bytes_per_sec}",
+                        )
+                        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+                    );
+                    b.set_message(status.clone());
+                    self.bar = Some((status.clone(), b));
+                }
+                if let Some((_, b)) = &self.bar {
+                    b.set_position(done);
+                }
+            }
+            _ if status != self.last => {
+                if let Some((_, b)) = self.bar.take() {
+                    b.finish();
+                }
+                eprintln!("{status}");
+            }
+            _ => {}
+        }
+        self.last = status;
+    }
+}
+
 /// `duet ps` as `ollama ps` prints it.
 pub fn print_ps(models: &[Value]) {
     println!(

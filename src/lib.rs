@@ -7,6 +7,7 @@ pub mod client;
 pub mod config;
 pub mod device_check;
 pub mod engine;
+pub mod fetch;
 pub mod hub;
 pub mod keep_alive;
 pub mod layout;

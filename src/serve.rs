@@ -62,27 +62,26 @@ fn start_workers(
     let mut by_device: BTreeMap<_, Vec<Placement>> = BTreeMap::new();
     for p in &d.layout().place {
         let Some(m) = d.model(&p.model) else { continue };
-        let path = match m.weights {
-            Ok(path) => path,
+        let file = match m.weights {
+            Ok(path) => match GgufFile::open(&path).and_then(|g| g.info()) {
+                Ok(info) => Ok(worker::SlotFile { path, info }),
+                Err(e) => {
+                    tracing::error!(model = %p.model, "unavailable: {e}");
+                    continue;
+                }
+            },
+            // Absent weights: listed nowhere until `duet pull` fetches them.
             Err(e) => {
-                tracing::error!(model = %p.model, "unavailable: {e}");
-                continue;
-            }
-        };
-        let info = match GgufFile::open(&path).and_then(|g| g.info()) {
-            Ok(info) => info,
-            Err(e) => {
-                tracing::error!(model = %p.model, "unavailable: {e}");
-                continue;
+                tracing::warn!(model = %p.model, "absent: {e}");
+                Err(e.to_string())
             }
         };
         by_device.entry(p.device).or_default().push(Placement {
             name: p.model.clone(),
-            path,
-            info,
+            file,
         });
     }
-    if by_device.is_empty() {
+    if !by_device.values().flatten().any(|p| p.file.is_ok()) {
         anyhow::bail!("no model of layout '{}' can be loaded", d.layout_name);
     }
     let mut slots = Vec::new();
@@ -147,6 +146,13 @@ async fn report_progress(state: Arc<AppState>) {
                 }
                 worker::Load::Failed(e) => {
                     bars[i].abandon_with_message(format!("{} failed on {}: {e}", s.name, s.device));
+                    done[i] = true;
+                }
+                worker::Load::Absent(_) => {
+                    bars[i].finish_with_message(format!(
+                        "{} is not on disk (duet pull {} fetches it)",
+                        s.name, s.name
+                    ));
                     done[i] = true;
                 }
                 worker::Load::Loading => {}
@@ -234,6 +240,8 @@ pub fn serve(d: Deployment, opts: ServeOptions) -> Result<()> {
         aliases,
         limits: opts.limits.clone(),
         keep_alive: opts.lifecycle.keep_alive,
+        config: d.config.clone(),
+        copies: api::models::Copies::load(),
         metrics: Arc::new(crate::metrics::Metrics::new()?),
     });
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -2,6 +2,7 @@
 //! (`openai.rs`), and what they share: state, model lookup, body parsing, errors.
 
 pub mod embed;
+pub mod models;
 pub mod ollama;
 pub mod openai;
 mod stream;
@@ -46,7 +47,19 @@ pub struct AppState {
     pub limits: Limits,
     /// Keep-alive of a request that does not set one (OLLAMA_KEEP_ALIVE).
     pub keep_alive: crate::keep_alive::KeepAlive,
+    /// The configuration the server runs (pull and delete find the files through it).
+    pub config: crate::config::Config,
+    /// Names made with /api/copy.
+    pub copies: models::Copies,
     pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// A configured model whose weights are not on disk, as Ollama words a model not pulled.
+pub fn absent(model: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("model '{model}' not found, try pulling it first"),
+    )
 }
 
 /// An API error: the HTTP status and Ollama's `{"error": "..."}` message.
@@ -132,6 +145,11 @@ pub struct Target {
 }
 
 impl Target {
+    /// The target's weights file (404 while they are absent).
+    pub fn file(&self) -> Result<Arc<crate::engine::worker::SlotFile>, ApiError> {
+        self.slot.file().ok_or_else(|| absent(&self.requested))
+    }
+
     /// Labels for the request counter: model, tier ("" when not routed), device.
     pub fn labels(&self) -> RequestLabels {
         RequestLabels {
@@ -261,14 +279,18 @@ impl AppState {
         self.embedders.iter().find(|e| e.name == canonical)
     }
 
-    fn canonical<'a>(&'a self, name: &'a str) -> &'a str {
-        // Ollama treats "name" and "name:latest" alike.
+    /// The configured name a requested name means: `name:latest` is `name`; aliases of
+    /// models.toml and copies made with /api/copy lead to their model.
+    pub fn canonical(&self, name: &str) -> String {
         let name = name.strip_suffix(":latest").unwrap_or(name);
+        if let Some(c) = self.copies.get(name) {
+            return c;
+        }
         self.aliases
             .iter()
             .find(|(a, _)| a == name)
-            .map(|(_, c)| c.as_str())
-            .unwrap_or(name)
+            .map(|(_, c)| c.clone())
+            .unwrap_or_else(|| name.to_string())
     }
 
     /// Resolves a requested model name: missing → 400, unknown → 404. A routed name
@@ -285,8 +307,11 @@ impl AppState {
         let routed = name.strip_suffix(":latest").unwrap_or(name);
         if !self.routed_names.iter().any(|r| r == routed) {
             let slot = self
-                .slot(self.canonical(name))
+                .slot(&self.canonical(name))
                 .ok_or_else(|| ApiError::not_found(name))?;
+            if slot.is_absent() {
+                return Err(absent(name));
+            }
             return Ok(Target {
                 slot: slot.clone(),
                 requested: name.to_string(),
@@ -341,7 +366,10 @@ impl AppState {
     /// hold the rest back.
     pub fn ready(&self) -> bool {
         self.slots.iter().all(|s| !s.is_loading())
-            && self.slots.iter().any(|s| s.failure().is_none())
+            && self
+                .slots
+                .iter()
+                .any(|s| s.failure().is_none() && !s.is_absent())
             && self
                 .embedders
                 .iter()
@@ -418,12 +446,12 @@ impl AppState {
             )
         })?;
         // Routed to a smaller model than the layout's largest: routing saved time.
-        let largest = self.slots.iter().max_by_key(|s| s.info.parameter_count);
+        let params = |s: &ModelSlot| s.file().map_or(0, |f| f.info.parameter_count);
+        let largest = self.slots.iter().max_by_key(|s| params(s));
         let larger = largest
             .filter(|l| target.routed && l.name != target.slot.name)
             .map(|l| {
-                let ratio =
-                    l.info.parameter_count as f64 / target.slot.info.parameter_count.max(1) as f64;
+                let ratio = params(l) as f64 / params(&target.slot).max(1) as f64;
                 (l.name.clone(), ratio)
             });
         let (tx, rx) = tokio::sync::mpsc::channel(64);
@@ -563,6 +591,7 @@ pub fn router(state: Arc<AppState>, origins_env: Option<String>) -> Router {
         .merge(ollama::routes())
         .merge(openai::routes())
         .merge(embed::routes())
+        .merge(models::routes())
         .route("/metrics", axum::routing::get(metrics))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -534,7 +534,7 @@ async fn models(State(st): S) -> Json<Value> {
     let data: Vec<Value> = st
         .slots
         .iter()
-        .map(|s| model_object(&s.name, created_of(&s.path)))
+        .filter_map(|s| Some(model_object(&s.name, created_of(&s.file()?.path))))
         .chain(
             st.embedders
                 .iter()
@@ -552,5 +552,5 @@ async fn model(State(st): S, Path(id): Path<String>) -> Result<Json<Value>> {
         )));
     }
     let t = st.target(Some(&id), Request::default)?;
-    Ok(Json(model_object(&id, created_of(&t.slot.path))))
+    Ok(Json(model_object(&id, created_of(&t.file()?.path))))
 }

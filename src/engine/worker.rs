@@ -54,6 +54,8 @@ pub enum SubmitError {
 /// Where a model is in its life.
 #[derive(Clone)]
 pub enum Load {
+    /// Its weights are not on disk (never fetched, or deleted): `duet pull` fetches them.
+    Absent(String),
     /// Not in memory; the next request loads it.
     Unloaded,
     Loading,
@@ -70,15 +72,23 @@ enum Msg {
     Job(Box<Job>),
     Load(String),
     Unload(String),
+    /// The weights were deleted: unload now, then absent.
+    Remove(String, String),
+}
+
+/// A model's weights file and what its header says.
+pub struct SlotFile {
+    pub path: PathBuf,
+    /// The file's metadata, read before loading.
+    pub info: ModelInfo,
 }
 
 /// The state of one model as the server sees it.
 pub struct ModelSlot {
     pub name: String,
     pub device: DeviceSpec,
-    pub path: PathBuf,
-    /// The file's metadata, read before loading.
-    pub info: ModelInfo,
+    /// `None` while the weights are absent.
+    file: std::sync::RwLock<Option<Arc<SlotFile>>>,
     load: watch::Sender<Load>,
     /// The keep-alive the last request asked for (or the server's default).
     keep_alive: Mutex<KeepAlive>,
@@ -91,6 +101,37 @@ pub struct ModelSlot {
 }
 
 impl ModelSlot {
+    /// The weights file, when it is on disk.
+    pub fn file(&self) -> Option<Arc<SlotFile>> {
+        self.file.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether the weights are absent (a request gets 404, as for a model not pulled).
+    pub fn is_absent(&self) -> bool {
+        matches!(*self.load.borrow(), Load::Absent(_))
+    }
+
+    /// The weights arrived (`duet pull`): the model loads at its next request.
+    pub fn set_file(&self, file: SlotFile) {
+        *self.file.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(file));
+        self.load.send_if_modified(|s| {
+            if matches!(s, Load::Absent(_) | Load::Failed(_)) {
+                *s = Load::Unloaded;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// The weights are gone (`duet rm`): unloaded, and absent until pulled again.
+    pub fn remove_file(&self, why: &str) {
+        *self.file.write().unwrap_or_else(|e| e.into_inner()) = None;
+        let _ = self
+            .jobs
+            .send(Msg::Remove(self.name.clone(), why.to_string()));
+    }
+
     pub fn state(&self) -> Load {
         self.load.borrow().clone()
     }
@@ -184,7 +225,7 @@ impl ModelSlot {
                 .clone();
             match settled {
                 Load::Ready(m) => return Ok(m),
-                Load::Failed(why) => return Err(self.unavailable(why)),
+                Load::Failed(why) | Load::Absent(why) => return Err(self.unavailable(why)),
                 // Unloaded again before this request got it (keep_alive 0 elsewhere).
                 Load::Unloaded | Load::Loading => continue,
             }
@@ -218,11 +259,10 @@ impl ModelSlot {
     }
 }
 
-/// A model to place on a worker.
+/// A model to place on a worker: its file, or why it is absent.
 pub struct Placement {
     pub name: String,
-    pub path: PathBuf,
-    pub info: ModelInfo,
+    pub file: Result<SlotFile, String>,
 }
 
 /// How a worker treats its models' lifetimes.
@@ -259,12 +299,15 @@ pub fn spawn(
     let slots: Vec<Arc<ModelSlot>> = placements
         .into_iter()
         .map(|p| {
+            let (file, load) = match p.file {
+                Ok(f) => (Some(Arc::new(f)), initial.clone()),
+                Err(why) => (None, Load::Absent(why)),
+            };
             Arc::new(ModelSlot {
                 name: p.name,
                 device,
-                path: p.path,
-                info: p.info,
-                load: watch::Sender::new(initial.clone()),
+                file: std::sync::RwLock::new(file),
+                load: watch::Sender::new(load),
                 keep_alive: Mutex::new(life.keep_alive),
                 expires: Mutex::new(None),
                 pending: AtomicUsize::new(0),
@@ -321,12 +364,17 @@ impl Worker {
     fn load(&self, slot: &ModelSlot) -> bool {
         match &*slot.load.borrow() {
             Load::Ready(_) => return true,
-            Load::Failed(_) => return false,
+            Load::Failed(_) | Load::Absent(_) => return false,
             _ => {}
         }
         let Some(dev) = &self.dev else { return false };
+        let Some(file) = slot.file() else {
+            slot.load
+                .send_replace(Load::Absent("its weights are not on disk".into()));
+            return false;
+        };
         slot.load.send_replace(Load::Loading);
-        match load_and_warm(slot, self.device, dev) {
+        match load_and_warm(slot, &file.path, self.device, dev) {
             Ok(model) => {
                 slot.load.send_replace(Load::Ready(Arc::new(model)));
                 true
@@ -430,6 +478,13 @@ impl Worker {
                     }
                 }
                 Msg::Job(job) => self.job(*job),
+                Msg::Remove(name, why) => {
+                    if let Some(slot) = self.slot(&name) {
+                        slot.load.send_replace(Load::Absent(why));
+                        slot.set_expiry(None);
+                        tracing::info!(model = %slot.name, "weights removed: unloaded");
+                    }
+                }
             }
         }
     }
@@ -472,12 +527,13 @@ impl Worker {
 
 fn load_and_warm(
     slot: &ModelSlot,
+    path: &std::path::Path,
     device: DeviceSpec,
     dev: &candle_core::Device,
 ) -> Result<Model, EngineError> {
     let start = Instant::now();
-    tracing::info!(model = %slot.name, %device, path = %slot.path.display(), "loading");
-    let model = Model::load_on(&slot.name, &slot.path, device, dev)?;
+    tracing::info!(model = %slot.name, %device, path = %path.display(), "loading");
+    let model = Model::load_on(&slot.name, path, device, dev)?;
     // One short forward pass so the first request does not pay for lazy set-up
     // (weight repacking, allocator growth, kernel compilation on GPUs).
     let warm = Options {

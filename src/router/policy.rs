@@ -19,7 +19,7 @@ impl Availability {
     pub fn of(slot: &ModelSlot) -> Self {
         // A model out of memory (keep-alive ran out, or not preloaded) takes its
         // requests and loads; one loading now is skipped for a ready fallback.
-        if slot.failure().is_some() {
+        if slot.failure().is_some() || slot.is_absent() {
             Availability::Failed
         } else if slot.is_loading() {
             Availability::Loading

@@ -22,8 +22,17 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn spawn_child(global: Vec<String>, serve: Vec<String>, port: u16) -> Child {
+fn spawn_child(
+    global: Vec<String>,
+    serve: Vec<String>,
+    env: Vec<(String, String)>,
+    port: u16,
+) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_duet"));
+    // Copies (/api/copy) are saved in the data folder: one of its own per server.
+    let data = std::env::temp_dir().join(format!("duet-test-data-{}-{port}", std::process::id()));
+    cmd.env("DUET_DATA_DIR", &data);
+    cmd.envs(env);
     cmd.args(&global)
         .args(["serve", "--host", &format!("127.0.0.1:{port}")])
         .args(&serve)
@@ -58,13 +67,26 @@ pub fn start_listening(global: &[&str], serve: &[&str]) -> Server {
     start_until(global, serve, "/")
 }
 
+/// As [`start_with`], with extra environment variables for the server.
+pub fn start_env(global: &[&str], serve: &[&str], env: &[(&str, &str)]) -> Server {
+    let env = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    start_full(global, serve, env, "/ready")
+}
+
 fn start_until(global: &[&str], serve: &[&str], probe: &str) -> Server {
+    start_full(global, serve, Vec::new(), probe)
+}
+
+fn start_full(global: &[&str], serve: &[&str], env: Vec<(String, String)>, probe: &str) -> Server {
     let port = free_port();
     let global: Vec<String> = global.iter().map(|s| s.to_string()).collect();
     let serve: Vec<String> = serve.iter().map(|s| s.to_string()).collect();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        let mut child = spawn_child(global, serve, port);
+        let mut child = spawn_child(global, serve, env, port);
         let pid = child.id();
         let stderr = child.stderr.take().unwrap();
         tx.send(pid).unwrap();
