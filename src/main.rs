@@ -385,16 +385,8 @@ fn interactive(d: &Deployment, args: &RunArgs) -> Result<()> {
         eprintln!("(chatting through the server at {})", client.base());
         duet::repl::Backend::Remote { client, options }
     } else {
-        let resolved = d
-            .model(&args.model)
-            .ok_or_else(|| anyhow::anyhow!(d.unknown_model_message(&args.model)))?;
-        let path = resolved.weights?;
-        let device = resolved.device.unwrap_or(duet::config::DeviceSpec::Cpu(0));
-        set_threads(args.threads.unwrap_or_else(available_cores));
-        let model = Model::load(resolved.name, &path, device)
-            .with_context(|| format!("loading {}", resolved.name))?;
         duet::repl::Backend::Local {
-            model: Box::new(model),
+            model: Box::new(load_for_run(d, args)?),
             options: run_options(args),
         }
     };
@@ -408,10 +400,8 @@ fn interactive(d: &Deployment, args: &RunArgs) -> Result<()> {
     )
 }
 
-fn run(d: &Deployment, args: RunArgs) -> Result<()> {
-    if args.prompt.is_none() && (args.interactive || std::io::stdin().is_terminal()) {
-        return interactive(d, &args);
-    }
+/// Loads `duet run`'s model in this process, on its layout's device.
+fn load_for_run(d: &Deployment, args: &RunArgs) -> Result<Model> {
     let resolved = d
         .model(&args.model)
         .ok_or_else(|| anyhow::anyhow!(d.unknown_model_message(&args.model)))?;
@@ -419,6 +409,13 @@ fn run(d: &Deployment, args: RunArgs) -> Result<()> {
     let device = resolved.device.unwrap_or(duet::config::DeviceSpec::Cpu(0));
     // Alone on the machine, `run` uses every core unless told otherwise.
     set_threads(args.threads.unwrap_or_else(available_cores));
+    Model::load(resolved.name, &path, device).with_context(|| format!("loading {}", resolved.name))
+}
+
+fn run(d: &Deployment, args: RunArgs) -> Result<()> {
+    if args.prompt.is_none() && (args.interactive || std::io::stdin().is_terminal()) {
+        return interactive(d, &args);
+    }
 
     let prompt = match args.prompt.clone() {
         Some(p) => p,
@@ -428,8 +425,7 @@ fn run(d: &Deployment, args: RunArgs) -> Result<()> {
             s
         }
     };
-    let model = Model::load(resolved.name, &path, device)
-        .with_context(|| format!("loading {}", resolved.name))?;
+    let model = load_for_run(d, &args)?;
     let text = if args.raw {
         prompt
     } else {

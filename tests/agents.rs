@@ -10,8 +10,7 @@ mod server;
 
 use common::*;
 use serde_json::{json, Value};
-use server::{client, Server};
-use std::io::{BufRead, BufReader};
+use server::Server;
 use std::sync::OnceLock;
 
 fn srv() -> &'static Server {
@@ -20,29 +19,11 @@ fn srv() -> &'static Server {
 }
 
 fn post(path: &str, body: Value) -> (u16, Value) {
-    let r = client()
-        .post(format!("{}{path}", srv().base))
-        .json(&body)
-        .send()
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().unwrap_or(Value::Null))
+    srv().post(path, body)
 }
 
-/// The lines of a streamed answer: NDJSON, or the `data:` of server-sent events.
 fn stream(path: &str, body: Value) -> Vec<Value> {
-    let r = client()
-        .post(format!("{}{path}", srv().base))
-        .json(&body)
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    BufReader::new(r)
-        .lines()
-        .map(|l| l.unwrap())
-        .filter(|l| !l.is_empty() && l != "data: [DONE]")
-        .map(|l| serde_json::from_str(l.strip_prefix("data: ").unwrap_or(&l)).unwrap())
-        .collect()
+    srv().stream(path, body)
 }
 
 fn weather() -> Value {

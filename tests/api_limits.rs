@@ -11,17 +11,6 @@ use server::{client, Server};
 use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
 
-/// A models.toml with only the 0.5B model, on cpu:0.
-fn small_only() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let toml = format!(
-        "[models.\"{SMALL}\"]\npath = \"{}\"\n[[layouts.one.place]]\nmodel = \"{SMALL}\"\ndevice = \"cpu:0\"\ntiers = [\"simple\", \"moderate\", \"complex\"]\n",
-        weights(SMALL).display()
-    );
-    std::fs::write(dir.path().join("models.toml"), toml).unwrap();
-    dir
-}
-
 fn start(dir: &tempfile::TempDir, extra: &[&str]) -> Server {
     let cfg = dir.path().join("models.toml");
     server::start_with(&["--config", cfg.to_str().unwrap()], extra)

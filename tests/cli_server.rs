@@ -49,6 +49,17 @@ fn chat_requests(srv: &server::Server) -> f64 {
         .sum()
 }
 
+/// `duet run` as an interactive chat on the 0.5B, greedy and short.
+const RUN_CHAT: &[&str] = &[
+    "run",
+    SMALL,
+    "--interactive",
+    "--temperature",
+    "0",
+    "--num-predict",
+    "8",
+];
+
 const SESSION: &str = "\"\"\"\nWhat is 2 + 2?\nAnswer with the number only.\n\"\"\"\n/help\nAnd 3 + 3?\n/clear\n/nonsense\n/bye\nnot read\n";
 
 fn check_session(out: &str) {
@@ -74,19 +85,7 @@ fn ps_stop_and_an_interactive_chat_through_the_server() {
     );
 
     let before = chat_requests(&srv);
-    let (ok, out, err) = duet(
-        &host,
-        &[
-            "run",
-            SMALL,
-            "--interactive",
-            "--temperature",
-            "0",
-            "--num-predict",
-            "8",
-        ],
-        SESSION,
-    );
+    let (ok, out, err) = duet(&host, RUN_CHAT, SESSION);
     assert!(ok, "{err}");
     check_session(&out);
     assert!(err.contains("through the server"), "{err}");
@@ -111,19 +110,7 @@ fn ps_stop_and_an_interactive_chat_through_the_server() {
 fn without_a_server_the_chat_runs_in_process_and_ps_says_why_not() {
     // Port 9 (discard) has no duet server.
     let host = "127.0.0.1:9";
-    let (ok, out, err) = duet(
-        host,
-        &[
-            "run",
-            SMALL,
-            "--interactive",
-            "--temperature",
-            "0",
-            "--num-predict",
-            "8",
-        ],
-        SESSION,
-    );
+    let (ok, out, err) = duet(host, RUN_CHAT, SESSION);
     assert!(ok, "{err}");
     check_session(&out);
     assert!(!err.contains("through the server"), "{err}");

@@ -67,13 +67,7 @@ fn srv() -> &'static server::Server {
 }
 
 fn post(path: &str, body: Value) -> (u16, Value) {
-    let r = server::client()
-        .post(format!("{}{path}", srv().base))
-        .json(&body)
-        .send()
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().unwrap_or(Value::Null))
+    srv().post(path, body)
 }
 
 fn reference() -> Vec<(String, Vec<f64>)> {

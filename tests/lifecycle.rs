@@ -11,17 +11,6 @@ use serde_json::{json, Value};
 use server::{client, Server};
 use std::time::{Duration, Instant};
 
-/// A models.toml with only the 0.5B model, on cpu:0.
-fn small_only() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let toml = format!(
-        "[models.\"{SMALL}\"]\npath = \"{}\"\n[[layouts.one.place]]\nmodel = \"{SMALL}\"\ndevice = \"cpu:0\"\ntiers = [\"simple\", \"moderate\", \"complex\"]\n",
-        weights(SMALL).display()
-    );
-    std::fs::write(dir.path().join("models.toml"), toml).unwrap();
-    dir
-}
-
 fn post(srv: &Server, path: &str, body: Value) -> (u16, Value) {
     let r = client()
         .post(format!("{}{path}", srv.base))

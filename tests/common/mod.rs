@@ -60,3 +60,14 @@ pub fn ids(v: &serde_json::Value) -> Vec<u32> {
         .map(|x| x.as_u64().unwrap() as u32)
         .collect()
 }
+
+/// A models.toml with only the 0.5B model, on cpu:0.
+pub fn small_only() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "[models.\"{SMALL}\"]\npath = \"{}\"\n[[layouts.one.place]]\nmodel = \"{SMALL}\"\ndevice = \"cpu:0\"\ntiers = [\"simple\", \"moderate\", \"complex\"]\n",
+        weights(SMALL).display()
+    );
+    std::fs::write(dir.path().join("models.toml"), toml).unwrap();
+    dir
+}

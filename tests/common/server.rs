@@ -115,6 +115,36 @@ fn start_full(global: &[&str], serve: &[&str], env: Vec<(String, String)>, probe
     Server { base, pid }
 }
 
+impl Server {
+    /// POSTs JSON; the status and the JSON answer (null when it is not JSON).
+    pub fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let r = client()
+            .post(format!("{}{path}", self.base))
+            .json(&body)
+            .send()
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().unwrap_or(serde_json::Value::Null))
+    }
+
+    /// The lines of a streamed answer: NDJSON, or the `data:` of server-sent events.
+    pub fn stream(&self, path: &str, body: serde_json::Value) -> Vec<serde_json::Value> {
+        use std::io::{BufRead, BufReader};
+        let r = client()
+            .post(format!("{}{path}", self.base))
+            .json(&body)
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        BufReader::new(r)
+            .lines()
+            .map(|l| l.unwrap())
+            .filter(|l| !l.is_empty() && l != "data: [DONE]")
+            .map(|l| serde_json::from_str(l.strip_prefix("data: ").unwrap_or(&l)).unwrap())
+            .collect()
+    }
+}
+
 pub fn client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(600))

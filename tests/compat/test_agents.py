@@ -6,8 +6,6 @@ import base64
 import datetime
 import json
 import math
-import os
-import pathlib
 import struct
 import time
 
@@ -16,21 +14,7 @@ import openai
 import pytest
 from pydantic import BaseModel
 
-BASE = os.environ.get("DUET_URL", "http://127.0.0.1:11434")
-SMALL = "qwen2.5-coder:0.5b"
-LARGE = "qwen2.5-coder:1.5b"
-EMBED = "all-minilm"
-VECTORS = pathlib.Path(__file__).resolve().parent.parent / "vectors"
-
-
-@pytest.fixture(scope="module")
-def oc():
-    return ollama.Client(host=BASE)
-
-
-@pytest.fixture(scope="module")
-def ai():
-    return openai.OpenAI(base_url=BASE + "/v1", api_key="duet")
+from conftest import EMBED, LARGE, SMALL, VECTORS
 
 
 def get_weather(city: str) -> str:
