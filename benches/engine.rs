@@ -7,8 +7,8 @@
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use duet::engine::qwen2::{attend, linear, Qwen2};
-use duet::engine::synthetic::{Shape, SyntheticWeights, TensorSpec};
+use duet::model::qwen2::{attend, linear, Qwen2};
+use duet::model::synthetic::{Shape, SyntheticWeights, TensorSpec};
 
 fn qmatmul(c: &mut Criterion) {
     let cpu = Device::Cpu;

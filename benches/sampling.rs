@@ -2,7 +2,7 @@
 //! Ollama's default chain, and greedy argmax. Run with `cargo bench --bench sampling`.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use duet::engine::sampling::{argmax, Options, Sampler};
+use duet::serving::sampling::{argmax, Options, Sampler};
 use rand::{Rng, SeedableRng};
 
 const VOCAB: usize = 151_936;

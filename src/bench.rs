@@ -5,9 +5,10 @@
 //! moment, to show what true concurrency gives.
 
 use crate::config::DeviceSpec;
-use crate::engine::cpu::CpuId;
-use crate::engine::synthetic::Shape;
-use crate::engine::{create_device, Model, Options};
+use crate::kernels::CpuId;
+use crate::model::synthetic::Shape;
+use crate::model::{create_device, Model};
+use crate::serving::Options;
 use anyhow::{Context, Result};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -373,7 +374,7 @@ pub fn run(
     Ok(Report {
         date: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         cpu: CpuId::read(),
-        cpu_kernels: crate::engine::cpu::kernels(),
+        cpu_kernels: crate::kernels::kernels(),
         layout: layout.to_string(),
         threads,
         options: ReportOptions {

@@ -4,9 +4,9 @@
 //! machine (scripts/gpu-check.sh); against `cpu:N` it only exercises the command.
 
 use crate::config::DeviceSpec;
-use crate::engine::create_device;
-use crate::engine::qwen2::{linear, Qwen2, WeightSource};
-use crate::engine::synthetic::{Shape, SyntheticWeights, TensorSpec};
+use crate::model::create_device;
+use crate::model::qwen2::{linear, Qwen2, WeightSource};
+use crate::model::synthetic::{Shape, SyntheticWeights, TensorSpec};
 use anyhow::Result;
 use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::{DType, Device, Module, Tensor};

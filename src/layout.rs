@@ -2,8 +2,8 @@
 //! in `prefer`), then resolve each model name to its weights file and device.
 
 use crate::config::{Config, ConfigError, DeviceSpec, Layout, ModelSpec, Tier};
-use crate::engine::create_device;
 use crate::hub::{self, HubError};
+use crate::model::create_device;
 use std::path::PathBuf;
 
 /// The chosen layout of a configuration.

@@ -3,8 +3,9 @@
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use duet::config::Config;
-use duet::engine::{Message, Model, Options, Summary};
 use duet::layout::{available_cores, Deployment};
+use duet::model::{Message, Model};
+use duet::serving::{Options, Summary};
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -236,7 +237,7 @@ fn real_main(cli: Cli) -> Result<()> {
                         max_predict: args.max_predict,
                     },
                     origins: env("OLLAMA_ORIGINS"),
-                    lifecycle: duet::engine::worker::Lifecycle {
+                    lifecycle: duet::serving::worker::Lifecycle {
                         preload: !args.no_preload,
                         keep_alive: args
                             .keep_alive
@@ -538,7 +539,7 @@ fn show(d: &Deployment, name: &str, template: bool) -> Result<()> {
         .model(name)
         .ok_or_else(|| anyhow::anyhow!(d.unknown_model_message(name)))?;
     let path = m.weights?;
-    let gguf = duet::engine::GgufFile::open(&path)?;
+    let gguf = duet::model::GgufFile::open(&path)?;
     let info = gguf.info()?;
     let source = match (&m.spec.repo, &m.spec.file) {
         (Some(r), Some(f)) if m.spec.path.is_none() => format!("{r} / {f}"),
@@ -789,7 +790,7 @@ fn print_report(report: &duet::bench::Report, args: &BenchArgs) -> Result<()> {
 /// its own on one device.
 fn bench_generated(args: BenchArgs) -> Result<()> {
     use duet::bench::{BenchModel, Weights};
-    use duet::engine::synthetic::Shape;
+    use duet::model::synthetic::Shape;
     let threads = args.threads.unwrap_or_else(available_cores);
     set_threads(threads);
     let device: duet::config::DeviceSpec = args

@@ -212,8 +212,8 @@ impl Recorder {
         }
     }
 
-    pub fn observe(&mut self, ev: &crate::engine::worker::Event) {
-        use crate::engine::worker::Event;
+    pub fn observe(&mut self, ev: &crate::serving::worker::Event) {
+        use crate::serving::worker::Event;
         let m = &self.metrics;
         let model = self.model.as_str();
         match ev {

@@ -4,7 +4,8 @@
 //! running server when one answers at OLLAMA_HOST, else loads the model in-process.
 
 use crate::client::Client;
-use crate::engine::{Message, Model, Options};
+use crate::model::{Message, Model};
+use crate::serving::Options;
 use anyhow::Result;
 use serde_json::{json, Value};
 use std::io::{BufRead, Write};

@@ -3,9 +3,9 @@
 
 use crate::api::{self, AppState, Limits};
 use crate::config::Tier;
-use crate::engine::worker::{self, ModelSlot, Placement};
-use crate::engine::GgufFile;
 use crate::layout::Deployment;
+use crate::model::GgufFile;
+use crate::serving::worker::{self, ModelSlot, Placement};
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -93,12 +93,12 @@ fn start_workers(
 
 /// Starts loading every embedding model whose folder is there (the others are logged
 /// with the command that fetches them).
-fn start_embedders(cfg: &crate::config::Config) -> Vec<Arc<crate::engine::embed::EmbedSlot>> {
+fn start_embedders(cfg: &crate::config::Config) -> Vec<Arc<crate::model::embed::EmbedSlot>> {
     cfg.embeddings
         .iter()
         .filter_map(
             |(name, spec)| match crate::hub::resolve_embedding(cfg, name, spec) {
-                Ok(dir) => Some(crate::engine::embed::EmbedSlot::start(name, dir)),
+                Ok(dir) => Some(crate::model::embed::EmbedSlot::start(name, dir)),
                 Err(e) => {
                     tracing::warn!(model = %name, "unavailable: {e}");
                     None
@@ -205,8 +205,8 @@ async fn shutdown_signal() {
 pub fn serve(d: Deployment, opts: ServeOptions) -> Result<()> {
     let addr = parse_host(&opts.host)?;
     tracing::info!(
-        cpu = %crate::engine::cpu::CpuId::read(),
-        kernels = %crate::engine::cpu::kernels(),
+        cpu = %crate::kernels::CpuId::read(),
+        kernels = %crate::kernels::kernels(),
         "CPU"
     );
     let slots = start_workers(&d, opts.max_queue, opts.lifecycle)?;

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use duet::engine::embed::Embedder;
+use duet::model::embed::Embedder;
 
 fn cosine(a: &[f32], b: &[f64]) -> f64 {
     let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * y).sum();

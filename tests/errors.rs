@@ -3,7 +3,7 @@
 mod common;
 use common::*;
 use duet::config::DeviceSpec;
-use duet::engine::{GgufError, Model};
+use duet::model::{GgufError, Model};
 use std::io::{Read, Write};
 use std::process::Command;
 
@@ -29,7 +29,7 @@ fn truncated_gguf_is_reported_as_truncated() {
     assert!(err.contains("truncated"), "{err}");
     assert!(err.contains("cut.gguf"), "{err}");
     assert!(matches!(
-        duet::engine::GgufFile::open(&cut),
+        duet::model::GgufFile::open(&cut),
         Err(GgufError::Truncated { .. })
     ));
 }

@@ -2,7 +2,8 @@
 
 mod common;
 use common::*;
-use duet::engine::{DoneReason, Message, Options};
+use duet::model::Message;
+use duet::serving::{DoneReason, Options};
 
 fn docstring_prompt() -> Vec<u32> {
     let m = small();
@@ -15,7 +16,7 @@ fn docstring_prompt() -> Vec<u32> {
     m.tokenize(&text).unwrap()
 }
 
-fn run(opts: &Options) -> (String, Vec<u32>, duet::engine::Summary) {
+fn run(opts: &Options) -> (String, Vec<u32>, duet::serving::Summary) {
     let mut g = small().generate(docstring_prompt(), opts).unwrap();
     let text = g.collect_text().unwrap();
     (text, g.generated().to_vec(), g.summary())

@@ -2,8 +2,8 @@
 
 mod common;
 use common::*;
-use duet::engine::Model;
 use duet::layout::Deployment;
+use duet::model::Model;
 
 #[test]
 fn default_layout_loads_two_distinct_real_models_on_two_cpu_devices() {

@@ -4,8 +4,9 @@
 mod common;
 use candle_core::Device;
 use common::*;
-use duet::engine::qwen2::Qwen2;
-use duet::engine::{GgufFile, Message, Model, Options, TextCodec};
+use duet::model::qwen2::Qwen2;
+use duet::model::{GgufFile, Message, Model, TextCodec};
+use duet::serving::Options;
 
 fn codec(name: &str) -> TextCodec {
     TextCodec::load(&GgufFile::open(&weights(name)).unwrap()).unwrap()
@@ -33,7 +34,7 @@ fn chat_template_renders_byte_for_byte() {
         let gguf = GgufFile::open(&weights(name)).unwrap();
         let info = gguf.info().unwrap();
         let template =
-            duet::engine::ChatTemplate::new(info.chat_template.as_deref().unwrap()).unwrap();
+            duet::model::ChatTemplate::new(info.chat_template.as_deref().unwrap()).unwrap();
         for case in v["cases"].as_array().unwrap() {
             let messages: Vec<Message> = serde_json::from_value(case["messages"].clone()).unwrap();
             let add = case["add_generation_prompt"].as_bool().unwrap();
@@ -56,7 +57,7 @@ fn chat_template_with_tools_renders_byte_for_byte() {
         let gguf = GgufFile::open(&weights(name)).unwrap();
         let info = gguf.info().unwrap();
         let template =
-            duet::engine::ChatTemplate::new(info.chat_template.as_deref().unwrap()).unwrap();
+            duet::model::ChatTemplate::new(info.chat_template.as_deref().unwrap()).unwrap();
         let file = weights(name);
         let file = file.file_name().unwrap().to_str().unwrap();
         let prompts = v["prompts"][file].as_array().unwrap();
@@ -142,7 +143,7 @@ fn greedy(model: &Model, name: &str, file: &str) {
         match want.split_last() {
             Some((last, body)) if model.codec.is_stop(*last) => {
                 assert_eq!(g.generated(), body, "{name}: {text:?}");
-                assert_eq!(g.summary().done_reason, duet::engine::DoneReason::Stop);
+                assert_eq!(g.summary().done_reason, duet::serving::DoneReason::Stop);
             }
             _ => assert_eq!(g.generated(), want, "{name}: {text:?}"),
         }

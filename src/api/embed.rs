@@ -7,7 +7,7 @@
 
 use super::openai::OpenAiError;
 use super::{parse_body, ApiError, AppState};
-use crate::engine::embed::{normalize, EmbedError, Embedded, Embedder};
+use crate::model::embed::{normalize, EmbedError, Embedded, Embedder};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;

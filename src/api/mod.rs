@@ -9,9 +9,10 @@ mod stream;
 pub mod tools;
 
 use crate::config::Tier;
-use crate::engine::worker::{Job, ModelSlot, SubmitError};
-use crate::engine::{Model, Options};
+use crate::model::Model;
 use crate::router::{self, Classifier, Decision};
+use crate::serving::worker::{Job, ModelSlot, SubmitError};
+use crate::serving::Options;
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
@@ -36,7 +37,7 @@ pub struct Limits {
 pub struct AppState {
     pub slots: Vec<Arc<ModelSlot>>,
     /// The embedding models (every layout's), loading or loaded.
-    pub embedders: Vec<Arc<crate::engine::embed::EmbedSlot>>,
+    pub embedders: Vec<Arc<crate::model::embed::EmbedSlot>>,
     /// Names that mean "route this request" ("auto" and configured aliases).
     pub routed_names: Vec<String>,
     pub classifier: Classifier,
@@ -90,9 +91,9 @@ impl From<SubmitError> for ApiError {
     }
 }
 
-impl From<crate::engine::EngineError> for ApiError {
-    fn from(e: crate::engine::EngineError) -> Self {
-        use crate::engine::EngineError as E;
+impl From<crate::model::EngineError> for ApiError {
+    fn from(e: crate::model::EngineError) -> Self {
+        use crate::model::EngineError as E;
         let status = match e {
             E::Option(_) | E::EmptyPrompt | E::Template(_) | E::Grammar(_) => {
                 StatusCode::BAD_REQUEST
@@ -146,7 +147,7 @@ pub struct Target {
 
 impl Target {
     /// The target's weights file (404 while they are absent).
-    pub fn file(&self) -> Result<Arc<crate::engine::worker::SlotFile>, ApiError> {
+    pub fn file(&self) -> Result<Arc<crate::serving::worker::SlotFile>, ApiError> {
         self.slot.file().ok_or_else(|| absent(&self.requested))
     }
 
@@ -274,7 +275,7 @@ impl AppState {
     }
 
     /// The embedding model a name (or alias, or `name:latest`) means.
-    pub fn embedder(&self, name: &str) -> Option<&Arc<crate::engine::embed::EmbedSlot>> {
+    pub fn embedder(&self, name: &str) -> Option<&Arc<crate::model::embed::EmbedSlot>> {
         let canonical = self.canonical(name.trim());
         self.embedders.iter().find(|e| e.name == canonical)
     }
@@ -390,7 +391,7 @@ impl AppState {
 #[derive(Default)]
 pub struct Extras {
     /// Keep the output to a grammar (structured output, required tool calls).
-    pub constraint: Option<crate::engine::grammar::Constraint>,
+    pub constraint: Option<crate::model::grammar::Constraint>,
     /// Report each token's log probability with this many alternatives.
     pub logprobs: Option<usize>,
 }
@@ -398,7 +399,7 @@ pub struct Extras {
 /// `logprobs` / `top_logprobs` as Ollama and OpenAI's chat take them: off unless
 /// `logprobs` is true; `top_logprobs` from 0 to 20.
 pub fn logprobs_of(logprobs: Option<bool>, top: Option<i64>) -> Result<Option<usize>, ApiError> {
-    let max = crate::engine::MAX_TOP_LOGPROBS as i64;
+    let max = crate::serving::MAX_TOP_LOGPROBS as i64;
     match top {
         Some(n) if !(0..=max).contains(&n) => Err(ApiError::bad_request(format!(
             "top_logprobs must be between 0 and {max}"
@@ -409,7 +410,7 @@ pub fn logprobs_of(logprobs: Option<bool>, top: Option<i64>) -> Result<Option<us
 }
 
 /// Log probabilities as both APIs write them: token, logprob, bytes, top_logprobs.
-pub fn logprobs_json(l: &[crate::engine::Logprob]) -> serde_json::Value {
+pub fn logprobs_json(l: &[crate::serving::Logprob]) -> serde_json::Value {
     serde_json::to_value(l).unwrap_or_default()
 }
 

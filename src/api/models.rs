@@ -4,8 +4,8 @@
 
 use super::stream::{body_response, ndjson_line};
 use super::{parse_body, ApiError, AppState};
-use crate::engine::worker::SlotFile;
-use crate::engine::GgufFile;
+use crate::model::GgufFile;
+use crate::serving::worker::SlotFile;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;

@@ -8,9 +8,10 @@ use super::{
     keep_alive_of, loaded, logprobs_json, logprobs_of, parse_body, with_headers, ApiError,
     AppState, Extras, Served, Target, OLLAMA_VERSION,
 };
-use crate::engine::grammar::Format;
-use crate::engine::{Message, Model, Options, Summary};
+use crate::model::grammar::Format;
+use crate::model::{Message, Model};
 use crate::router::Request;
+use crate::serving::{Options, Summary};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -54,11 +55,11 @@ async fn ready(State(st): S) -> Response {
         .iter()
         .map(|s| {
             let state = match s.state() {
-                crate::engine::worker::Load::Ready(_) => "ready",
-                crate::engine::worker::Load::Failed(_) => "failed",
-                crate::engine::worker::Load::Absent(_) => "absent",
-                crate::engine::worker::Load::Unloaded => "unloaded",
-                crate::engine::worker::Load::Loading => "loading",
+                crate::serving::worker::Load::Ready(_) => "ready",
+                crate::serving::worker::Load::Failed(_) => "failed",
+                crate::serving::worker::Load::Absent(_) => "absent",
+                crate::serving::worker::Load::Unloaded => "unloaded",
+                crate::serving::worker::Load::Loading => "loading",
             };
             json!({"name": s.name, "device": s.device.to_string(), "state": state, "error": s.failure(),
                    "queued": s.queue_depth(), "in_flight": s.in_flight()})
@@ -90,7 +91,7 @@ pub fn rfc3339(t: std::time::SystemTime) -> String {
 }
 
 /// Ollama's `details` object.
-pub fn details(info: &crate::engine::ModelInfo) -> Value {
+pub fn details(info: &crate::model::ModelInfo) -> Value {
     json!({
         "parent_model": "",
         "format": "gguf",
@@ -154,7 +155,7 @@ async fn tags(State(st): S) -> Json<Value> {
 }
 
 /// An embedding model as /api/tags lists it.
-fn embedder_entry(e: &crate::engine::embed::EmbedSlot) -> Value {
+fn embedder_entry(e: &crate::model::embed::EmbedSlot) -> Value {
     let weights = e.dir.join("model.safetensors");
     json!({
         "name": e.name,
@@ -166,7 +167,7 @@ fn embedder_entry(e: &crate::engine::embed::EmbedSlot) -> Value {
     })
 }
 
-fn embedder_details(e: &crate::engine::embed::EmbedSlot) -> Value {
+fn embedder_details(e: &crate::model::embed::EmbedSlot) -> Value {
     let p = e.parameter_count as f64;
     json!({
         "parent_model": "",
@@ -295,7 +296,7 @@ pub const OLLAMA_TEMPLATE: &str = include_str!("qwen2.gotmpl");
 
 /// Ollama's capabilities of a model: "completion"; "tools" where its chat template
 /// renders tools; "insert" where its vocabulary has the fill-in-the-middle tokens.
-pub fn capabilities(info: &crate::engine::ModelInfo) -> Vec<&'static str> {
+pub fn capabilities(info: &crate::model::ModelInfo) -> Vec<&'static str> {
     let mut c = vec!["completion"];
     if info
         .chat_template
@@ -340,7 +341,7 @@ async fn ps(State(st): S) -> Json<Value> {
                 "details": details(&f.info),
                 "expires_at": expires,
                 "size_vram": if s.device.is_cuda() { size } else { 0 },
-                "context_length": crate::engine::sampling::DEFAULT_NUM_CTX,
+                "context_length": crate::serving::sampling::DEFAULT_NUM_CTX,
                 "device": s.device.to_string(),
             })
         })

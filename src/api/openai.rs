@@ -10,9 +10,10 @@ use super::{
     loaded, logprobs_json, logprobs_of, parse_body, with_headers, ApiError, AppState, Extras,
     Served, Target,
 };
-use crate::engine::grammar::Format;
-use crate::engine::{Message, Options, Summary};
+use crate::model::grammar::Format;
+use crate::model::Message;
 use crate::router::Request;
+use crate::serving::{Options, Summary};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
@@ -42,8 +43,8 @@ impl From<ApiError> for OpenAiError {
     }
 }
 
-impl From<crate::engine::EngineError> for OpenAiError {
-    fn from(e: crate::engine::EngineError) -> Self {
+impl From<crate::model::EngineError> for OpenAiError {
+    fn from(e: crate::model::EngineError) -> Self {
         Self(e.into())
     }
 }
@@ -452,7 +453,7 @@ async fn completions_routed(
 /// The legacy completions API's log probabilities: parallel lists of tokens, their
 /// log probabilities, each place's alternatives, and the tokens' offsets in the text
 /// (from `offset`).
-fn legacy_logprobs(l: &[crate::engine::Logprob], offset: usize) -> Value {
+fn legacy_logprobs(l: &[crate::serving::Logprob], offset: usize) -> Value {
     let mut at = offset;
     let mut offsets = Vec::with_capacity(l.len());
     for p in l {
@@ -471,7 +472,7 @@ fn legacy_logprobs(l: &[crate::engine::Logprob], offset: usize) -> Value {
 
 /// What one streamed chunk carries.
 enum Delta<'a> {
-    Text(&'a str, &'a [crate::engine::Logprob]),
+    Text(&'a str, &'a [crate::serving::Logprob]),
     Call(&'a ToolCall),
     None,
 }

@@ -2,8 +2,8 @@
 //! collected answer for non-streamed requests.
 
 use super::ApiError;
-use crate::engine::worker::Event;
-use crate::engine::{Logprob, Summary};
+use crate::serving::worker::Event;
+use crate::serving::{Logprob, Summary};
 use axum::body::Body;
 use axum::http::{header, StatusCode};
 use axum::response::Response;

@@ -10,8 +10,8 @@
 
 use super::stream::Item;
 use super::ApiError;
-use crate::engine::grammar::Format;
-use crate::engine::Summary;
+use crate::model::grammar::Format;
+use crate::serving::Summary;
 use futures_util::{Stream, StreamExt};
 use serde_json::{json, Map, Value};
 use std::collections::VecDeque;
@@ -481,7 +481,7 @@ impl ToolParser {
 /// A chat answer's stream once tool calls are picked out of its text.
 pub enum ChatItem {
     /// Text, and the log probabilities of the tokens behind it (when asked for).
-    Text(String, Vec<crate::engine::Logprob>),
+    Text(String, Vec<crate::serving::Logprob>),
     Call(ToolCall),
     Done(Summary),
     Error(String),
@@ -495,7 +495,7 @@ pub fn chat_items(
     let items = Box::pin(items);
     let pending: VecDeque<ChatItem> = VecDeque::new();
     // Log probabilities wait for the next text piece the parser lets through.
-    let held: Vec<crate::engine::Logprob> = Vec::new();
+    let held: Vec<crate::serving::Logprob> = Vec::new();
     futures_util::stream::unfold(
         (items, parser, pending, held, false),
         |(mut items, mut parser, mut pending, mut held, mut ended)| async move {
@@ -506,7 +506,7 @@ pub fn chat_items(
                 if ended {
                     return None;
                 }
-                let mut pieces = |p: Vec<Piece>, held: &mut Vec<crate::engine::Logprob>| {
+                let mut pieces = |p: Vec<Piece>, held: &mut Vec<crate::serving::Logprob>| {
                     for p in p {
                         pending.push_back(match p {
                             Piece::Text(t) => ChatItem::Text(t, std::mem::take(held)),

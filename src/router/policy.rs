@@ -3,7 +3,7 @@
 //! still exists takes the request (and may answer 503 for a full queue); with a single
 //! model, everything goes there.
 
-use crate::engine::worker::ModelSlot;
+use crate::serving::worker::ModelSlot;
 use std::sync::Arc;
 
 /// Whether a model can take a request now.

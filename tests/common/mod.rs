@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use duet::config::{Config, DeviceSpec};
-use duet::engine::Model;
+use duet::model::Model;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 

@@ -11,7 +11,7 @@
 //! stay in rows as read, with AVX2 or scalar kernels. The work is split over candle's
 //! own CPU thread pool.
 
-use crate::engine::weights::{as_bytes_mut, zeroed_plain, WeightSource};
+use super::bytes::{as_bytes_mut, zeroed_plain};
 use candle_core::{Device, Result, Tensor};
 use half::f16;
 
@@ -236,13 +236,19 @@ const ROW_CHUNK: usize = 32;
 impl<B: WeightBlock> BlockMatrix<B> {
     /// Reads the (n, k) tensor `name`: straight into rows of blocks (the block types
     /// have the file's layout), interleaved into tiles where the CPU has AVX-512 VNNI.
-    pub fn read(src: &impl WeightSource, name: &str, n: usize, k: usize) -> Result<Self> {
+    /// `fill` writes the tensor's bytes as stored into the buffer it is given.
+    pub fn read(
+        name: &str,
+        n: usize,
+        k: usize,
+        fill: impl FnOnce(&mut [u8]) -> Result<()>,
+    ) -> Result<Self> {
         if !k.is_multiple_of(QK) {
             candle_core::bail!("tensor '{name}': width {k} is not a whole number of blocks");
         }
         // SAFETY: the block types are plain data (an f16 scale and byte arrays).
         let mut blocks: Vec<B> = unsafe { zeroed_plain(n * k / QK) };
-        src.read_raw(name, unsafe { as_bytes_mut(&mut blocks) })?;
+        fill(unsafe { as_bytes_mut(&mut blocks) })?;
         Ok(Self::from_rows(blocks, n, k, tiles_supported()))
     }
 
@@ -626,7 +632,8 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::synthetic::{SyntheticWeights, TensorSpec};
+    use crate::model::synthetic::{SyntheticWeights, TensorSpec};
+    use crate::model::weights::WeightSource;
     use candle_core::quantized::{GgmlDType, QMatMul};
     use candle_core::Module;
 
@@ -659,7 +666,7 @@ mod tests {
         };
         let src = SyntheticWeights::single(spec, 9);
         let candle = QMatMul::from_qtensor(src.tensor("w", &Device::Cpu).unwrap()).unwrap();
-        let read = BlockMatrix::<B>::read(&src, "w", n, k).unwrap();
+        let read = BlockMatrix::<B>::read("w", n, k, |dst| src.read_raw("w", dst)).unwrap();
         let rows = match &read.storage {
             Storage::Rows(blocks) => blocks.clone(),
             Storage::Tiles(_) => {

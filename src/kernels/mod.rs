@@ -6,6 +6,7 @@
 //! reported at 0.6x on an AMD EPYC), so `duet bench` and the logs say what they ran on.
 
 pub mod attention;
+pub mod bytes;
 pub mod kquants;
 pub mod matmul;
 pub mod ops;

@@ -3,32 +3,13 @@
 //! and the projections that read one input, stacked at load into as few matrices as
 //! their formats allow ([`Projection`]).
 
-use super::cpu::kquants::{self as cpu_kquants, KMatrix, Q4KMatrix, Q6KMatrix};
-use super::cpu::matmul::{Q5_0Matrix, Q8_0Matrix};
+use crate::kernels::kquants::{self as cpu_kquants, KMatrix, Q4KMatrix, Q6KMatrix};
+use crate::kernels::matmul::{Q5_0Matrix, Q8_0Matrix};
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QMatMul, QTensor};
 use candle_core::quantized::{QStorage, QuantizedType};
 use candle_core::{Device, Module, Result, Tensor, D};
-use std::sync::Arc;
 
-/// A tensor's bytes as stored: borrowed from the mapped model file, or read into memory.
-pub enum TensorBytes {
-    Mapped {
-        map: Arc<memmap2::Mmap>,
-        start: usize,
-        len: usize,
-    },
-    Owned(Vec<u8>),
-}
-
-impl std::ops::Deref for TensorBytes {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            TensorBytes::Mapped { map, start, len } => &map[*start..*start + *len],
-            TensorBytes::Owned(v) => v,
-        }
-    }
-}
+pub use crate::kernels::bytes::{as_bytes_mut, zeroed_plain, TensorBytes};
 
 /// A tensor's bytes read into memory (advised for huge pages).
 pub fn read_owned<S: WeightSource + ?Sized>(src: &S, name: &str) -> Result<TensorBytes> {
@@ -118,55 +99,6 @@ where
     Ok(Box::new(blocks))
 }
 
-/// A vector of `count` all-zero values, its memory untouched until written, advised
-/// for huge pages.
-///
-/// # Safety
-/// `T` must be plain data for which every bit pattern, all-zero included, is valid.
-pub(crate) unsafe fn zeroed_plain<T>(count: usize) -> Vec<T> {
-    if count == 0 || std::mem::size_of::<T>() == 0 {
-        return Vec::new();
-    }
-    let layout = std::alloc::Layout::array::<T>(count).expect("tensor size overflows");
-    // The vector takes the allocation with the layout it was made with.
-    let mut v = unsafe {
-        let ptr = std::alloc::alloc_zeroed(layout) as *mut T;
-        if ptr.is_null() {
-            std::alloc::handle_alloc_error(layout);
-        }
-        Vec::from_raw_parts(ptr, count, count)
-    };
-    advise_huge_pages(unsafe { as_bytes_mut(&mut v) });
-    v
-}
-
-/// The bytes of a slice of plain data.
-///
-/// # Safety
-/// `T` must be plain data without padding for which every bit pattern is valid.
-pub(crate) unsafe fn as_bytes_mut<T>(v: &mut [T]) -> &mut [u8] {
-    unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, std::mem::size_of_val(v)) }
-}
-
-/// Asks the kernel to back a large, still untouched allocation with 2 MiB pages: filling
-/// a gigabyte of weights then takes a few hundred page faults instead of a quarter of a
-/// million, which was most of the load time. A no-op where transparent huge pages are
-/// off.
-fn advise_huge_pages(bytes: &mut [u8]) {
-    if bytes.is_empty() {
-        return;
-    }
-    const HUGE: usize = 2 << 20;
-    let start = (bytes.as_ptr() as usize).next_multiple_of(HUGE);
-    let end = (bytes.as_ptr() as usize + bytes.len()) & !(HUGE - 1);
-    if end > start {
-        // SAFETY: the range lies inside `bytes`; MADV_HUGEPAGE changes no contents.
-        unsafe {
-            libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
-        }
-    }
-}
-
 /// Matrices of one format and width read as one, rows after rows, under the name of
 /// the first.
 struct Stacked<'a, S> {
@@ -218,8 +150,8 @@ impl<S: WeightSource> WeightSource for Stacked<'_, S> {
 
 /// A quantized weight ready for matmuls on its device: candle's QMatMul, except on the
 /// CPU for Q5_0 (the 0.5B's main format, for which candle has only a scalar loop), Q8_0
-/// of widths candle's tiled kernels skip ([`super::cpu::matmul`]), and Q4_K / Q6_K where
-/// the CPU has AVX-512 VNNI ([`super::cpu::kquants`]: computed from the mapped file,
+/// of widths candle's tiled kernels skip ([`crate::kernels::matmul`]), and Q4_K / Q6_K where
+/// the CPU has AVX-512 VNNI ([`crate::kernels::kquants`]: computed from the mapped file,
 /// where candle keeps repacked copies beside the blocks).
 pub enum Linear {
     Candle(QMatMul),
@@ -261,10 +193,16 @@ pub fn linear(src: &impl WeightSource, name: &str, device: &Device) -> Result<Li
         if let Some((dtype, dims)) = src.describe(name) {
             if let [n, k] = dims[..] {
                 match dtype {
-                    GgmlDType::Q5_0 => return Ok(Linear::Q5_0(Q5_0Matrix::read(src, name, n, k)?)),
+                    GgmlDType::Q5_0 => {
+                        return Ok(Linear::Q5_0(Q5_0Matrix::read(name, n, k, |dst| {
+                            src.read_raw(name, dst)
+                        })?))
+                    }
                     // candle's tiled Q8_0 kernels need widths that are multiples of 256.
                     GgmlDType::Q8_0 if k % 256 != 0 => {
-                        return Ok(Linear::Q8_0(Q8_0Matrix::read(src, name, n, k)?))
+                        return Ok(Linear::Q8_0(Q8_0Matrix::read(name, n, k, |dst| {
+                            src.read_raw(name, dst)
+                        })?))
                     }
                     GgmlDType::Q4K if cpu_kquants::supported() => {
                         return Ok(Linear::Q4K(k_matrix(src, name, n, k)?));
@@ -500,7 +438,7 @@ impl Projection {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::synthetic::{SyntheticWeights, TensorSpec};
+    use crate::model::synthetic::{SyntheticWeights, TensorSpec};
 
     fn spec(name: &str, dims: &[usize], dtype: GgmlDType) -> TensorSpec {
         TensorSpec {

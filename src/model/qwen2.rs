@@ -9,14 +9,14 @@
 //! - the token embedding stays quantized: only the rows of the tokens fed are dequantized
 //!   (stock candle dequantizes the whole table to f32 at load, 0.9 GB for the 1.5B);
 //! - on the CPU, Q5_0 matrices (the 0.5B's) and Q8_0 ones of widths candle's tiled
-//!   kernels skip run through our own SIMD kernels ([`super::cpu::matmul`]), and Q4_K /
+//!   kernels skip run through our own SIMD kernels ([`crate::kernels::matmul`]), and Q4_K /
 //!   Q6_K ones (the 1.5B's) through kernels that read the mapped GGUF file in place
-//!   ([`super::cpu::kquants`]), as does the embedding lookup.
+//!   ([`crate::kernels::kquants`]), as does the embedding lookup.
 
-use super::cpu;
 use super::gguf::ModelInfo;
 pub use super::weights::{linear, Linear, WeightSource};
 use super::weights::{Embedding, Projection};
+use crate::kernels as cpu;
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, IndexOp, Module, Result, Storage, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;

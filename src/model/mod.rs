@@ -1,24 +1,18 @@
-//! The inference engine: a GGUF file becomes a [`Model`] (weights on one device, the
-//! tokenizer and chat template from the file's metadata) that produces [`Generation`]s.
+//! The model: a GGUF file becomes a [`Model`] (weights on one device, the tokenizer and
+//! chat template from the file's metadata, the grammar engine over its vocabulary), and
+//! the embedding model. Serving it (generation, sampling, workers) is `crate::serving`;
+//! the CPU kernels its matrices run on are `crate::kernels`.
 
-pub mod cpu;
 pub mod embed;
-pub mod generate;
 pub mod gguf;
 pub mod grammar;
 pub mod qwen2;
-pub mod sampling;
 pub mod synthetic;
 pub mod template;
 pub mod tokenizer;
 pub mod weights;
-pub mod worker;
 
-pub use generate::{
-    DoneReason, Generation, Logprob, Piece, Summary, TokenLogprob, MAX_TOP_LOGPROBS,
-};
 pub use gguf::{GgufError, GgufFile, ModelInfo};
-pub use sampling::Options;
 pub use template::{ChatTemplate, Message};
 pub use tokenizer::TextCodec;
 
@@ -35,8 +29,9 @@ pub enum EngineError {
     Tokenizer(#[from] tokenizer::TokenizerError),
     #[error(transparent)]
     Template(#[from] template::TemplateError),
-    #[error(transparent)]
-    Option(#[from] sampling::OptionError),
+    /// An option out of range (the sampler's message).
+    #[error("{0}")]
+    Option(String),
     #[error("device {device} is not available: {message}")]
     Device { device: DeviceSpec, message: String },
     #[error("cannot load the weights of {path}: {message}")]
@@ -283,15 +278,6 @@ impl Model {
             .as_ref()
             .map_err(|e| EngineError::Grammar(format!("cannot build the grammar engine: {e}")))?;
         grammars.constraint(format).map_err(EngineError::Grammar)
-    }
-
-    /// Starts generating after `prompt` (token ids). Nothing runs until it is iterated.
-    pub fn generate(
-        &self,
-        prompt: Vec<u32>,
-        opts: &Options,
-    ) -> Result<Generation<'_>, EngineError> {
-        Generation::new(self, prompt, opts)
     }
 }
 

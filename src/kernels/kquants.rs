@@ -23,7 +23,7 @@
 //! [`supported`] says whether this CPU has what they need (elsewhere the caller keeps
 //! candle's kernels). A scalar kernel is the reference the tests hold them to.
 
-use crate::engine::weights::TensorBytes;
+use super::bytes::TensorBytes;
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Result, Tensor};
 use half::f16;
@@ -163,7 +163,7 @@ fn quantize_rows<F: KFormat>(xs: &[f32]) -> Vec<ActBlock> {
     }
     // A prompt: the threads share the blocks (one thread alone took 5% of a prefill).
     // SAFETY: plain data, all zeroes valid; every block is written below.
-    let mut out: Vec<ActBlock> = unsafe { crate::engine::weights::zeroed_plain(n) };
+    let mut out: Vec<ActBlock> = unsafe { super::bytes::zeroed_plain(n) };
     let at = out.as_mut_ptr() as usize;
     candle_core::utils::barrier_pool().execute_chunked(n, |blocks| {
         for i in blocks {
@@ -252,7 +252,7 @@ pub struct ActTile {
 fn act_tiles(xq: &[ActBlock], m: usize, kb: usize) -> Vec<ActTile> {
     let count = m.div_ceil(TILE_ROWS) * kb;
     // SAFETY: plain data, all zeroes valid (a zero row has scale 0).
-    let mut tiles: Vec<ActTile> = unsafe { crate::engine::weights::zeroed_plain(count) };
+    let mut tiles: Vec<ActTile> = unsafe { super::bytes::zeroed_plain(count) };
     let at = tiles.as_mut_ptr() as usize;
     candle_core::utils::barrier_pool().execute_chunked(count, |items| {
         for item in items {
@@ -1204,8 +1204,8 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::synthetic::{SyntheticWeights, TensorSpec};
-    use crate::engine::weights::WeightSource;
+    use crate::model::synthetic::{SyntheticWeights, TensorSpec};
+    use crate::model::weights::WeightSource;
     use candle_core::quantized::QMatMul;
     use candle_core::Module;
 
@@ -1219,7 +1219,7 @@ mod tests {
 
     fn bytes(src: &SyntheticWeights, name: &str) -> TensorBytes {
         let (dtype, dims) = src.describe(name).unwrap();
-        let mut v = vec![0u8; crate::engine::weights::byte_size(dtype, &dims)];
+        let mut v = vec![0u8; crate::model::weights::byte_size(dtype, &dims)];
         src.read_raw(name, &mut v).unwrap();
         TensorBytes::Owned(v)
     }

@@ -2,10 +2,10 @@
 //! [`Generation`] is an iterator of text pieces, so callers stream as tokens appear and
 //! cancel by dropping it; [`Generation::summary`] gives Ollama's counts and timings.
 
-use super::qwen2::KvCache;
 use super::sampling::{Options, Sampler};
-use super::tokenizer::StreamDecoder;
-use super::{EngineError, Model};
+use crate::model::qwen2::KvCache;
+use crate::model::tokenizer::StreamDecoder;
+use crate::model::{grammar, EngineError, Model, TextCodec};
 use std::time::{Duration, Instant};
 
 /// Tokens pushed through the model per forward pass while prefilling (Ollama's num_batch).
@@ -58,7 +58,7 @@ pub struct Logprob {
 /// The most top-logprobs a request may ask for (OpenAI's and Ollama's limit).
 pub const MAX_TOP_LOGPROBS: usize = 20;
 
-fn logprob_of(codec: &super::TextCodec, logits: &[f32], chosen: u32, top: usize) -> Logprob {
+fn logprob_of(codec: &TextCodec, logits: &[f32], chosen: u32, top: usize) -> Logprob {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f64 = logits
         .iter()
@@ -172,7 +172,7 @@ pub struct Generation<'m> {
     /// Benchmarks generate a fixed number of tokens: end-of-turn tokens do not stop them.
     ignore_stop_tokens: bool,
     /// Structured output: the grammar the answer must follow.
-    constraint: Option<super::grammar::Constraint>,
+    constraint: Option<grammar::Constraint>,
     /// Report each token's log probability with this many alternatives.
     logprobs: Option<usize>,
 }
@@ -183,7 +183,8 @@ impl<'m> Generation<'m> {
         prompt: Vec<u32>,
         opts: &Options,
     ) -> Result<Self, EngineError> {
-        opts.validate()?;
+        opts.validate()
+            .map_err(|e| EngineError::Option(e.to_string()))?;
         if prompt.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
@@ -366,7 +367,7 @@ impl<'m> Generation<'m> {
     }
 
     /// Keeps the output to `constraint`'s grammar.
-    pub fn with_constraint(mut self, constraint: super::grammar::Constraint) -> Self {
+    pub fn with_constraint(mut self, constraint: grammar::Constraint) -> Self {
         self.constraint = Some(constraint);
         self
     }
@@ -453,6 +454,17 @@ pub fn truncate_prompt(mut prompt: Vec<u32>, num_ctx: usize, num_keep: i32) -> (
     let discard = prompt.len() - room;
     prompt.drain(keep..keep + discard);
     (prompt, true)
+}
+
+impl Model {
+    /// Starts generating after `prompt` (token ids). Nothing runs until it is iterated.
+    pub fn generate(
+        &self,
+        prompt: Vec<u32>,
+        opts: &Options,
+    ) -> Result<Generation<'_>, EngineError> {
+        Generation::new(self, prompt, opts)
+    }
 }
 
 #[cfg(test)]

@@ -386,8 +386,8 @@ pub use gguf_file::Value as GgufValue;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::synthetic::{SyntheticWeights, TensorSpec};
-    use crate::engine::weights::linear;
+    use crate::model::synthetic::{SyntheticWeights, TensorSpec};
+    use crate::model::weights::linear;
     use candle_core::{Device, Tensor};
 
     /// A file's tensors are served from the mapping, byte for byte as read, and the

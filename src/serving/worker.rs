@@ -4,9 +4,10 @@
 //! thread that drives that device. A bounded count of pending jobs per model stands in
 //! front, so a full queue is refused at once instead of growing without bound.
 
-use super::{EngineError, Model, ModelInfo, Options, Summary};
+use super::{Options, Summary};
 use crate::config::DeviceSpec;
 use crate::keep_alive::KeepAlive;
+use crate::model::{EngineError, Model, ModelInfo};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -33,7 +34,7 @@ pub struct Job {
     pub prompt: Vec<u32>,
     pub options: Options,
     /// Keeps the output to a grammar (structured output).
-    pub constraint: Option<super::grammar::Constraint>,
+    pub constraint: Option<crate::model::grammar::Constraint>,
     /// Dropped receiver = the client went away: the worker stops at the next token.
     pub events: tokio::sync::mpsc::Sender<Event>,
     pub enqueued: Instant,
@@ -72,8 +73,8 @@ enum Msg {
     Job(Box<Job>),
     Load(String),
     Unload(String),
-    /// The weights were deleted: unload now, then absent.
-    Remove(String, String),
+    /// The weights were deleted: forget the keep-alive.
+    Remove(String),
 }
 
 /// A model's weights file and what its header says.
@@ -127,9 +128,10 @@ impl ModelSlot {
     /// The weights are gone (`duet rm`): unloaded, and absent until pulled again.
     pub fn remove_file(&self, why: &str) {
         *self.file.write().unwrap_or_else(|e| e.into_inner()) = None;
-        let _ = self
-            .jobs
-            .send(Msg::Remove(self.name.clone(), why.to_string()));
+        // Absent at once, so the next request is a 404; a generation already running
+        // keeps its own reference to the model and finishes.
+        self.load.send_replace(Load::Absent(why.to_string()));
+        let _ = self.jobs.send(Msg::Remove(self.name.clone()));
     }
 
     pub fn state(&self) -> Load {
@@ -340,7 +342,7 @@ struct Worker {
 impl Worker {
     fn start(device: DeviceSpec, slots: Vec<Arc<ModelSlot>>, life: Lifecycle) -> Self {
         // The device is created once, here, and only this thread drives it.
-        let dev = match super::create_device(device) {
+        let dev = match crate::model::create_device(device) {
             Ok(dev) => Some(dev),
             Err(e) => {
                 for slot in &slots {
@@ -478,9 +480,8 @@ impl Worker {
                     }
                 }
                 Msg::Job(job) => self.job(*job),
-                Msg::Remove(name, why) => {
+                Msg::Remove(name) => {
                     if let Some(slot) = self.slot(&name) {
-                        slot.load.send_replace(Load::Absent(why));
                         slot.set_expiry(None);
                         tracing::info!(model = %slot.name, "weights removed: unloaded");
                     }

@@ -1,0 +1,12 @@
+//! Serving a model: one worker thread per device that loads, runs and unloads its
+//! models (`worker.rs`), the generation of one sequence with Ollama's counts
+//! (`generate.rs`), and Ollama's options and sampler (`sampling.rs`).
+
+pub mod generate;
+pub mod sampling;
+pub mod worker;
+
+pub use generate::{
+    DoneReason, Generation, Logprob, Piece, Summary, TokenLogprob, MAX_TOP_LOGPROBS,
+};
+pub use sampling::Options;
