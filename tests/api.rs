@@ -68,8 +68,10 @@ fn tags_show_and_ps_use_ollama_shapes() {
         .iter()
         .map(|m| m["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, vec![SMALL, LARGE, EMBED]);
-    let e = &v["models"][2];
+    // The router is listed too, so clients that offer only listed models can pick it.
+    assert_eq!(names, vec![SMALL, LARGE, "auto", EMBED]);
+    assert_eq!(v["models"][2]["details"]["parameter_size"], "1.5B");
+    let e = &v["models"][3];
     assert_eq!(e["details"]["family"], "bert");
     assert_eq!(e["details"]["parameter_size"], "23M");
     assert!(e["size"].as_u64().unwrap() > 90_000_000);
@@ -362,7 +364,7 @@ fn openai_chat_completions_and_completions() {
         .unwrap()
         .json()
         .unwrap();
-    assert_eq!(v["data"].as_array().unwrap().len(), 3);
+    assert_eq!(v["data"].as_array().unwrap().len(), 4); // both models, auto, all-minilm
     let r = client()
         .get(url("/v1/models/qwen2.5-coder:0.5b"))
         .send()

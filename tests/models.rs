@@ -112,7 +112,7 @@ fn copy_delete_and_pull_round_trip() {
     let cache = Cache::new();
     let data = tempfile::tempdir().unwrap();
     let srv = start(&cache, data.path());
-    assert_eq!(tags(&srv), vec![SMALL]);
+    assert_eq!(tags(&srv), vec![SMALL, "auto"]);
     let (_, first) = generate(&srv, SMALL);
 
     // A copy is a second name for the same model, listed, served, and saved.
@@ -123,7 +123,7 @@ fn copy_delete_and_pull_round_trip() {
         json!({"source": SMALL, "destination": "my-coder"}),
     );
     assert_eq!(status, 200, "{body}");
-    assert_eq!(tags(&srv), vec![SMALL, "my-coder"]);
+    assert_eq!(tags(&srv), vec![SMALL, "my-coder", "auto"]);
     let (status, v) = generate(&srv, "my-coder:latest");
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["response"], first["response"]);
@@ -150,7 +150,7 @@ fn copy_delete_and_pull_round_trip() {
     // Deleting the copy leaves the model.
     let (status, _) = call(&srv, "DELETE", "/api/delete", json!({"model": "my-coder"}));
     assert_eq!(status, 200);
-    assert_eq!(tags(&srv), vec![SMALL]);
+    assert_eq!(tags(&srv), vec![SMALL, "auto"]);
 
     // Deleting the model removes its file from the cache; requests then get 404.
     let (status, body) = call(&srv, "DELETE", "/api/delete", json!({"name": SMALL}));
@@ -197,7 +197,7 @@ fn copy_delete_and_pull_round_trip() {
         .unwrap();
     assert_eq!(file["total"], file["completed"]);
     assert!(cache.repo().join("snapshots/rev0").join(FILE).exists());
-    assert_eq!(tags(&srv), vec![SMALL]);
+    assert_eq!(tags(&srv), vec![SMALL, "auto"]);
     let (status, v) = generate(&srv, SMALL);
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["response"], first["response"]);

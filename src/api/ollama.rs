@@ -150,8 +150,33 @@ async fn tags(State(st): S) -> Json<Value> {
             })
         })
         .collect();
+    models.extend(router_entry(&st));
     models.extend(st.embedders.iter().map(|e| embedder_entry(e)));
     Json(json!({ "models": models }))
+}
+
+/// `auto`, the router, as /api/tags lists it (so clients that only offer discovered
+/// models can pick it): the details of the largest model it routes to.
+fn router_entry(st: &AppState) -> Option<Value> {
+    let name = st.routed_names.first()?;
+    let files: Vec<_> = st.slots.iter().filter_map(|s| s.file()).collect();
+    let largest = files.iter().max_by_key(|f| f.info.parameter_count)?;
+    let digest = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for f in &files {
+            f.path.hash(&mut h);
+        }
+        format!("{:064x}", h.finish())
+    };
+    Some(json!({
+        "name": name,
+        "model": name,
+        "modified_at": modified_at(&largest.path),
+        "size": largest.info.file_size,
+        "digest": digest,
+        "details": details(&largest.info),
+    }))
 }
 
 /// An embedding model as /api/tags lists it.

@@ -536,6 +536,13 @@ async fn models(State(st): S) -> Json<Value> {
         .slots
         .iter()
         .filter_map(|s| Some(model_object(&s.name, created_of(&s.file()?.path))))
+        // The router, so clients that only offer listed models can pick it.
+        .chain(
+            st.routed_names
+                .first()
+                .filter(|_| st.slots.iter().any(|s| s.file().is_some()))
+                .map(|n| model_object(n, unix_now())),
+        )
         .chain(
             st.embedders
                 .iter()

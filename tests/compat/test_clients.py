@@ -18,7 +18,8 @@ def greedy_case(i):
 
 def test_list_show_ps(oc):
     names = [m.model for m in oc.list().models]
-    assert names == [SMALL, LARGE, EMBED]
+    assert names == [SMALL, LARGE, "auto", EMBED]
+    assert oc.show("auto").capabilities == ["completion", "tools", "insert"]
     show = oc.show(LARGE)
     assert show.modelinfo["general.architecture"] == "qwen2"
     assert show.details.family == "qwen2"
@@ -100,7 +101,7 @@ def test_openai_completions_and_models(ai):
     r = ai.completions.create(model=SMALL, prompt="def add(a, b):", max_tokens=5, temperature=0)
     assert r.choices[0].text
     ids = [m.id for m in ai.models.list().data]
-    assert ids == [SMALL, LARGE, EMBED]
+    assert ids == [SMALL, LARGE, "auto", EMBED]
     assert ai.models.retrieve(LARGE).id == LARGE
 
 

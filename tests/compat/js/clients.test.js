@@ -22,7 +22,7 @@ const ask = [{ role: "user", content: "What is the weather in Paris right now?" 
 
 test("list, show and version", async () => {
   const { models } = await ollama.list();
-  assert.deepEqual(models.map((m) => m.model), [SMALL, LARGE, EMBED]);
+  assert.deepEqual(models.map((m) => m.model), [SMALL, LARGE, "auto", EMBED]);
   const show = await ollama.show({ model: LARGE });
   assert.equal(show.model_info["general.architecture"], "qwen2");
   assert.ok(show.capabilities.includes("tools"));
