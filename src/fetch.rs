@@ -10,6 +10,65 @@ use std::process::{Command, Stdio};
 
 const SCRIPT: &str = include_str!("../scripts/fetch-models");
 
+/// What pulling a configured model fetches, and which model it makes available.
+pub enum Pull {
+    Gguf { model: String, file: String },
+    Folder { model: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PullError {
+    #[error("'{name}' is a local file in models.toml (path = \"{path}\"): duet pulls and deletes only what the hf-hub cache holds")]
+    LocalFile { name: String, path: String },
+    #[error("pull model manifest: model '{name}' is not in duet's models.toml (duet pulls the models its configuration names)")]
+    NotConfigured { name: String },
+}
+
+impl Pull {
+    /// What pulling `name` fetches: a model or an embedding model of `cfg`, by name or
+    /// alias (`name:latest` too). Local files (`path =`) are not pulled.
+    pub fn of(cfg: &crate::config::Config, name: &str) -> Result<Self, PullError> {
+        let bare = name.strip_suffix(":latest").unwrap_or(name);
+        let local = |path: &std::path::Path| PullError::LocalFile {
+            name: name.to_string(),
+            path: path.display().to_string(),
+        };
+        if let Some(model) = cfg.canonical_name(bare) {
+            let spec = &cfg.models[model];
+            if let Some(p) = &spec.path {
+                return Err(local(p));
+            }
+            return Ok(Pull::Gguf {
+                model: model.to_string(),
+                file: spec.file.clone().unwrap_or_default(),
+            });
+        }
+        let embedding = cfg
+            .embeddings
+            .iter()
+            .find(|(n, s)| *n == bare || s.aliases.iter().any(|a| a == bare));
+        if let Some((model, spec)) = embedding {
+            if let Some(p) = &spec.path {
+                return Err(local(p));
+            }
+            return Ok(Pull::Folder {
+                model: model.clone(),
+            });
+        }
+        Err(PullError::NotConfigured {
+            name: name.to_string(),
+        })
+    }
+
+    /// What the fetcher is asked for.
+    pub fn source(&self) -> Source<'_> {
+        match self {
+            Pull::Gguf { file, .. } => Source::Gguf(file),
+            Pull::Folder { model } => Source::Folder(model),
+        }
+    }
+}
+
 /// What to fetch.
 pub enum Source<'a> {
     /// A GGUF file the script knows, by name.
@@ -73,14 +132,7 @@ fn run_script(
             .map(str::trim)
             .filter(|l| !l.is_empty() && !l.starts_with("[fetch-models]"))
             .collect();
-        let why = why
-            .iter()
-            .rev()
-            .take(3)
-            .rev()
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("; ");
+        let why = why[why.len().saturating_sub(3)..].join("; ");
         bail!(
             "{}",
             if why.is_empty() {

@@ -305,23 +305,8 @@ fn pull(config: &Config, model: &str) -> Result<()> {
         eprintln!("success");
         return Ok(());
     }
-    let name = model.strip_suffix(":latest").unwrap_or(model);
-    let canonical = config
-        .models
-        .iter()
-        .find(|(n, m)| *n == name || m.aliases.iter().any(|a| a == name))
-        .map(|(n, m)| (n, m.file.clone(), m.path.is_some()));
-    let source = match canonical {
-        Some((n, _, true)) => bail!("'{n}' is a local file in models.toml: there is nothing to pull"),
-        Some((_, Some(file), false)) => file,
-        _ if config.embeddings.contains_key(name) => {
-            duet::fetch::run(duet::fetch::Source::Folder(name), |v| display.show(&v))?;
-            eprintln!("success");
-            return Ok(());
-        }
-        _ => bail!("model '{model}' is not in duet's models.toml (duet pulls the models its configuration names)"),
-    };
-    duet::fetch::run(duet::fetch::Source::Gguf(&source), |v| display.show(&v))?;
+    let what = duet::fetch::Pull::of(config, model)?;
+    duet::fetch::run(what.source(), |v| display.show(&v))?;
     eprintln!("success");
     Ok(())
 }

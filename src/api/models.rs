@@ -4,6 +4,7 @@
 
 use super::stream::{body_response, ndjson_line};
 use super::{parse_body, ApiError, AppState};
+use crate::fetch::{Pull, PullError};
 use crate::model::GgufFile;
 use crate::serving::worker::SlotFile;
 use axum::body::Bytes;
@@ -128,40 +129,11 @@ impl NameRequest {
     }
 }
 
-/// What a pull fetches, and which model it makes available.
-enum Pull {
-    Gguf { model: String, file: String },
-    Folder { model: String },
-}
-
-fn local_file(name: &str, path: &std::path::Path) -> ApiError {
-    ApiError::bad_request(format!(
-        "'{name}' is a local file in models.toml (path = \"{}\"): duet pulls and deletes only what the hf-hub cache holds",
-        path.display()
-    ))
-}
-
-fn what_to_pull(st: &AppState, name: &str) -> Result<Pull, ApiError> {
-    let canonical = st.canonical(name);
-    if let Some(spec) = st.config.models.get(&canonical) {
-        if let Some(p) = &spec.path {
-            return Err(local_file(name, p));
-        }
-        return Ok(Pull::Gguf {
-            model: canonical,
-            file: spec.file.clone().unwrap_or_default(),
-        });
+fn pull_error(e: PullError) -> ApiError {
+    match e {
+        PullError::LocalFile { .. } => ApiError::bad_request(e.to_string()),
+        PullError::NotConfigured { .. } => ApiError::new(StatusCode::NOT_FOUND, e.to_string()),
     }
-    if let Some(spec) = st.config.embeddings.get(&canonical) {
-        if let Some(p) = &spec.path {
-            return Err(local_file(name, p));
-        }
-        return Ok(Pull::Folder { model: canonical });
-    }
-    Err(ApiError::new(
-        StatusCode::NOT_FOUND,
-        format!("pull model manifest: model '{name}' is not in duet's models.toml (duet pulls the models its configuration names)"),
-    ))
 }
 
 /// After a successful fetch: the model's slot gets its file and loads on demand.
@@ -188,15 +160,11 @@ fn register(st: &AppState, pull: &Pull) -> anyhow::Result<()> {
 async fn pull(State(st): S, body: Bytes) -> Result<Response, ApiError> {
     let req: NameRequest = parse_body(&body)?;
     let name = req.name()?;
-    let what = what_to_pull(&st, &name)?;
+    let what = Pull::of(&st.config, &st.canonical(&name)).map_err(pull_error)?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Value>(64);
     let state = st.clone();
     tokio::task::spawn_blocking(move || {
-        let source = match &what {
-            Pull::Gguf { file, .. } => crate::fetch::Source::Gguf(file),
-            Pull::Folder { model } => crate::fetch::Source::Folder(model),
-        };
-        let fetched = crate::fetch::run(source, |v| {
+        let fetched = crate::fetch::run(what.source(), |v| {
             let _ = tx.blocking_send(v);
         });
         match fetched.and_then(|_| register(&state, &what)) {
@@ -250,7 +218,10 @@ async fn delete_model(State(st): S, body: Bytes) -> Result<Response, ApiError> {
         .get(&canonical)
         .and_then(|m| m.path.as_ref())
     {
-        return Err(local_file(&name, p));
+        return Err(pull_error(PullError::LocalFile {
+            name: name.clone(),
+            path: p.display().to_string(),
+        }));
     }
     let file = slot.file().ok_or_else(|| ApiError::not_found(&name))?;
     // The snapshot entry is a link to the blob named by the file's sha256: both go.
