@@ -58,18 +58,20 @@ impl Client {
     }
 
     fn post(&self, path: &str, body: &Value) -> Result<ureq::Response> {
-        match self
-            .agent
-            .post(&format!("{}{path}", self.base))
-            .send_json(body.clone())
-        {
+        self.send("POST", path, body)
+    }
+
+    /// Sends JSON; an error status becomes the server's own `error` message.
+    fn send(&self, method: &str, path: &str, body: &Value) -> Result<ureq::Response> {
+        let url = format!("{}{path}", self.base);
+        match self.agent.request(method, &url).send_json(body.clone()) {
             Ok(r) => Ok(r),
             Err(ureq::Error::Status(code, r)) => {
                 let v: Value = r.into_json().unwrap_or_default();
                 let msg = v["error"].as_str().unwrap_or("no message").to_string();
                 bail!("{msg} (HTTP {code})")
             }
-            Err(e) => Err(e).with_context(|| format!("POST {}{path}", self.base)),
+            Err(e) => Err(e).with_context(|| format!("{method} {url}")),
         }
     }
 
@@ -149,21 +151,8 @@ impl Client {
     }
 
     pub fn delete(&self, model: &str) -> Result<()> {
-        match self
-            .agent
-            .delete(&format!("{}/api/delete", self.base))
-            .send_json(json!({"model": model}))
-        {
-            Ok(_) => Ok(()),
-            Err(ureq::Error::Status(code, r)) => {
-                let v: Value = r.into_json().unwrap_or_default();
-                bail!(
-                    "{} (HTTP {code})",
-                    v["error"].as_str().unwrap_or("no message")
-                )
-            }
-            Err(e) => Err(e).context("DELETE /api/delete"),
-        }
+        self.send("DELETE", "/api/delete", &json!({"model": model}))?;
+        Ok(())
     }
 
     pub fn copy(&self, source: &str, destination: &str) -> Result<()> {
