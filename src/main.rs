@@ -345,7 +345,6 @@ fn interactive(d: &Deployment, args: &RunArgs) -> Result<()> {
     let client = duet::client::Client::from_env()?;
     let backend = if client.is_up() {
         let mut options = serde_json::json!({});
-        let o = run_options(args);
         let given = [
             (
                 "temperature",
@@ -365,8 +364,8 @@ fn interactive(d: &Deployment, args: &RunArgs) -> Result<()> {
                 options[k] = v;
             }
         }
-        if !o.stop.is_empty() {
-            options["stop"] = serde_json::json!(o.stop);
+        if !args.stop.is_empty() {
+            options["stop"] = serde_json::json!(args.stop);
         }
         eprintln!("(chatting through the server at {})", client.base());
         duet::repl::Backend::Remote { client, options }

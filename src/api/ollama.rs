@@ -111,12 +111,15 @@ pub fn digest(path: &std::path::Path, size: u64) -> String {
             .filter(|n| n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit()))
             .map(str::to_string)
     });
-    blob.unwrap_or_else(|| {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        (path, size).hash(&mut h);
-        format!("{:064x}", h.finish())
-    })
+    blob.unwrap_or_else(|| hashed_digest((path, size)))
+}
+
+/// A stable 64-hex-digit stand-in digest for what has no sha256 of its own.
+fn hashed_digest(v: impl std::hash::Hash) -> String {
+    use std::hash::Hasher;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    v.hash(&mut h);
+    format!("{:064x}", h.finish())
 }
 
 fn modified_at(path: &std::path::Path) -> String {
@@ -161,14 +164,8 @@ fn router_entry(st: &AppState) -> Option<Value> {
     let name = st.routed_names.first()?;
     let files: Vec<_> = st.slots.iter().filter_map(|s| s.file()).collect();
     let largest = files.iter().max_by_key(|f| f.info.parameter_count)?;
-    let digest = {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        for f in &files {
-            f.path.hash(&mut h);
-        }
-        format!("{:064x}", h.finish())
-    };
+    let paths: Vec<&std::path::Path> = files.iter().map(|f| f.path.as_path()).collect();
+    let digest = hashed_digest(&paths);
     Some(json!({
         "name": name,
         "model": name,
@@ -492,7 +489,8 @@ fn unload_request(
     t: &Target,
     keep_alive: &Option<Value>,
 ) -> Result<Option<Value>, ApiError> {
-    if !keep_alive_of(st, keep_alive)?.is_zero() || keep_alive.is_none() {
+    // Only an explicit keep_alive of 0 unloads (not a server default of 0).
+    if keep_alive.is_none() || !keep_alive_of(st, keep_alive)?.is_zero() {
         return Ok(None);
     }
     t.slot.unload();
