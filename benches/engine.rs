@@ -7,7 +7,7 @@
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor};
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use duet::model::qwen2::{attend, linear, Qwen2};
+use duet::model::qwen2::{linear, Qwen2};
 use duet::model::synthetic::{Shape, SyntheticWeights, TensorSpec};
 
 fn qmatmul(c: &mut Criterion) {
@@ -37,28 +37,52 @@ fn qmatmul(c: &mut Criterion) {
 }
 
 fn attention(c: &mut Criterion) {
-    let cpu = Device::Cpu;
-    // The 1.5B: 12 query heads, 2 key/value heads of 128; 256 positions cached.
-    let q = Tensor::randn(0f32, 1f32, (1, 12, 1, 128), &cpu).unwrap();
-    let k = Tensor::randn(0f32, 1f32, (1, 2, 1, 128), &cpu).unwrap();
-    let v = Tensor::randn(0f32, 1f32, (1, 2, 1, 128), &cpu).unwrap();
-    // The CPU cache holds f16 (what duet allocates there).
-    let half = |t: Tensor| t.to_dtype(candle_core::DType::F16).unwrap();
-    let cache = (
-        half(Tensor::randn(0f32, 1f32, (1, 2, 512, 128), &cpu).unwrap()),
-        half(Tensor::randn(0f32, 1f32, (1, 2, 512, 128), &cpu).unwrap()),
-    );
-    let neg_inf = Tensor::new(f32::NEG_INFINITY, &cpu).unwrap();
-    c.bench_function("attention decode step (12/2 heads, 256 cached)", |b| {
-        b.iter(|| black_box(attend(&q, &k, &v, &cache, 255, None, &neg_inf).unwrap()))
-    });
+    use duet::kernels::attention::{paged, Paged, Row};
+    use half::f16;
+    // The 1.5B's heads over 256 cached positions in scattered blocks of 32: one decode
+    // row, and eight sequences' decode rows in one call.
+    let shape = Paged {
+        heads: 12,
+        kv_heads: 2,
+        head_dim: 128,
+        block_size: 32,
+    };
+    let n_blocks = 8 * 8;
+    let fill = |seed: u32| -> Vec<f16> {
+        (0..n_blocks * shape.block_len())
+            .map(|i| {
+                f16::from_f32(
+                    ((i as u32).wrapping_mul(2654435761) ^ seed) as f32 / u32::MAX as f32 - 0.5,
+                )
+            })
+            .collect()
+    };
+    let (k, v) = (fill(1), fill(2));
+    let tables: Vec<Vec<u32>> = (0..8u32)
+        .map(|s| (0..8).map(|b| b * 8 + s).collect())
+        .collect();
+    for n in [1usize, 8] {
+        let rows: Vec<Row> = tables[..n]
+            .iter()
+            .map(|t| Row {
+                len: 256,
+                blocks: t,
+            })
+            .collect();
+        let q = vec![0.1f32; n * 12 * 128];
+        let mut out = vec![0f32; q.len()];
+        c.bench_function(
+            &format!("paged attention, {n} decode rows (12/2 heads, 256 cached)"),
+            |b| b.iter(|| paged(black_box(&q), &rows, &k, &v, shape, &mut out)),
+        );
+    }
 }
 
 fn decode_step(c: &mut Criterion) {
     let cpu = Device::Cpu;
     let shape = Shape::Coder1_5bQ4KM;
     let model = Qwen2::load(&SyntheticWeights::new(shape, 1), &shape.info(), &cpu).unwrap();
-    let mut cache = model.new_cache(256);
+    let mut cache = model.new_cache(256).unwrap();
     let prompt: Vec<u32> = (0..128).map(|i| 1000 + 7 * i).collect();
     model.forward(&prompt, &mut cache).unwrap();
     let mut group = c.benchmark_group("model");

@@ -206,7 +206,7 @@ pub fn run(spec: DeviceSpec) -> Result<Vec<Check>> {
     let model = |d: &Device| Qwen2::load(&SyntheticWeights::new(shape, 1), &info, d);
     let forward = (|| -> Result<Vec<(Tensor, Tensor)>> {
         let (cpu, gpu) = (model(&Device::Cpu)?, model(&dev)?);
-        let (mut c1, mut c2) = (cpu.new_cache(32), gpu.new_cache(32));
+        let (mut c1, mut c2) = (cpu.new_cache(32)?, gpu.new_cache(32)?);
         let prompt: Vec<u32> = (0..16).map(|i| 1000 + 37 * i).collect();
         let mut out = vec![(
             cpu.forward(&prompt, &mut c1)?,

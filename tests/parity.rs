@@ -78,8 +78,13 @@ fn chat_template_with_tools_renders_byte_for_byte() {
 /// model: the reference engine's kernels and ours round differently, and two of our own
 /// kernels of equal accuracy (prompt tiles against single rows for the 0.5B's Q6_K
 /// matrices, both within 2e-6 of the exact product) moved the 0.5B's "git rebase" margin
-/// from +0.080 to -0.009 logits. A wrong kernel moves logits by whole units.
-const NEAR_TIE: f32 = 0.1;
+/// from +0.080 to -0.009 logits. With the f16 cache this model family is that sensitive:
+/// the paged attention kernel and candle's matmuls agree to 1e-6 per layer, yet the
+/// 1.5B's logits after a two-token prompt differ by up to 0.6 between them (a last-bit
+/// change in a key flips its f16 rounding, and layer 0's scores reach 2,700), and moving
+/// prefill attention onto the kernel moved the "git rebase" margin from 0.063 to 0.110.
+/// A wrong kernel moves the top logits by whole units.
+const NEAR_TIE: f32 = 0.15;
 
 /// Each vector's first 16 greedy tokens, two ways:
 /// - teacher-forced through the forward pass: at every step the reference's token must
@@ -106,7 +111,7 @@ fn greedy(model: &Model, name: &str, file: &str) {
         let want = ids(&case["greedy_ids"]);
         let want = &want[..want.len().min(16)];
 
-        let mut cache = qwen.new_cache(prompt.len() + want.len());
+        let mut cache = qwen.new_cache(prompt.len() + want.len()).unwrap();
         let mut feed = prompt.clone();
         let mut first_tie = None;
         for (step, &token) in want.iter().enumerate() {

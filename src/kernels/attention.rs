@@ -1,68 +1,105 @@
-//! Decode attention on the CPU: the newest position's queries against every key and
-//! value a sequence has cached, one query head per work item of the thread pool.
+//! Attention on the CPU over a paged cache: each query row (a sequence's position)
+//! against every key and value its sequence has cached up to and including itself, read
+//! straight from the blocks its block table names. One work item of the thread pool is
+//! one row's query heads that share a key/value head.
 //!
 //! candle's path for this (two batched matmuls and a softmax) spent more time on its
 //! own overhead than on the arithmetic at one query row: packing for gemm, a rayon
 //! dispatch per matmul, and a read of /proc/cpuinfo per matmul to size it. Here each
-//! head reads its keys and values once, straight from the cache.
+//! item reads its keys and values once, straight from the cache.
 
 use half::f16;
 
-/// The cache's layout: `kv_heads` blocks of `capacity` positions of `head_dim` floats.
+/// The cache's layout: blocks of `kv_heads` × `block_size` positions × `head_dim`
+/// values (block-major, then head, then position).
 #[derive(Clone, Copy, Debug)]
-pub struct Heads {
+pub struct Paged {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
-    pub capacity: usize,
+    pub block_size: usize,
 }
 
-/// `out` (heads × head_dim) = softmax(q·Kᵀ / √head_dim)·V for each query head of `q`
-/// (heads × head_dim) over the first `len` cached positions of `k` and `v`; query head h
-/// reads key/value head h / (heads / kv_heads), as grouped-query attention does.
-pub fn decode(q: &[f32], k: &[f16], v: &[f16], shape: Heads, len: usize, out: &mut [f32]) {
-    let Heads {
+impl Paged {
+    /// Values in one block (all its heads).
+    pub fn block_len(&self) -> usize {
+        self.kv_heads * self.block_size * self.head_dim
+    }
+
+    /// Offset of position `pos` of kv head `g` in a sequence with block table `blocks`.
+    pub fn offset(&self, blocks: &[u32], g: usize, pos: usize) -> usize {
+        let b = blocks[pos / self.block_size] as usize;
+        ((b * self.kv_heads + g) * self.block_size + pos % self.block_size) * self.head_dim
+    }
+}
+
+/// One query row: it attends over the first `len` positions of the sequence whose
+/// blocks are `blocks` (its own position is `len - 1`).
+#[derive(Clone, Copy, Debug)]
+pub struct Row<'a> {
+    pub len: usize,
+    pub blocks: &'a [u32],
+}
+
+/// `out` (rows × heads × head_dim) = softmax(q·Kᵀ / √head_dim)·V for each row and query
+/// head of `q` (rows × heads × head_dim); query head h reads key/value head
+/// h / (heads / kv_heads), as grouped-query attention does.
+pub fn paged(q: &[f32], rows: &[Row], k: &[f16], v: &[f16], shape: Paged, out: &mut [f32]) {
+    let Paged {
         heads,
         kv_heads,
         head_dim: hd,
-        capacity,
+        block_size: bs,
     } = shape;
     assert!(
-        kv_heads > 0 && heads.is_multiple_of(kv_heads),
-        "bad head counts {shape:?}"
+        kv_heads > 0 && heads.is_multiple_of(kv_heads) && bs.is_multiple_of(4),
+        "bad attention shape {shape:?}"
     );
-    assert!(
-        len <= capacity && len > 0,
-        "{len} positions in a cache of {capacity}"
-    );
-    assert_eq!(q.len(), heads * hd);
-    assert_eq!(out.len(), heads * hd);
-    assert!(k.len() >= kv_heads * capacity * hd && v.len() >= kv_heads * capacity * hd);
+    assert_eq!(q.len(), rows.len() * heads * hd);
+    assert_eq!(out.len(), rows.len() * heads * hd);
+    assert_eq!(k.len(), v.len());
+    let n_blocks = k.len() / shape.block_len().max(1);
+    for r in rows {
+        assert!(
+            r.len > 0 && r.len.div_ceil(bs) <= r.blocks.len(),
+            "{} positions in {} blocks",
+            r.len,
+            r.blocks.len()
+        );
+        assert!(r.blocks[..r.len.div_ceil(bs)]
+            .iter()
+            .all(|&b| (b as usize) < n_blocks));
+    }
     let group = heads / kv_heads;
     let out_at = out.as_mut_ptr() as usize;
-    // One item per key/value head: its keys and values are read from memory once for
-    // all the query heads that share them (reading them once per query head made this
-    // bound by the L3 cache).
-    candle_core::utils::barrier_pool().execute_chunked(kv_heads, |range| {
-        let mut scores = vec![0f32; group * len];
-        for g in range {
-            let keys = &k[g * capacity * hd..][..len * hd];
-            let values = &v[g * capacity * hd..][..len * hd];
-            let qg = &q[g * group * hd..(g + 1) * group * hd];
-            // SAFETY: each group's output rows are written by exactly one item.
-            let og = unsafe {
-                std::slice::from_raw_parts_mut((out_at as *mut f32).add(g * group * hd), group * hd)
-            };
-            attend_group(qg, keys, values, hd, len, &mut scores, og);
+    // One item per (row, key/value head): its keys and values are read once for all
+    // the query heads that share them.
+    candle_core::utils::barrier_pool().execute_chunked(rows.len() * kv_heads, |range| {
+        let mut scores = Vec::new();
+        for item in range {
+            let (r, g) = (item / kv_heads, item % kv_heads);
+            let row = rows[r];
+            let nb = row.len.div_ceil(bs);
+            let starts = (0..nb).map(|b| shape.offset(row.blocks, g, b * bs));
+            let keys: Vec<&[f16]> = starts.clone().map(|at| &k[at..at + bs * hd]).collect();
+            let values: Vec<&[f16]> = starts.map(|at| &v[at..at + bs * hd]).collect();
+            let at = (r * heads + g * group) * hd;
+            let qg = &q[at..at + group * hd];
+            scores.resize(group * row.len, 0.0);
+            // SAFETY: each (row, group)'s output values are written by exactly one item.
+            let og =
+                unsafe { std::slice::from_raw_parts_mut((out_at as *mut f32).add(at), group * hd) };
+            attend_group(qg, &keys, &values, hd, row.len, &mut scores, og);
         }
     });
 }
 
-/// The query heads `q` (group × hd) of one key/value head over its `len` positions.
+/// The query heads `q` (group × hd) of one key/value head over its `len` positions,
+/// held in blocks of equal length (the last one partly used).
 fn attend_group(
     q: &[f32],
-    keys: &[f16],
-    values: &[f16],
+    keys: &[&[f16]],
+    values: &[&[f16]],
     hd: usize,
     len: usize,
     scores: &mut [f32],
@@ -77,19 +114,23 @@ fn attend_group(
             _ => {}
         }
     }
+    let bs = keys[0].len() / hd;
+    fn at<'a>(blocks: &[&'a [f16]], bs: usize, hd: usize, t: usize) -> &'a [f16] {
+        &blocks[t / bs][(t % bs) * hd..(t % bs + 1) * hd]
+    }
     let scale = 1.0 / (hd as f32).sqrt();
     for ((qh, s), o) in q
         .chunks_exact(hd)
         .zip(scores.chunks_exact_mut(len))
         .zip(out.chunks_exact_mut(hd))
     {
-        for (s, key) in s.iter_mut().zip(keys.chunks_exact(hd)) {
-            *s = dot(qh, key) * scale;
+        for (t, s) in s.iter_mut().enumerate() {
+            *s = dot(qh, at(keys, bs, hd, t)) * scale;
         }
         let sum = softmax_unnormalized(s);
         o.fill(0.0);
-        for (&p, value) in s.iter().zip(values.chunks_exact(hd)) {
-            for (o, &x) in o.iter_mut().zip(value) {
+        for (t, &p) in s.iter().enumerate() {
+            for (o, &x) in o.iter_mut().zip(at(values, bs, hd, t)) {
                 *o += p * x.to_f32();
             }
         }
@@ -115,9 +156,6 @@ mod avx512 {
     use core::arch::x86_64::*;
     use half::f16;
 
-    /// Positions whose values are accumulated for every query head before the next.
-    const SPAN: usize = 32;
-
     /// Positions ahead whose keys are asked for while four are scored.
     const AHEAD: usize = 16;
 
@@ -131,46 +169,50 @@ mod avx512 {
         }
     }
 
-    /// [`super::attend_group`] for head_dim = 16·C.
+    /// [`super::attend_group`] for head_dim = 16·C (blocks of a multiple of 4 positions).
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn group<const C: usize>(
         q: &[f32],
-        keys: &[f16],
-        values: &[f16],
+        keys: &[&[f16]],
+        values: &[&[f16]],
         len: usize,
         scores: &mut [f32],
         out: &mut [f32],
     ) {
         let hd = 16 * C;
         let heads = q.len() / hd;
-        assert!(keys.len() >= len * hd && values.len() >= len * hd);
+        let bs = keys[0].len() / hd;
+        assert!(bs.is_multiple_of(4) && keys.len() * bs >= len && values.len() * bs >= len);
+        assert!(keys.iter().chain(values).all(|b| b.len() == bs * hd));
         assert!(scores.len() >= heads * len && out.len() >= heads * hd);
         let scale = _mm512_set1_ps(1.0 / (hd as f32).sqrt());
         let load = |p: &[f32], at: usize| unsafe { _mm512_loadu_ps(p.as_ptr().add(at)) };
         let load16 = |p: &[f16], at: usize| unsafe {
             _mm512_cvtph_ps(_mm256_loadu_si256(p.as_ptr().add(at) as *const __m256i))
         };
-        // Scores, four keys at a time (their sums reduced together); the four keys stay
-        // in L1 for every query head.
+        // Scores, four keys at a time (their sums reduced together, never across a
+        // block); the four keys stay in L1 for every query head.
         let mut t = 0;
         while t < len {
             let n = (len - t).min(4);
+            let (blk, off) = (keys[t / bs], (t % bs) * hd);
             // The cache is read from memory (a token's weights stream through the
             // caches in between) and its 4 KiB pages stop the hardware prefetcher.
-            prefetch(keys, (t + AHEAD) * hd, 4 * hd);
+            let ahead = t + AHEAD;
+            if ahead < len {
+                prefetch(keys[ahead / bs], (ahead % bs) * hd, 4 * hd);
+            }
             for h in 0..heads {
                 let mut acc = [_mm512_setzero_ps(); 4];
                 for c in 0..C {
                     let qc = load(q, h * hd + 16 * c);
                     for (j, a) in acc.iter_mut().enumerate().take(n) {
-                        *a = _mm512_fmadd_ps(qc, load16(keys, (t + j) * hd + 16 * c), *a);
+                        *a = _mm512_fmadd_ps(qc, load16(blk, off + j * hd + 16 * c), *a);
                     }
                 }
                 let mut four = [0f32; 4];
                 unsafe { _mm_storeu_ps(four.as_mut_ptr(), hsum4x16(acc)) };
-                for j in 0..n {
-                    scores[h * len + t + j] = four[j];
-                }
+                scores[h * len + t..h * len + t + n].copy_from_slice(&four[..n]);
             }
             t += n;
         }
@@ -182,19 +224,23 @@ mod avx512 {
             }
             sums[h] = super::softmax_unnormalized(s);
         }
-        // Values: per span of positions (in L1), each head's output in registers.
-        for o in out.iter_mut() {
-            *o = 0.0;
-        }
-        for t0 in (0..len).step_by(SPAN) {
-            let t1 = len.min(t0 + SPAN);
-            prefetch(values, (t0 + SPAN) * hd, SPAN * hd);
+        // Values: a block at a time (in L1), each head's output in registers.
+        out.fill(0.0);
+        for (b, blk) in values.iter().enumerate() {
+            let t0 = b * bs;
+            if t0 >= len {
+                break;
+            }
+            let t1 = len.min(t0 + bs);
+            if let Some(next) = values.get(b + 1).filter(|_| t1 < len) {
+                prefetch(next, 0, bs * hd);
+            }
             for h in 0..heads {
                 let mut o: [__m512; C] = std::array::from_fn(|c| load(out, h * hd + 16 * c));
                 for t in t0..t1 {
                     let p = _mm512_set1_ps(scores[h * len + t]);
                     for (c, o) in o.iter_mut().enumerate() {
-                        *o = _mm512_fmadd_ps(p, load16(values, t * hd + 16 * c), *o);
+                        *o = _mm512_fmadd_ps(p, load16(blk, (t - t0) * hd + 16 * c), *o);
                     }
                 }
                 for (c, o) in o.iter().enumerate() {
@@ -234,27 +280,28 @@ fn dot(a: &[f32], b: &[f16]) -> f32 {
 mod tests {
     use super::*;
 
-    /// The plain formula, one head at a time, in f64.
-    fn reference(q: &[f32], k: &[f16], v: &[f16], s: Heads, len: usize) -> Vec<f32> {
+    /// The plain formula, one row and head at a time, in f64.
+    fn reference(q: &[f32], rows: &[Row], k: &[f16], v: &[f16], s: Paged) -> Vec<f32> {
         let hd = s.head_dim;
-        let mut out = vec![0f32; s.heads * hd];
-        for h in 0..s.heads {
-            let g = h / (s.heads / s.kv_heads);
-            let scores: Vec<f64> = (0..len)
-                .map(|t| {
-                    (0..hd)
-                        .map(|d| q[h * hd + d] as f64 * k[(g * s.capacity + t) * hd + d].to_f64())
-                        .sum::<f64>()
-                        / (hd as f64).sqrt()
-                })
-                .collect();
-            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let e: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
-            let sum: f64 = e.iter().sum();
-            for d in 0..hd {
-                out[h * hd + d] = (0..len)
-                    .map(|t| e[t] / sum * v[(g * s.capacity + t) * hd + d].to_f64())
-                    .sum::<f64>() as f32;
+        let mut out = vec![0f32; rows.len() * s.heads * hd];
+        for (r, row) in rows.iter().enumerate() {
+            for h in 0..s.heads {
+                let g = h / (s.heads / s.kv_heads);
+                let qh = &q[(r * s.heads + h) * hd..][..hd];
+                let key = |t: usize, d: usize| k[s.offset(row.blocks, g, t) + d].to_f64();
+                let val = |t: usize, d: usize| v[s.offset(row.blocks, g, t) + d].to_f64();
+                let scores: Vec<f64> = (0..row.len)
+                    .map(|t| {
+                        (0..hd).map(|d| qh[d] as f64 * key(t, d)).sum::<f64>() / (hd as f64).sqrt()
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for d in 0..hd {
+                    out[(r * s.heads + h) * hd + d] =
+                        (0..row.len).map(|t| e[t] / sum * val(t, d)).sum::<f64>() as f32;
+                }
             }
         }
         out
@@ -273,26 +320,41 @@ mod tests {
     }
 
     #[test]
-    fn matches_the_formula_for_grouped_heads_and_odd_widths() {
+    fn matches_the_formula_over_scattered_blocks_for_grouped_heads_and_odd_widths() {
         // The 1.5B's heads, the 0.5B's, a width that is not a multiple of 16, one head.
         for (heads, kv_heads, head_dim) in [(12, 2, 128), (14, 2, 64), (4, 4, 40), (1, 1, 8)] {
-            for len in [1usize, 7, 300] {
-                let s = Heads {
-                    heads,
-                    kv_heads,
-                    head_dim,
-                    capacity: len + 5,
-                };
-                let q = values(heads * head_dim, 1);
-                let half = |v: Vec<f32>| v.into_iter().map(f16::from_f32).collect::<Vec<_>>();
-                let k = half(values(kv_heads * s.capacity * head_dim, 2));
-                let v = half(values(kv_heads * s.capacity * head_dim, 3));
-                let mut out = vec![f32::NAN; heads * head_dim];
-                decode(&q, &k, &v, s, len, &mut out);
-                let want = reference(&q, &k, &v, s, len);
-                for (i, (a, b)) in out.iter().zip(&want).enumerate() {
-                    assert!((a - b).abs() <= 1e-4, "{s:?} len {len} [{i}]: {a} vs {b}");
-                }
+            let s = Paged {
+                heads,
+                kv_heads,
+                head_dim,
+                block_size: 8,
+            };
+            let n_blocks = 50;
+            let half = |v: Vec<f32>| v.into_iter().map(f16::from_f32).collect::<Vec<_>>();
+            let k = half(values(n_blocks * s.block_len(), 2));
+            let v = half(values(n_blocks * s.block_len(), 3));
+            // Two sequences in blocks out of order; rows of one prefill chunk (causal)
+            // and a decode row of the other.
+            let a: Vec<u32> = (0..40).rev().collect();
+            let b: Vec<u32> = vec![41, 45, 43, 40];
+            let rows = [
+                Row { len: 1, blocks: &a },
+                Row { len: 7, blocks: &a },
+                Row {
+                    len: 300,
+                    blocks: &a,
+                },
+                Row {
+                    len: 29,
+                    blocks: &b,
+                },
+            ];
+            let q = values(rows.len() * heads * head_dim, 1);
+            let mut out = vec![f32::NAN; q.len()];
+            paged(&q, &rows, &k, &v, s, &mut out);
+            let want = reference(&q, &rows, &k, &v, s);
+            for (i, (a, b)) in out.iter().zip(&want).enumerate() {
+                assert!((a - b).abs() <= 1e-4, "{s:?} [{i}]: {a} vs {b}");
             }
         }
     }

@@ -18,7 +18,7 @@ pub use super::weights::{linear, Linear, WeightSource};
 use super::weights::{Embedding, Projection};
 use crate::kernels as cpu;
 use candle_core::quantized::QTensor;
-use candle_core::{DType, Device, IndexOp, Module, Result, Storage, Tensor};
+use candle_core::{DType, Device, Module, Result, Storage, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 use candle_transformers::utils::build_causal_mask;
 
@@ -115,25 +115,109 @@ impl Layer {
     }
 }
 
-/// Per-sequence attention state: keys and values of every position seen so far, in
-/// buffers allocated once per sequence (for the expected length, doubling if it is
-/// exceeded) and written in place, one (1, kv_heads, capacity, head_dim) pair per layer.
+/// Positions per block of a [`PagedKv`] (a multiple of 4, as the CPU kernel needs).
+pub const KV_BLOCK: usize = 32;
+
+/// Where a [`PagedKv`] keeps its blocks.
+enum KvStore {
+    /// On the CPU, f16 (as llama.cpp's default cache holds them: greedy output then
+    /// follows the reference engine's through near-ties, and decode attention reads half
+    /// the bytes), read and written in place by [`cpu::attention`]. Per layer (keys,
+    /// values), laid out as [`cpu::attention::Paged`] says.
+    Cpu(Vec<(Vec<half::f16>, Vec<half::f16>)>),
+    /// Elsewhere, (blocks, kv_heads, block, head_dim) f32 tensors per layer (candle's
+    /// matmuls there take f32), values rounded through f16 as on the CPU.
+    Device(Vec<(Tensor, Tensor)>),
+}
+
+/// Keys and values of many sequences, in fixed-size blocks of positions: a sequence's
+/// positions live in the blocks its block table names, in order. Which block belongs to
+/// whom is the caller's business (`crate::serving::blocks`); the forward pass reads and
+/// writes the blocks it is given.
+pub struct PagedKv {
+    store: KvStore,
+    n_blocks: usize,
+    shape: cpu::attention::Paged,
+}
+
+/// A zeroed f16 buffer (calloc'd: pages are only backed once written).
+fn zeroed_f16(n: usize) -> Vec<half::f16> {
+    let mut bits = std::mem::ManuallyDrop::new(vec![0u16; n]);
+    // SAFETY: f16 is a transparent wrapper of u16: same size, alignment and validity;
+    // the allocation is handed over whole.
+    unsafe {
+        Vec::from_raw_parts(
+            bits.as_mut_ptr() as *mut half::f16,
+            bits.len(),
+            bits.capacity(),
+        )
+    }
+}
+
+impl PagedKv {
+    pub fn n_blocks(&self) -> usize {
+        self.n_blocks
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.shape.block_size
+    }
+
+    /// Grows to `n_blocks` blocks, keeping what the existing ones hold.
+    pub fn grow(&mut self, n_blocks: usize, device: &Device) -> Result<()> {
+        if n_blocks <= self.n_blocks {
+            return Ok(());
+        }
+        let per_block = self.shape.block_len();
+        match &mut self.store {
+            KvStore::Cpu(layers) => {
+                for buf in layers.iter_mut().flat_map(|(k, v)| [k, v]) {
+                    let mut grown = zeroed_f16(n_blocks * per_block);
+                    grown[..buf.len()].copy_from_slice(buf);
+                    *buf = grown;
+                }
+            }
+            KvStore::Device(layers) => {
+                let s = self.shape;
+                for buf in layers.iter_mut().flat_map(|(k, v)| [k, v]) {
+                    let grown = Tensor::zeros(
+                        (n_blocks, s.kv_heads, s.block_size, s.head_dim),
+                        DType::F32,
+                        device,
+                    )?;
+                    grown.slice_set(buf, 0, 0)?;
+                    *buf = grown;
+                }
+            }
+        }
+        self.n_blocks = n_blocks;
+        Ok(())
+    }
+}
+
+/// One sequence's part of a batched forward pass.
+#[derive(Clone, Copy, Debug)]
+pub struct SeqChunk<'a> {
+    /// The tokens to run, at positions `start..start + tokens.len()`.
+    pub tokens: &'a [u32],
+    pub start: usize,
+    /// The sequence's block table, covering at least `start + tokens.len()` positions;
+    /// positions before `start` must already be in those blocks.
+    pub blocks: &'a [u32],
+    /// How many of the chunk's last rows need logits (0 for a prefill chunk that does
+    /// not end the prompt, 1 for a decode step, more to verify drafted tokens).
+    pub logits: usize,
+}
+
+/// A single sequence's cache in blocks of its own (for callers without a scheduler:
+/// parity tests, benchmarks, device checks).
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    kv: PagedKv,
+    blocks: Vec<u32>,
     len: usize,
-    capacity: usize,
 }
 
 impl KvCache {
-    /// A cache for about `capacity` positions (it grows past that if needed).
-    pub fn new(n_layers: usize, capacity: usize) -> Self {
-        Self {
-            layers: vec![None; n_layers],
-            len: 0,
-            capacity: capacity.max(1),
-        }
-    }
-
     /// Number of positions held.
     pub fn len(&self) -> usize {
         self.len
@@ -152,130 +236,6 @@ impl KvCache {
     pub fn truncate(&mut self, len: usize) {
         self.len = self.len.min(len);
     }
-
-    /// Makes room for `needed` positions, allocating or doubling every layer's buffers.
-    fn reserve(
-        &mut self,
-        needed: usize,
-        kv_heads: usize,
-        head_dim: usize,
-        device: &Device,
-    ) -> Result<()> {
-        let allocated = self.layers.iter().all(|l| l.is_some());
-        if allocated && needed <= self.capacity {
-            return Ok(());
-        }
-        let mut capacity = self.capacity;
-        while capacity < needed {
-            capacity *= 2;
-        }
-        for slot in &mut self.layers {
-            let dtype = cache_dtype(device);
-            let k = Tensor::zeros((1, kv_heads, capacity, head_dim), dtype, device)?;
-            let v = Tensor::zeros((1, kv_heads, capacity, head_dim), dtype, device)?;
-            if let Some((old_k, old_v)) = slot.take() {
-                if self.len > 0 {
-                    k.slice_set(&old_k.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
-                    v.slice_set(&old_v.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
-                }
-            }
-            *slot = Some((k, v));
-        }
-        self.capacity = capacity;
-        Ok(())
-    }
-}
-
-/// Writes this step's keys and values (1, kv_heads, seq, head_dim) into the cache at
-/// `pos`, then attends the queries (1, heads, seq, head_dim, already rotated) over every
-/// cached position; returns (1, heads, seq, head_dim). Grouped-query attention without
-/// copying keys per query head: the query heads that share a key head are stacked as
-/// extra rows against that key head's cache. `mask` is the causal mask (seq, pos + seq)
-/// of a multi-token step.
-pub fn attend(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    (k_cache, v_cache): &(Tensor, Tensor),
-    pos: usize,
-    mask: Option<&Tensor>,
-    neg_inf: &Tensor,
-) -> Result<Tensor> {
-    let (b, n_head, seq_len, hd) = q.dims4()?;
-    let n_kv = k.dim(1)?;
-    let n_rep = n_head / n_kv;
-    // Keys and values are kept at f16 precision, as llama.cpp's default cache holds
-    // them: greedy output then follows the reference engine's through near-ties.
-    let stored = |t: &Tensor| -> Result<Tensor> {
-        let t = t.to_dtype(DType::F16)?;
-        if k_cache.dtype() == DType::F16 {
-            Ok(t)
-        } else {
-            t.to_dtype(k_cache.dtype())
-        }
-    };
-    k_cache.slice_set(&stored(k)?, 2, pos)?;
-    v_cache.slice_set(&stored(v)?, 2, pos)?;
-    let len = pos + seq_len;
-    if seq_len == 1 && b == 1 && q.device().is_cpu() && k_cache.dtype() == DType::F16 {
-        return decode_on_cpu(q, (k_cache, v_cache), len);
-    }
-    let k = k_cache.narrow(2, 0, len)?.to_dtype(DType::F32)?;
-    let v = v_cache.narrow(2, 0, len)?.to_dtype(DType::F32)?;
-
-    let q = q.reshape((b, n_kv, n_rep * seq_len, hd))?;
-    let att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-    let att = match mask {
-        Some(mask) => {
-            let grouped = att.reshape((b, n_kv, n_rep, seq_len, len))?;
-            mask.broadcast_as(grouped.shape())?
-                .where_cond(&neg_inf.broadcast_as(grouped.shape())?, &grouped)?
-                .reshape((b, n_kv, n_rep * seq_len, len))?
-        }
-        None => att,
-    };
-    let att = candle_nn::ops::softmax_last_dim(&att)?;
-    att.matmul(&v)?.reshape((b, n_head, seq_len, hd))
-}
-
-/// How a device's cache holds keys and values: f16 on the CPU, where decode attention
-/// reads them from memory and half the bytes is half the time; f32 elsewhere (candle's
-/// matmuls there take f32).
-fn cache_dtype(device: &Device) -> DType {
-    if device.is_cpu() {
-        DType::F16
-    } else {
-        DType::F32
-    }
-}
-
-/// One query position (1, heads, 1, head_dim) against the first `len` positions of an
-/// f16 cache on the CPU, by [`cpu::attention::decode`].
-fn decode_on_cpu(q: &Tensor, (k_cache, v_cache): (&Tensor, &Tensor), len: usize) -> Result<Tensor> {
-    let (_, heads, _, head_dim) = q.dims4()?;
-    let (_, kv_heads, capacity, _) = k_cache.dims4()?;
-    let shape = cpu::attention::Heads {
-        heads,
-        kv_heads,
-        head_dim,
-        capacity,
-    };
-    let q = q.flatten_all()?.to_vec1::<f32>()?;
-    let mut out = vec![0f32; heads * head_dim];
-    {
-        let (k, k_layout) = k_cache.storage_and_layout();
-        let (v, v_layout) = v_cache.storage_and_layout();
-        let (Storage::Cpu(k), Storage::Cpu(v)) = (&*k, &*v) else {
-            candle_core::bail!("decode attention on the CPU with a cache elsewhere");
-        };
-        if !k_layout.is_contiguous() || !v_layout.is_contiguous() {
-            candle_core::bail!("the kv cache is not contiguous");
-        }
-        let k = &k.as_slice::<half::f16>()?[k_layout.start_offset()..];
-        let v = &v.as_slice::<half::f16>()?[v_layout.start_offset()..];
-        cpu::attention::decode(&q, k, v, shape, len, &mut out);
-    }
-    Tensor::from_vec(out, (1, heads, 1, head_dim), &Device::Cpu)
 }
 
 pub struct Qwen2 {
@@ -286,6 +246,8 @@ pub struct Qwen2 {
     output: Linear,
     cos: Tensor,
     sin: Tensor,
+    /// The same tables on the host, (positions × head_dim / 2) each, for the CPU path.
+    rope_host: Option<(Vec<f32>, Vec<f32>)>,
     n_head: usize,
     n_kv_head: usize,
     head_dim: usize,
@@ -308,6 +270,23 @@ fn rope_tables(info: &ModelInfo, head_dim: usize, device: &Device) -> Result<(Te
         .reshape((info.context_length, 1))?;
     let angles = positions.matmul(&theta.reshape((1, theta.elem_count()))?)?;
     Ok((angles.cos()?, angles.sin()?))
+}
+
+/// Rotates one head (`x`, head_dim values) to position `pos` as candle's `rope` does
+/// (the two halves of the head are the pairs' first and second parts).
+fn rope_in_place(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = x.len() / 2;
+    let (a, b) = x.split_at_mut(half);
+    for i in 0..half {
+        let (x1, x2) = (a[i], b[i]);
+        a[i] = x1 * cos[i] - x2 * sin[i];
+        b[i] = x1 * sin[i] + x2 * cos[i];
+    }
+}
+
+/// A (1, rows, width) tensor's values, row-major.
+fn host_rows(t: &Tensor) -> Result<Vec<f32>> {
+    t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()
 }
 
 impl Qwen2 {
@@ -345,6 +324,11 @@ impl Qwen2 {
             load(0..n)?
         };
         let (cos, sin) = rope_tables(info, head_dim, device)?;
+        let rope_host = if device.is_cpu() {
+            Some((host_rows(&cos)?, host_rows(&sin)?))
+        } else {
+            None
+        };
         let weight_bytes_per_token = output.storage_bytes()
             + layers
                 .iter()
@@ -359,6 +343,7 @@ impl Qwen2 {
             output,
             cos,
             sin,
+            rope_host,
             n_head: info.head_count,
             n_kv_head: info.head_count_kv,
             head_dim,
@@ -368,9 +353,61 @@ impl Qwen2 {
         })
     }
 
-    /// A cache for a sequence expected to reach `capacity` positions.
-    pub fn new_cache(&self, capacity: usize) -> KvCache {
-        KvCache::new(self.layers.len(), capacity.min(self.max_positions()))
+    fn kv_shape(&self, block_size: usize) -> cpu::attention::Paged {
+        cpu::attention::Paged {
+            heads: self.n_head,
+            kv_heads: self.n_kv_head,
+            head_dim: self.head_dim,
+            block_size,
+        }
+    }
+
+    /// Bytes one block of [`KV_BLOCK`] positions takes in a [`PagedKv`] (all layers).
+    pub fn kv_bytes_per_block(&self) -> u64 {
+        let per_value = if self.device.is_cpu() { 2 } else { 4 };
+        (2 * self.layers.len() * self.kv_shape(KV_BLOCK).block_len() * per_value) as u64
+    }
+
+    /// A paged cache of `n_blocks` blocks of [`KV_BLOCK`] positions on the model's device.
+    pub fn new_paged_kv(&self, n_blocks: usize) -> Result<PagedKv> {
+        let shape = self.kv_shape(KV_BLOCK);
+        let store = if self.device.is_cpu() {
+            let n = n_blocks * shape.block_len();
+            KvStore::Cpu(
+                (0..self.layers.len())
+                    .map(|_| (zeroed_f16(n), zeroed_f16(n)))
+                    .collect(),
+            )
+        } else {
+            let dims = (n_blocks, shape.kv_heads, shape.block_size, shape.head_dim);
+            KvStore::Device(
+                (0..self.layers.len())
+                    .map(|_| {
+                        Ok((
+                            Tensor::zeros(dims, DType::F32, &self.device)?,
+                            Tensor::zeros(dims, DType::F32, &self.device)?,
+                        ))
+                    })
+                    .collect::<Result<_>>()?,
+            )
+        };
+        Ok(PagedKv {
+            store,
+            n_blocks,
+            shape,
+        })
+    }
+
+    /// A cache for one sequence expected to reach `capacity` positions (it grows).
+    pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
+        let n = capacity
+            .clamp(1, self.max_positions().max(1))
+            .div_ceil(KV_BLOCK);
+        Ok(KvCache {
+            kv: self.new_paged_kv(n)?,
+            blocks: (0..n as u32).collect(),
+            len: 0,
+        })
     }
 
     pub fn device(&self) -> &Device {
@@ -394,70 +431,251 @@ impl Qwen2 {
         candle_nn::rotary_emb::rope(x, &cos, &sin)
     }
 
-    /// Self-attention of `x` (positions `pos..`) over the cached positions and itself.
+    /// Self-attention of the batch's rows `x` (1, rows, hidden): each chunk's queries
+    /// over its sequence's cached positions and its own, writing its keys and values
+    /// into its blocks first.
     fn attention(
         &self,
         layer: &Layer,
-        kv: &(Tensor, Tensor),
+        kv: &mut KvLayer<'_>,
         x: &Tensor,
-        mask: Option<&Tensor>,
-        pos: usize,
+        batch: &[SeqChunk],
     ) -> Result<Tensor> {
-        let (b, seq_len, _) = x.dims3()?;
-        let (hd, n_kv) = (self.head_dim, self.n_kv_head);
-        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
-            t.reshape((b, seq_len, n, hd))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
         let [q, k, v] = outputs(layer.qkv.forward(x)?)?;
-        let q = heads(q, self.n_head)?;
-        let k = heads(k, n_kv)?;
-        let v = heads(v, n_kv)?;
-        let q = self.rope(&q, pos)?;
-        let k = self.rope(&k, pos)?;
-        let y = attend(&q, &k, &v, kv, pos, mask, &self.neg_inf)?;
-        let y = y.transpose(1, 2)?.reshape((b, seq_len, self.hidden))?;
+        let y = match kv {
+            KvLayer::Cpu(k_cache, v_cache, shape) => {
+                self.attention_cpu(&q, &k, &v, (k_cache, v_cache), *shape, batch)?
+            }
+            KvLayer::Device(k_cache, v_cache, shape) => {
+                self.attention_device(&q, &k, &v, (k_cache, v_cache), *shape, batch)?
+            }
+        };
         layer.wo.forward(&y)
     }
 
-    /// Runs `tokens` (appended after what `cache` holds) and returns the logits of the
-    /// last position, as f32 on the CPU-visible device.
-    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
-        let pos = cache.len;
-        let seq_len = tokens.len();
-        if seq_len == 0 {
+    /// [`attention`](Self::attention) on the CPU: rotary embedding, the f16 store into
+    /// the blocks and attention over them, straight on the host buffers.
+    fn attention_cpu(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        (k_cache, v_cache): (&mut [half::f16], &mut [half::f16]),
+        shape: cpu::attention::Paged,
+        batch: &[SeqChunk],
+    ) -> Result<Tensor> {
+        let Some((cos, sin)) = &self.rope_host else {
+            candle_core::bail!("the CPU attention path on a model loaded elsewhere");
+        };
+        let hd = self.head_dim;
+        let half = hd / 2;
+        let (mut q, mut k, v) = (host_rows(q)?, host_rows(k)?, host_rows(v)?);
+        let (qw, kw) = (self.n_head * hd, self.n_kv_head * hd);
+        let mut rows = Vec::with_capacity(q.len() / qw);
+        let mut r = 0;
+        for chunk in batch {
+            for (i, _) in chunk.tokens.iter().enumerate() {
+                let pos = chunk.start + i;
+                let (c, s) = (&cos[pos * half..][..half], &sin[pos * half..][..half]);
+                for head in q[r * qw..(r + 1) * qw].chunks_exact_mut(hd) {
+                    rope_in_place(head, c, s);
+                }
+                for (g, head) in k[r * kw..(r + 1) * kw].chunks_exact_mut(hd).enumerate() {
+                    rope_in_place(head, c, s);
+                    let at = shape.offset(chunk.blocks, g, pos);
+                    for (dst, &x) in k_cache[at..at + hd].iter_mut().zip(head.iter()) {
+                        *dst = half::f16::from_f32(x);
+                    }
+                    let vs = &v[r * kw + g * hd..][..hd];
+                    for (dst, &x) in v_cache[at..at + hd].iter_mut().zip(vs) {
+                        *dst = half::f16::from_f32(x);
+                    }
+                }
+                rows.push(cpu::attention::Row {
+                    len: pos + 1,
+                    blocks: chunk.blocks,
+                });
+                r += 1;
+            }
+        }
+        let mut out = vec![0f32; q.len()];
+        cpu::attention::paged(&q, &rows, k_cache, v_cache, shape, &mut out);
+        Tensor::from_vec(out, (1, rows.len(), self.hidden), &Device::Cpu)
+    }
+
+    /// [`attention`](Self::attention) with candle's operations, one chunk at a time: the
+    /// chunk's keys and values are written into its blocks, its blocks gathered into one
+    /// run of positions, then softmax(q·Kᵀ/√d)·V under the causal mask.
+    fn attention_device(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        (k_cache, v_cache): (&Tensor, &Tensor),
+        shape: cpu::attention::Paged,
+        batch: &[SeqChunk],
+    ) -> Result<Tensor> {
+        let (hd, n_kv, bs) = (self.head_dim, self.n_kv_head, shape.block_size);
+        let n_rep = self.n_head / n_kv;
+        let mut outs = Vec::with_capacity(batch.len());
+        let mut r0 = 0;
+        for chunk in batch {
+            let (n, pos) = (chunk.tokens.len(), chunk.start);
+            let heads = |t: &Tensor, h: usize| -> Result<Tensor> {
+                t.narrow(1, r0, n)?
+                    .reshape((1, n, h, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let q = self.rope(&heads(q, self.n_head)?, pos)?;
+            let k = self.rope(&heads(k, n_kv)?, pos)?;
+            let v = heads(v, n_kv)?;
+            // Rounded through f16, as the CPU cache holds them.
+            let stored =
+                |t: &Tensor| -> Result<Tensor> { t.to_dtype(DType::F16)?.to_dtype(DType::F32) };
+            let (k, v) = (stored(&k)?, stored(&v)?);
+            let mut i = 0;
+            while i < n {
+                let p = pos + i;
+                let (block, off) = (chunk.blocks[p / bs] as usize, p % bs);
+                let run = (bs - off).min(n - i);
+                for (cache, t) in [(k_cache, &k), (v_cache, &v)] {
+                    cache.narrow(0, block, 1)?.slice_set(
+                        &t.narrow(2, i, run)?.contiguous()?,
+                        2,
+                        off,
+                    )?;
+                }
+                i += run;
+            }
+            let len = pos + n;
+            let nb = len.div_ceil(bs);
+            let ids = Tensor::new(&chunk.blocks[..nb], &self.device)?;
+            let gather = |cache: &Tensor| -> Result<Tensor> {
+                cache
+                    .index_select(&ids, 0)?
+                    .transpose(0, 1)?
+                    .contiguous()?
+                    .reshape((1, n_kv, nb * bs, hd))?
+                    .narrow(2, 0, len)
+            };
+            let (k, v) = (gather(k_cache)?, gather(v_cache)?);
+            let q = q.reshape((1, n_kv, n_rep * n, hd))?;
+            let att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+            let att = if n > 1 {
+                let mask = build_causal_mask(n, pos, &self.device)?;
+                let grouped = att.reshape((1, n_kv, n_rep, n, len))?;
+                mask.broadcast_as(grouped.shape())?
+                    .where_cond(&self.neg_inf.broadcast_as(grouped.shape())?, &grouped)?
+                    .reshape((1, n_kv, n_rep * n, len))?
+            } else {
+                att
+            };
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            let y = att
+                .matmul(&v.contiguous()?)?
+                .reshape((1, self.n_head, n, hd))?;
+            outs.push(y.transpose(1, 2)?.reshape((1, n, self.hidden))?);
+            r0 += n;
+        }
+        Tensor::cat(&outs, 1)
+    }
+
+    /// Runs a batch of sequences' chunks in one pass (the matrices see every row at
+    /// once) and returns the logits of the rows each chunk asked for, in order, as
+    /// (rows, vocab) f32.
+    pub fn forward_batch(&self, batch: &[SeqChunk], kv: &mut PagedKv) -> Result<Tensor> {
+        if batch.is_empty() || batch.iter().any(|c| c.tokens.is_empty()) {
             candle_core::bail!("forward called with no tokens");
         }
-        if pos + seq_len > self.max_positions() {
-            candle_core::bail!(
-                "sequence of {} positions exceeds the model's context of {}",
-                pos + seq_len,
-                self.max_positions()
-            );
+        let bs = kv.block_size();
+        for c in batch {
+            let end = c.start + c.tokens.len();
+            if end > self.max_positions() {
+                candle_core::bail!(
+                    "sequence of {end} positions exceeds the model's context of {}",
+                    self.max_positions()
+                );
+            }
+            if end.div_ceil(bs) > c.blocks.len()
+                || c.blocks.iter().any(|&b| b as usize >= kv.n_blocks)
+            {
+                candle_core::bail!("a block table does not cover its {end} positions");
+            }
+            if c.logits > c.tokens.len() {
+                candle_core::bail!("logits asked for rows the chunk does not have");
+            }
         }
-        cache.reserve(pos + seq_len, self.n_kv_head, self.head_dim, &self.device)?;
-        let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
-        let mask = if seq_len == 1 {
-            None
-        } else {
-            Some(build_causal_mask(seq_len, pos, &self.device)?)
-        };
+        let flat: Vec<u32> = batch.iter().flat_map(|c| c.tokens).copied().collect();
+        let mut wanted = Vec::new();
+        let mut r = 0u32;
+        for c in batch {
+            let n = c.tokens.len() as u32;
+            wanted.extend(r + n - c.logits as u32..r + n);
+            r += n;
+        }
+        let input = Tensor::new(flat.as_slice(), &self.device)?.unsqueeze(0)?;
         let mut h = self.embeddings.forward(&input)?;
-        for (layer, slot) in self.layers.iter().zip(cache.layers.iter()) {
-            let Some(kv) = slot else {
-                candle_core::bail!("kv cache not allocated");
+        let shape = kv.shape;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mut kv_layer = match &mut kv.store {
+                KvStore::Cpu(l) => {
+                    let (k, v) = &mut l[i];
+                    KvLayer::Cpu(k.as_mut_slice(), v.as_mut_slice(), shape)
+                }
+                KvStore::Device(l) => KvLayer::Device(&l[i].0, &l[i].1, shape),
             };
             let residual = h.clone();
             let x = layer.attn_norm.forward(&h)?;
-            let x = (self.attention(layer, kv, &x, mask.as_ref(), pos)? + residual)?;
+            let x = (self.attention(layer, &mut kv_layer, &x, batch)? + residual)?;
             let residual = x.clone();
             let y = layer.mlp.forward(&layer.ffn_norm.forward(&x)?)?;
             h = (y + residual)?;
         }
-        cache.len += seq_len;
-        let h = self.norm.forward(&h)?;
-        let last = h.i((.., seq_len - 1, ..))?;
-        self.output.forward(&last)?.squeeze(0)?.to_dtype(DType::F32)
+        if wanted.is_empty() {
+            return Tensor::zeros((0, 0), DType::F32, &self.device);
+        }
+        let rows = h.squeeze(0)?;
+        let rows = if wanted.len() == flat.len() {
+            rows
+        } else {
+            rows.index_select(&Tensor::new(wanted.as_slice(), &self.device)?, 0)?
+        };
+        let h = self.norm.forward(&rows)?;
+        self.output.forward(&h)?.to_dtype(DType::F32)
     }
+
+    /// Runs `tokens` (appended after what `cache` holds) and returns the logits of the
+    /// last position, as f32 on the model's device.
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let end = cache.len + tokens.len();
+        let need = end.div_ceil(KV_BLOCK);
+        if need > cache.blocks.len() && end <= self.max_positions() {
+            // Double, as a growing buffer does, up to the model's context.
+            let n = need
+                .max(2 * cache.blocks.len())
+                .min(self.max_positions().div_ceil(KV_BLOCK));
+            cache.kv.grow(n, &self.device)?;
+            cache.blocks = (0..n as u32).collect();
+        }
+        let chunk = SeqChunk {
+            tokens,
+            start: cache.len,
+            blocks: &cache.blocks,
+            logits: 1,
+        };
+        let logits = self.forward_batch(&[chunk], &mut cache.kv)?;
+        cache.len = end;
+        logits.squeeze(0)
+    }
+}
+
+/// One layer's part of a [`PagedKv`], as the attention reads it.
+enum KvLayer<'a> {
+    Cpu(
+        &'a mut [half::f16],
+        &'a mut [half::f16],
+        cpu::attention::Paged,
+    ),
+    Device(&'a Tensor, &'a Tensor, cpu::attention::Paged),
 }

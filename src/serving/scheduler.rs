@@ -1,0 +1,635 @@
+//! Continuous batching for one model: many sequences share each forward pass. Every
+//! step packs the next token of each running sequence (decodes first) and chunks of
+//! prompts still being prefilled, under a per-step token budget, into one batch;
+//! sequences join and leave between steps. Blocks of the paged KV cache come from a
+//! [`BlockPool`]: a new prompt starts with whatever cached blocks match its start (the
+//! prefix cache), and when the pool runs out the newest running sequence is preempted
+//! (its blocks freed, its tokens kept) and recomputed later. Nothing here knows the
+//! model: the forward pass is a closure, so this is unit-tested with a fake one.
+
+use super::blocks::{BlockPool, BlockTable};
+use crate::model::qwen2::SeqChunk;
+use std::collections::VecDeque;
+
+/// What a sequence does after the logits of its last position.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Then {
+    /// Keep going: the token appended is the next to run.
+    Continue,
+    /// Finished: the sequence leaves and its blocks return to the pool (full ones stay
+    /// in the prefix cache).
+    Finish,
+    /// The context is full: drop `discard` tokens after the first `keep` and recompute
+    /// the rest (Ollama's context shift).
+    Shift { keep: usize, discard: usize },
+}
+
+/// A sequence's answer to its logits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Advance {
+    /// A token to append to the sequence's context.
+    pub token: Option<u32>,
+    pub then: Then,
+}
+
+/// One request's sequence as the scheduler drives it.
+pub trait Sequence {
+    /// The sequence starts running with `cached` prompt positions from the prefix cache
+    /// (called again if it resumes after a preemption).
+    fn admitted(&mut self, cached: usize);
+    /// The logits of the last position of `tokens` (the whole context so far).
+    fn advance(&mut self, tokens: &[u32], logits: &[f32]) -> Advance;
+    /// The client went away: the sequence leaves at the next step.
+    fn cancelled(&self) -> bool {
+        false
+    }
+}
+
+/// How a scheduler packs its steps.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Sequences running at once (`--parallel`).
+    pub max_running: usize,
+    /// Tokens per step, prompt chunks and decodes together (decodes always run).
+    pub step_tokens: usize,
+}
+
+struct Entry<S> {
+    seq: S,
+    tokens: Vec<u32>,
+    /// Positions whose keys and values are in the cache.
+    computed: usize,
+    table: BlockTable,
+}
+
+/// What a step did.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct StepReport {
+    /// Sequences in the batch, and how many of them decoded one token.
+    pub sequences: usize,
+    pub decodes: usize,
+    /// Rows the forward pass ran.
+    pub tokens: usize,
+    /// Prompt positions that newly admitted sequences took from the prefix cache.
+    pub prefix_hit_tokens: usize,
+    /// Sequences preempted to free blocks.
+    pub preempted: usize,
+}
+
+/// Why a sequence cannot be added.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum AddError {
+    #[error("a sequence needs at least one token")]
+    Empty,
+    #[error("{0} positions do not fit the KV cache of {1} positions")]
+    TooLong(usize, usize),
+}
+
+pub struct Scheduler<S> {
+    pool: BlockPool,
+    limits: Limits,
+    waiting: VecDeque<Entry<S>>,
+    running: Vec<Entry<S>>,
+}
+
+impl<S: Sequence> Scheduler<S> {
+    pub fn new(pool: BlockPool, limits: Limits) -> Self {
+        Self {
+            pool,
+            limits: Limits {
+                max_running: limits.max_running.max(1),
+                step_tokens: limits.step_tokens.max(1),
+            },
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+        }
+    }
+
+    /// Positions one sequence may hold: the whole pool.
+    pub fn capacity(&self) -> usize {
+        self.pool.n_blocks() * self.pool.block_size()
+    }
+
+    pub fn pool(&self) -> &BlockPool {
+        &self.pool
+    }
+
+    /// Queues a sequence whose context so far is `tokens`.
+    pub fn add(&mut self, tokens: Vec<u32>, seq: S) -> Result<(), AddError> {
+        if tokens.is_empty() {
+            return Err(AddError::Empty);
+        }
+        // Room for the prompt and one generated token.
+        if tokens.len() + 1 > self.capacity() {
+            return Err(AddError::TooLong(tokens.len() + 1, self.capacity()));
+        }
+        self.waiting.push_back(Entry {
+            seq,
+            tokens,
+            computed: 0,
+            table: BlockTable::default(),
+        });
+        Ok(())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Every sequence, running or waiting.
+    pub fn sequences_mut(&mut self) -> impl Iterator<Item = &mut S> {
+        self.running
+            .iter_mut()
+            .chain(self.waiting.iter_mut())
+            .map(|e| &mut e.seq)
+    }
+
+    /// Takes every sequence out (after a failed forward pass), freeing their blocks.
+    pub fn drain(&mut self) -> Vec<S> {
+        let mut out = Vec::new();
+        for mut e in self.running.drain(..).chain(self.waiting.drain(..)) {
+            e.table.release(&mut self.pool);
+            out.push(e.seq);
+        }
+        out
+    }
+
+    /// Back to the waiting queue's front with its tokens: recomputed when readmitted.
+    fn requeue(&mut self, mut e: Entry<S>) {
+        e.table.release(&mut self.pool);
+        e.computed = 0;
+        self.waiting.push_front(e);
+    }
+
+    /// Drops cancelled sequences wherever they are.
+    fn drop_cancelled(&mut self) -> Vec<S> {
+        let mut gone = Vec::new();
+        let mut keep_running = Vec::with_capacity(self.running.len());
+        for mut e in self.running.drain(..) {
+            if e.seq.cancelled() {
+                e.table.release(&mut self.pool);
+                gone.push(e.seq);
+            } else {
+                keep_running.push(e);
+            }
+        }
+        self.running = keep_running;
+        let mut keep_waiting = VecDeque::with_capacity(self.waiting.len());
+        for e in self.waiting.drain(..) {
+            if e.seq.cancelled() {
+                gone.push(e.seq);
+            } else {
+                keep_waiting.push_back(e);
+            }
+        }
+        self.waiting = keep_waiting;
+        gone
+    }
+
+    /// Plans a step: (index into `running`, first position, end) per chunk.
+    fn plan(&mut self, report: &mut StepReport) -> Vec<(usize, usize, usize)> {
+        let mut budget = self.limits.step_tokens;
+        let mut plan = Vec::new();
+        // Decodes first: each running sequence that has computed all but its last
+        // token needs a slot for it, preempting the newest sequences if the pool is dry.
+        let mut i = 0;
+        while i < self.running.len() {
+            let e = &self.running[i];
+            if e.computed + 1 != e.tokens.len() {
+                i += 1;
+                continue;
+            }
+            let need = e.tokens.len();
+            loop {
+                if self.running[i].table.reserve(&mut self.pool, need) {
+                    plan.push((i, need - 1, need));
+                    budget = budget.saturating_sub(1);
+                    i += 1;
+                    break;
+                }
+                // Preempt the newest: the sequence itself when it is the newest.
+                let victim = self.running.pop().expect("a running sequence");
+                report.preempted += 1;
+                plan.retain(|&(j, _, _)| j < self.running.len());
+                self.requeue(victim);
+                if i >= self.running.len() {
+                    break;
+                }
+            }
+        }
+        // Prompts being prefilled, oldest first.
+        for (i, e) in self.running.iter().enumerate() {
+            if budget == 0 {
+                break;
+            }
+            if e.computed + 1 < e.tokens.len() {
+                let end = e.tokens.len().min(e.computed + budget);
+                budget -= end - e.computed;
+                plan.push((i, e.computed, end));
+            }
+        }
+        // New sequences, first come first served, while there is room: each with blocks
+        // for its whole prompt, starting from what the prefix cache holds.
+        while budget > 0 && self.running.len() < self.limits.max_running {
+            let Some(mut e) = self.waiting.pop_front() else {
+                break;
+            };
+            let (table, cached) =
+                BlockTable::with_prefix(&mut self.pool, &e.tokens, e.tokens.len() - 1);
+            e.table = table;
+            if !e.table.reserve(&mut self.pool, e.tokens.len()) {
+                e.table.release(&mut self.pool);
+                self.waiting.push_front(e);
+                break;
+            }
+            e.computed = cached;
+            report.prefix_hit_tokens += cached;
+            e.seq.admitted(cached);
+            let end = e.tokens.len().min(e.computed + budget);
+            budget -= end - e.computed;
+            plan.push((self.running.len(), e.computed, end));
+            self.running.push(e);
+        }
+        plan
+    }
+
+    /// Runs one step: plans the batch, calls `forward` with it (which returns the logits
+    /// of each chunk that asks for them, in order), then lets each sequence act on its
+    /// logits. Returns the sequences that finished or were cancelled, with the report.
+    pub fn step<E>(
+        &mut self,
+        forward: impl FnOnce(&[SeqChunk]) -> Result<Vec<Vec<f32>>, E>,
+    ) -> Result<(Vec<S>, StepReport), E> {
+        let mut done = self.drop_cancelled();
+        let mut report = StepReport::default();
+        let plan = self.plan(&mut report);
+        if plan.is_empty() {
+            return Ok((done, report));
+        }
+        let chunks: Vec<SeqChunk> = plan
+            .iter()
+            .map(|&(i, from, to)| {
+                let e = &self.running[i];
+                SeqChunk {
+                    tokens: &e.tokens[from..to],
+                    start: from,
+                    blocks: &e.table.blocks,
+                    logits: usize::from(to == e.tokens.len()),
+                }
+            })
+            .collect();
+        report.sequences = chunks.len();
+        report.decodes = plan
+            .iter()
+            .filter(|&&(_, f, t)| t - f == 1 && f > 0)
+            .count();
+        report.tokens = chunks.iter().map(|c| c.tokens.len()).sum();
+        let wanted = chunks.iter().filter(|c| c.logits > 0).count();
+        let logits = forward(&chunks)?;
+        assert_eq!(logits.len(), wanted, "the forward pass returned other rows");
+        let mut logits = logits.into_iter();
+        let mut finished = vec![];
+        let mut shifted = vec![];
+        for &(i, _, to) in &plan {
+            let e = &mut self.running[i];
+            e.computed = to;
+            e.table.seal_full(&mut self.pool, &e.tokens, e.computed);
+            if to < e.tokens.len() {
+                continue;
+            }
+            let l = logits.next().expect("counted");
+            let a = e.seq.advance(&e.tokens, &l);
+            if let Some(t) = a.token {
+                e.tokens.push(t);
+            }
+            match a.then {
+                Then::Continue if a.token.is_some() => {}
+                Then::Continue | Then::Finish => finished.push(i),
+                Then::Shift { keep, discard } => {
+                    let keep = keep.min(e.tokens.len());
+                    let discard = discard.min(e.tokens.len() - keep);
+                    e.tokens.drain(keep..keep + discard);
+                    shifted.push(i);
+                }
+            }
+        }
+        // Leave in descending index order so the indices stay valid.
+        let mut leaving: Vec<(usize, bool)> = finished
+            .into_iter()
+            .map(|i| (i, true))
+            .chain(shifted.into_iter().map(|i| (i, false)))
+            .collect();
+        leaving.sort_unstable_by_key(|l| std::cmp::Reverse(l.0));
+        for (i, finish) in leaving {
+            let mut e = self.running.remove(i);
+            if finish {
+                e.table.release(&mut self.pool);
+                done.push(e.seq);
+            } else {
+                self.requeue(e);
+            }
+        }
+        Ok((done, report))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    /// A sequence that generates `n` tokens, each the previous plus one, and logs what
+    /// happened to it.
+    struct Counting {
+        left: usize,
+        cached: Vec<usize>,
+        seen: Log,
+        name: u32,
+        cancel: Rc<RefCell<bool>>,
+        shift_at: Option<usize>,
+    }
+
+    impl Sequence for Counting {
+        fn admitted(&mut self, cached: usize) {
+            self.cached.push(cached);
+        }
+        fn advance(&mut self, tokens: &[u32], logits: &[f32]) -> Advance {
+            // The fake forward's logits: [last token, position count].
+            assert_eq!(
+                logits,
+                [*tokens.last().unwrap() as f32, tokens.len() as f32]
+            );
+            self.seen.borrow_mut().push((self.name, tokens.to_vec()));
+            self.left -= 1;
+            if self.shift_at == Some(tokens.len()) {
+                self.shift_at = None;
+                return Advance {
+                    token: Some(tokens.last().unwrap() + 1),
+                    then: Then::Shift {
+                        keep: 1,
+                        discard: 2,
+                    },
+                };
+            }
+            Advance {
+                token: Some(tokens.last().unwrap() + 1),
+                then: if self.left == 0 {
+                    Then::Finish
+                } else {
+                    Then::Continue
+                },
+            }
+        }
+        fn cancelled(&self) -> bool {
+            *self.cancel.borrow()
+        }
+    }
+
+    type Log = Rc<RefCell<Vec<(u32, Vec<u32>)>>>;
+
+    fn seq(name: u32, n: usize, log: &Log) -> Counting {
+        Counting {
+            left: n,
+            cached: vec![],
+            seen: log.clone(),
+            name,
+            cancel: Rc::new(RefCell::new(false)),
+            shift_at: None,
+        }
+    }
+
+    /// A fake model: checks every chunk against what the sequence wrote before (a
+    /// per-block store of tokens), stores its tokens, returns [last token, positions].
+    struct FakeModel {
+        store: Vec<Option<u32>>,
+        block: usize,
+        batches: Vec<Vec<(usize, usize)>>,
+    }
+
+    impl FakeModel {
+        fn new(n_blocks: usize, block: usize) -> Self {
+            Self {
+                store: vec![None; n_blocks * block],
+                block,
+                batches: vec![],
+            }
+        }
+        fn forward(&mut self, chunks: &[SeqChunk]) -> Result<Vec<Vec<f32>>, String> {
+            let mut out = vec![];
+            self.batches
+                .push(chunks.iter().map(|c| (c.start, c.tokens.len())).collect());
+            for c in chunks {
+                let slot =
+                    |p: usize| c.blocks[p / self.block] as usize * self.block + p % self.block;
+                for p in 0..c.start {
+                    if self.store[slot(p)].is_none() {
+                        return Err(format!("position {p} read before written"));
+                    }
+                }
+                for (i, &t) in c.tokens.iter().enumerate() {
+                    self.store[slot(c.start + i)] = Some(t);
+                }
+                if c.logits == 1 {
+                    let end = c.start + c.tokens.len();
+                    out.push(vec![*c.tokens.last().unwrap() as f32, end as f32]);
+                }
+            }
+            Ok(out)
+        }
+        /// The tokens a sequence's blocks hold for its first `len` positions.
+        fn read(&self, blocks: &[u32], len: usize) -> Vec<u32> {
+            (0..len)
+                .map(|p| {
+                    self.store[blocks[p / self.block] as usize * self.block + p % self.block]
+                        .unwrap()
+                })
+                .collect()
+        }
+    }
+
+    fn limits(max_running: usize, step_tokens: usize) -> Limits {
+        Limits {
+            max_running,
+            step_tokens,
+        }
+    }
+
+    fn run_all(s: &mut Scheduler<Counting>, m: &mut FakeModel) -> Vec<StepReport> {
+        let mut reports = vec![];
+        for _ in 0..1000 {
+            if s.is_empty() {
+                return reports;
+            }
+            let (_, r) = s.step(|c| m.forward(c)).unwrap();
+            reports.push(r);
+        }
+        panic!("did not finish");
+    }
+
+    #[test]
+    fn decodes_of_several_sequences_share_steps_and_prompts_are_chunked() {
+        let log: Log = Default::default();
+        let mut s = Scheduler::new(BlockPool::new(16, 4), limits(4, 8));
+        let mut m = FakeModel::new(16, 4);
+        s.add((100..110).collect(), seq(1, 3, &log)).unwrap();
+        s.add((200..203).collect(), seq(2, 3, &log)).unwrap();
+        let reports = run_all(&mut s, &mut m);
+        // Step 1: eight of the first prompt's ten positions (the budget). Step 2: its
+        // last two and the second prompt's three. Then both decode together.
+        assert_eq!(m.batches[0], vec![(0, 8)]);
+        assert_eq!(m.batches[1], vec![(8, 2), (0, 3)]);
+        assert_eq!(m.batches[2], vec![(10, 1), (3, 1)]);
+        assert_eq!(reports[2].decodes, 2);
+        // Each sequence saw its own tokens, each new one its last plus one.
+        let log = log.borrow();
+        let of = |n| {
+            log.iter()
+                .filter(|(s, _)| *s == n)
+                .map(|(_, t)| t.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(of(1).last().unwrap()[8..], [108, 109, 110, 111]);
+        assert_eq!(of(2).last().unwrap(), &vec![200, 201, 202, 203, 204]);
+        assert_eq!(s.pool().free_blocks(), 16);
+    }
+
+    #[test]
+    fn a_repeated_prompt_starts_from_the_cached_blocks() {
+        let log: Log = Default::default();
+        let mut s = Scheduler::new(BlockPool::new(16, 4), limits(4, 64));
+        let mut m = FakeModel::new(16, 4);
+        let prompt: Vec<u32> = (0..10).collect();
+        s.add(prompt.clone(), seq(1, 2, &log)).unwrap();
+        run_all(&mut s, &mut m);
+        // A second turn: the first prompt, its answer, one more token.
+        let mut second = prompt.clone();
+        second.extend([10, 11, 50]);
+        s.add(second.clone(), seq(2, 1, &log)).unwrap();
+        let r = run_all(&mut s, &mut m);
+        // The first sequence computed 11 positions (its last token was never run): its
+        // two full blocks come from the cache.
+        assert_eq!(r[0].prefix_hit_tokens, 8);
+        assert_eq!(m.batches.last().unwrap(), &vec![(8, 5)]);
+        // A prompt that is entirely cached still computes its last position.
+        s.add((0..8).collect(), seq(3, 1, &log)).unwrap();
+        let r = run_all(&mut s, &mut m);
+        assert_eq!(r[0].prefix_hit_tokens, 4);
+    }
+
+    #[test]
+    fn a_dry_pool_preempts_the_newest_and_every_sequence_still_finishes() {
+        let log: Log = Default::default();
+        // 6 blocks of 2 positions: room for 12 positions; three sequences want 5 each
+        // at first and 10 each at the end.
+        let mut s = Scheduler::new(BlockPool::new(6, 2), limits(3, 64));
+        let mut m = FakeModel::new(6, 2);
+        for n in 0..3 {
+            s.add(vec![n * 10, n * 10 + 1, n * 10 + 2], seq(n, 7, &log))
+                .unwrap();
+        }
+        let reports = run_all(&mut s, &mut m);
+        assert!(reports.iter().map(|r| r.preempted).sum::<usize>() > 0);
+        let log = log.borrow();
+        for n in 0..3u32 {
+            let last = log.iter().rfind(|(s, _)| *s == n).unwrap().1.clone();
+            let want: Vec<u32> = [n * 10, n * 10 + 1]
+                .into_iter()
+                .chain(n * 10 + 2..n * 10 + 9)
+                .collect();
+            assert_eq!(last, want, "sequence {n} is complete and in order");
+        }
+        assert_eq!(s.pool().free_blocks(), 6);
+    }
+
+    #[test]
+    fn parallel_bounds_the_running_sequences() {
+        let log: Log = Default::default();
+        let mut s = Scheduler::new(BlockPool::new(32, 4), limits(2, 64));
+        let mut m = FakeModel::new(32, 4);
+        for n in 0..5 {
+            s.add(vec![n], seq(n, 3, &log)).unwrap();
+        }
+        let reports = run_all(&mut s, &mut m);
+        assert!(reports.iter().all(|r| r.sequences <= 2));
+        assert_eq!(log.borrow().len(), 15);
+    }
+
+    #[test]
+    fn a_cancelled_sequence_leaves_at_the_next_step() {
+        let log: Log = Default::default();
+        let mut s = Scheduler::new(BlockPool::new(8, 4), limits(4, 64));
+        let mut m = FakeModel::new(8, 4);
+        let a = seq(1, 100, &log);
+        let cancel = a.cancel.clone();
+        s.add(vec![1, 2], a).unwrap();
+        s.add(vec![3, 4], seq(2, 3, &log)).unwrap();
+        s.step(|c| m.forward(c)).unwrap();
+        *cancel.borrow_mut() = true;
+        let (gone, _) = s.step(|c| m.forward(c)).unwrap();
+        assert_eq!(gone.len(), 1);
+        assert_eq!(m.batches.last().unwrap().len(), 1);
+        run_all(&mut s, &mut m);
+        assert_eq!(s.pool().free_blocks(), 8);
+    }
+
+    #[test]
+    fn a_context_shift_recomputes_the_kept_tokens() {
+        let log: Log = Default::default();
+        let mut s = Scheduler::new(BlockPool::new(8, 4), limits(4, 64));
+        let mut m = FakeModel::new(8, 4);
+        let mut a = seq(1, 3, &log);
+        a.shift_at = Some(4);
+        s.add(vec![1, 2, 3, 4], a).unwrap();
+        run_all(&mut s, &mut m);
+        let log = log.borrow();
+        // [1,2,3,4] + 5, keep 1, drop 2: [1,4,5], recomputed, then 6 and 7.
+        assert_eq!(log[1].1, vec![1, 4, 5]);
+        assert_eq!(log[2].1, vec![1, 4, 5, 6]);
+        assert_eq!(m.batches[1], vec![(0, 3)]);
+    }
+
+    #[test]
+    fn what_the_model_reads_is_what_each_sequence_wrote() {
+        // Interleaved sequences sharing a cached prefix: every position a chunk reads
+        // holds the sequence's own token (FakeModel checks presence; this checks values).
+        let log: Log = Default::default();
+        let mut s = Scheduler::new(BlockPool::new(12, 4), limits(3, 5));
+        let mut m = FakeModel::new(12, 4);
+        let base: Vec<u32> = (0..9).collect();
+        s.add(base.clone(), seq(1, 2, &log)).unwrap();
+        run_all(&mut s, &mut m);
+        for n in 2..5u32 {
+            let mut p = base.clone();
+            p.push(100 * n);
+            s.add(p, seq(n, 4, &log)).unwrap();
+        }
+        while !s.is_empty() {
+            s.step(|c| m.forward(c)).unwrap();
+            for e in &s.running {
+                assert_eq!(m.read(&e.table.blocks, e.computed), e.tokens[..e.computed]);
+            }
+        }
+        assert_eq!(s.limits.max_running, 3);
+    }
+
+    #[test]
+    fn sequences_that_cannot_fit_are_refused() {
+        let log: Log = Default::default();
+        let mut s = Scheduler::new(BlockPool::new(2, 4), limits(1, 8));
+        assert_eq!(s.add(vec![], seq(1, 1, &log)), Err(AddError::Empty));
+        assert_eq!(
+            s.add((0..8).collect(), seq(1, 1, &log)),
+            Err(AddError::TooLong(9, 8))
+        );
+        assert!(s.add((0..7).collect(), seq(1, 1, &log)).is_ok());
+    }
+}
