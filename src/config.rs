@@ -140,6 +140,11 @@ pub struct Placement {
     /// Threads for a CPU device; 0 (the default) shares the cores out evenly.
     #[serde(default)]
     pub threads: usize,
+    /// Memory for the model's KV cache blocks in MiB; unset: room for `--parallel`
+    /// sequences of the default num_ctx. Sequences beyond what fits wait or are
+    /// preempted and resumed; a request's num_ctx is capped to what fits.
+    #[serde(default)]
+    pub kv_cache_mib: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

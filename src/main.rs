@@ -81,6 +81,9 @@ struct ServeArgs {
     /// Requests that may wait per model before the server answers 503
     #[arg(long, env = "OLLAMA_MAX_QUEUE", default_value_t = 16)]
     max_queue: usize,
+    /// Requests each model runs at once, batched into the same forward passes
+    #[arg(long, env = "OLLAMA_NUM_PARALLEL", default_value_t = duet::serving::worker::DEFAULT_PARALLEL)]
+    parallel: usize,
     /// Largest request body in bytes
     #[arg(long, default_value_t = 32 << 20)]
     max_body: usize,
@@ -127,6 +130,16 @@ struct BenchArgs {
     /// (comma-separated: 1.5b-q4_k_m, 7b-q8_0); no weights file or configuration needed
     #[arg(long, value_delimiter = ',', value_name = "SHAPE")]
     dummy_weights: Vec<String>,
+    /// Streams at once instead of the per-device measurements, comma-separated (e.g.
+    /// 1,2,4,8): aggregate and per-stream tok/s, TTFT, and a multi-turn prefix-cache case
+    #[arg(long, value_delimiter = ',', conflicts_with = "dummy_weights")]
+    concurrency: Vec<usize>,
+    /// Prompt tokens per stream for --concurrency
+    #[arg(long, default_value_t = 128, requires = "concurrency")]
+    stream_prompt_tokens: usize,
+    /// Conversation tokens before the extra turn of --concurrency's multi-turn case
+    #[arg(long, default_value_t = 1500, requires = "concurrency")]
+    conversation_tokens: usize,
     /// Device for --dummy-weights (each shape gets its own worker on it)
     #[arg(long, default_value = "cpu:0", requires = "dummy_weights")]
     device: String,
@@ -232,6 +245,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 duet::serve::ServeOptions {
                     host,
                     max_queue: args.max_queue.max(1),
+                    parallel: args.parallel.max(1),
                     limits: duet::api::Limits {
                         max_body: args.max_body,
                         max_predict: args.max_predict,
@@ -824,6 +838,29 @@ fn bench(d: &Deployment, args: BenchArgs) -> Result<()> {
         {
             bail!("model '{m}' is not placed in layout '{}'", d.layout_name);
         }
+    }
+    if !args.concurrency.is_empty() {
+        let copts = duet::bench::concurrency::ConcurrencyOptions {
+            levels: args.concurrency.iter().map(|&n| n.max(1)).collect(),
+            prompt_tokens: args.stream_prompt_tokens.max(1),
+            gen_tokens: args.gen_tokens.unwrap_or(64).max(1),
+            conversation_tokens: args.conversation_tokens.max(1),
+        };
+        let reports = duet::bench::concurrency::run(models, &copts)?;
+        if let Some(path) = &args.json_out {
+            std::fs::write(path, serde_json::to_string_pretty(&reports)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&reports)?);
+        } else {
+            println!(
+                "# duet bench --concurrency ({}, {threads} threads)\n",
+                duet::bench::cpu_line()
+            );
+            print!("{}", duet::bench::concurrency::markdown(&reports, &copts));
+        }
+        return Ok(());
     }
     let report = duet::bench::run(&d.layout_name, models, &opts, threads)?;
     print_report(&report, &args)

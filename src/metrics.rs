@@ -32,6 +32,12 @@ pub struct Metrics {
     pub loaded: IntGaugeVec,
     pub tokens_per_second: GaugeVec,
     pub time_saved: CounterVec,
+    pub steps: IntCounterVec,
+    pub batched_decode_steps: IntCounterVec,
+    pub scheduled_tokens: IntCounterVec,
+    pub prefix_hits: IntCounterVec,
+    pub preemptions: IntCounterVec,
+    pub running: IntGaugeVec,
     rates: Mutex<HashMap<String, Rates>>,
 }
 
@@ -106,9 +112,67 @@ impl Metrics {
                 ),
                 &["model"]
             )?),
+            steps: reg!(IntCounterVec::new(
+                Opts::new("duet_scheduler_steps_total", "Batched forward passes run by model"),
+                &["model"]
+            )?),
+            batched_decode_steps: reg!(IntCounterVec::new(
+                Opts::new("duet_batched_decode_steps_total", "Forward passes in which two or more sequences of a model decoded together"),
+                &["model"]
+            )?),
+            scheduled_tokens: reg!(IntCounterVec::new(
+                Opts::new("duet_scheduled_tokens_total", "Positions run through a model by phase (decode, prefill)"),
+                &["model", "phase"]
+            )?),
+            prefix_hits: reg!(IntCounterVec::new(
+                Opts::new("duet_prefix_cache_hit_tokens_total", "Prompt positions taken from the prefix cache instead of computed"),
+                &["model"]
+            )?),
+            preemptions: reg!(IntCounterVec::new(
+                Opts::new("duet_preemptions_total", "Sequences preempted (and later recomputed) because the KV cache was full"),
+                &["model"]
+            )?),
+            running: reg!(IntGaugeVec::new(
+                Opts::new("duet_running_sequences", "Sequences in a model's running batch"),
+                &["model"]
+            )?),
             rates: Mutex::new(HashMap::new()),
             registry,
         })
+    }
+
+    /// Brings the scheduler counters up to a model's totals.
+    pub fn sync_steps(&self, model: &str, s: &crate::serving::worker::StepStats) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let to = |c: &IntCounterVec, labels: &[&str], total: u64| {
+            let c = c.with_label_values(labels);
+            c.inc_by(total.saturating_sub(c.get()));
+        };
+        to(&self.steps, &[model], s.steps.load(Relaxed));
+        to(
+            &self.batched_decode_steps,
+            &[model],
+            s.batched_decode_steps.load(Relaxed),
+        );
+        to(
+            &self.scheduled_tokens,
+            &[model, "decode"],
+            s.decoded_tokens.load(Relaxed),
+        );
+        to(
+            &self.scheduled_tokens,
+            &[model, "prefill"],
+            s.prefill_tokens.load(Relaxed),
+        );
+        to(
+            &self.prefix_hits,
+            &[model],
+            s.prefix_hit_tokens.load(Relaxed),
+        );
+        to(&self.preemptions, &[model], s.preemptions.load(Relaxed));
+        self.running
+            .with_label_values(&[model])
+            .set(s.running.load(Relaxed) as i64);
     }
 
     /// The text exposition of every metric.
@@ -249,7 +313,10 @@ impl Recorder {
                 m.update_rates(
                     model,
                     &self.device,
-                    (s.prompt_eval_count, s.prompt_eval_duration),
+                    (
+                        s.prompt_eval_count.saturating_sub(s.cached_tokens),
+                        s.prompt_eval_duration,
+                    ),
                     (s.eval_count, s.eval_duration),
                 );
                 if let Some((largest, ratio)) = &self.larger {

@@ -20,6 +20,8 @@ pub struct ServeOptions {
     pub host: String,
     /// Requests that may wait per model before 503.
     pub max_queue: usize,
+    /// Sequences each model runs at once.
+    pub parallel: usize,
     pub limits: Limits,
     pub origins: Option<String>,
     /// Preloading and the default keep-alive.
@@ -56,7 +58,7 @@ pub fn parse_host(s: &str) -> Result<SocketAddr> {
 /// Reads each placed model's file header and starts one worker per device.
 fn start_workers(
     d: &Deployment,
-    max_queue: usize,
+    capacity: worker::Capacity,
     life: worker::Lifecycle,
 ) -> Result<Vec<Arc<ModelSlot>>> {
     let mut by_device: BTreeMap<_, Vec<Placement>> = BTreeMap::new();
@@ -79,6 +81,7 @@ fn start_workers(
         by_device.entry(p.device).or_default().push(Placement {
             name: p.model.clone(),
             file,
+            kv_cache_bytes: p.kv_cache_mib.map(|m| m << 20),
         });
     }
     if !by_device.values().flatten().any(|p| p.file.is_ok()) {
@@ -86,7 +89,7 @@ fn start_workers(
     }
     let mut slots = Vec::new();
     for (device, placements) in by_device {
-        slots.extend(worker::spawn(device, placements, max_queue, life));
+        slots.extend(worker::spawn(device, placements, capacity, life));
     }
     Ok(slots)
 }
@@ -209,7 +212,11 @@ pub fn serve(d: Deployment, opts: ServeOptions) -> Result<()> {
         kernels = %crate::kernels::kernels(),
         "CPU"
     );
-    let slots = start_workers(&d, opts.max_queue, opts.lifecycle)?;
+    let capacity = worker::Capacity {
+        max_queue: opts.max_queue,
+        parallel: opts.parallel,
+    };
+    let slots = start_workers(&d, capacity, opts.lifecycle)?;
     tracing::info!(preload = opts.lifecycle.preload, keep_alive = %opts.lifecycle.keep_alive, "model lifecycle");
     let layout = d.layout();
     let classifier = crate::router::Classifier::new(d.config.routing.clone())?;

@@ -258,6 +258,7 @@ async fn metrics(axum::extract::State(st): axum::extract::State<Arc<AppState>>) 
         m.loaded
             .with_label_values(&[&s.name, &s.device.to_string()])
             .set(i64::from(s.is_ready()));
+        m.sync_steps(&s.name, &s.stats);
     }
     (
         [(
@@ -465,6 +466,7 @@ impl AppState {
             enqueued: Instant::now(),
             load_wait: target.load_wait,
             logprobs: extras.logprobs,
+            ignore_stop: false,
         })?;
         let recorder = crate::metrics::Recorder::new(
             self.metrics.clone(),

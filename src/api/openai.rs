@@ -83,6 +83,7 @@ fn usage(s: &Summary) -> Value {
         "prompt_tokens": s.prompt_eval_count,
         "completion_tokens": s.eval_count,
         "total_tokens": s.prompt_eval_count + s.eval_count,
+        "prompt_tokens_details": {"cached_tokens": s.cached_tokens},
     })
 }
 

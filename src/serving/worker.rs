@@ -1,15 +1,20 @@
 //! One OS thread per device. The thread creates the device's candle `Device` once, loads
-//! and warms the models placed on it (at start, or on a model's first request), runs their
-//! jobs one at a time and unloads a model whose keep-alive has run out; it is the only
-//! thread that drives that device. A bounded count of pending jobs per model stands in
-//! front, so a full queue is refused at once instead of growing without bound.
+//! and warms the models placed on it (at start, or on a model's first request), runs
+//! their jobs through one [`Scheduler`] per model (continuous batching: up to
+//! `--parallel` sequences share each forward pass) and unloads a model whose keep-alive
+//! has run out; it is the only thread that drives that device. A bounded count of jobs
+//! waiting to start per model stands in front, so a full queue is refused at once
+//! instead of growing without bound.
 
-use super::{Options, Summary};
+use super::blocks::BlockPool;
+use super::scheduler::{Advance, Limits, Scheduler, Sequence, Then};
+use super::sequence::Decoding;
+use super::{Logprob, Options, Summary};
 use crate::config::DeviceSpec;
 use crate::keep_alive::KeepAlive;
 use crate::model::{EngineError, Model, ModelInfo};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -42,6 +47,8 @@ pub struct Job {
     pub load_wait: Duration,
     /// Report log probabilities with this many alternatives per token.
     pub logprobs: Option<usize>,
+    /// Keep generating past end-of-turn tokens (fixed-length benchmarks).
+    pub ignore_stop: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -98,7 +105,44 @@ pub struct ModelSlot {
     pending: AtomicUsize,
     in_flight: AtomicUsize,
     max_queue: usize,
+    parallel: usize,
+    kv_cache_bytes: Option<u64>,
+    /// What the model's scheduler has done.
+    pub stats: StepStats,
     jobs: mpsc::Sender<Msg>,
+}
+
+/// Counts of a model's scheduler steps, for /metrics.
+#[derive(Default)]
+pub struct StepStats {
+    /// Forward passes run.
+    pub steps: AtomicU64,
+    /// Steps in which two or more sequences decoded a token together.
+    pub batched_decode_steps: AtomicU64,
+    /// Tokens decoded (one per sequence per step) and prompt positions computed.
+    pub decoded_tokens: AtomicU64,
+    pub prefill_tokens: AtomicU64,
+    /// Prompt positions taken from the prefix cache instead of computed.
+    pub prefix_hit_tokens: AtomicU64,
+    pub preemptions: AtomicU64,
+    /// Sequences running after the last step.
+    pub running: AtomicU64,
+}
+
+impl StepStats {
+    fn record(&self, r: &super::scheduler::StepReport) {
+        let add = |c: &AtomicU64, n: usize| c.fetch_add(n as u64, Ordering::Relaxed);
+        if r.sequences > 0 {
+            add(&self.steps, 1);
+        }
+        if r.decodes >= 2 {
+            add(&self.batched_decode_steps, 1);
+        }
+        add(&self.decoded_tokens, r.decodes);
+        add(&self.prefill_tokens, r.tokens - r.decodes);
+        add(&self.prefix_hit_tokens, r.prefix_hit_tokens);
+        add(&self.preemptions, r.preempted);
+    }
 }
 
 impl ModelSlot {
@@ -265,7 +309,26 @@ impl ModelSlot {
 pub struct Placement {
     pub name: String,
     pub file: Result<SlotFile, String>,
+    /// Memory for its KV cache blocks, in bytes (default: num_ctx × parallel positions).
+    pub kv_cache_bytes: Option<u64>,
 }
+
+/// How many requests a worker runs at once and lets wait, per model.
+#[derive(Debug, Clone, Copy)]
+pub struct Capacity {
+    /// Requests that may wait to start before new ones are refused.
+    pub max_queue: usize,
+    /// Sequences that run at once (`--parallel`, OLLAMA_NUM_PARALLEL).
+    pub parallel: usize,
+}
+
+/// Sequences per model that run at once unless `--parallel` says otherwise.
+pub const DEFAULT_PARALLEL: usize = 4;
+
+/// Tokens per scheduler step (decodes and prompt chunks together): small enough that a
+/// long prompt being prefilled delays the running streams' next token by a fraction of
+/// a second on a CPU, large enough for the matrices to run at full speed.
+pub const STEP_TOKENS: usize = 256;
 
 /// How a worker treats its models' lifetimes.
 #[derive(Debug, Clone, Copy)]
@@ -289,7 +352,7 @@ impl Default for Lifecycle {
 pub fn spawn(
     device: DeviceSpec,
     placements: Vec<Placement>,
-    max_queue: usize,
+    capacity: Capacity,
     life: Lifecycle,
 ) -> Vec<Arc<ModelSlot>> {
     let (tx, rx) = mpsc::channel::<Msg>();
@@ -314,7 +377,10 @@ pub fn spawn(
                 expires: Mutex::new(None),
                 pending: AtomicUsize::new(0),
                 in_flight: AtomicUsize::new(0),
-                max_queue,
+                max_queue: capacity.max_queue,
+                parallel: capacity.parallel.max(1),
+                kv_cache_bytes: p.kv_cache_bytes,
+                stats: StepStats::default(),
                 jobs: tx.clone(),
             })
         })
@@ -337,6 +403,49 @@ struct Worker {
     device: DeviceSpec,
     dev: Option<candle_core::Device>,
     slots: Vec<Arc<ModelSlot>>,
+    /// The running batch of each loaded model, by slot index.
+    batchers: Vec<Option<Batcher>>,
+}
+
+/// One loaded model's scheduler and KV cache.
+struct Batcher {
+    model: Arc<Model>,
+    sched: Scheduler<JobSeq>,
+    kv: crate::model::qwen2::PagedKv,
+}
+
+impl Batcher {
+    fn new(model: Arc<Model>, slot: &ModelSlot) -> Result<Self, EngineError> {
+        let per_block = model.weights.kv_bytes_per_block().max(1);
+        let bytes = slot.kv_cache_bytes.unwrap_or_else(|| {
+            let positions = super::sampling::DEFAULT_NUM_CTX * slot.parallel;
+            positions.div_ceil(crate::model::qwen2::KV_BLOCK) as u64 * per_block
+        });
+        // At least room for one sequence of the default context.
+        let min_blocks =
+            super::sampling::DEFAULT_NUM_CTX.div_ceil(crate::model::qwen2::KV_BLOCK) + 1;
+        let n_blocks = ((bytes / per_block) as usize).max(min_blocks);
+        let kv = model.weights.new_paged_kv(n_blocks)?;
+        tracing::info!(
+            model = %slot.name,
+            blocks = n_blocks,
+            positions = n_blocks * crate::model::qwen2::KV_BLOCK,
+            mib = (n_blocks as u64 * per_block) >> 20,
+            parallel = slot.parallel,
+            "KV cache ready"
+        );
+        Ok(Self {
+            sched: Scheduler::new(
+                BlockPool::new(n_blocks, crate::model::qwen2::KV_BLOCK),
+                Limits {
+                    max_running: slot.parallel,
+                    step_tokens: STEP_TOKENS,
+                },
+            ),
+            model,
+            kv,
+        })
+    }
 }
 
 impl Worker {
@@ -352,7 +461,13 @@ impl Worker {
                 None
             }
         };
-        let w = Self { device, dev, slots };
+        let batchers = slots.iter().map(|_| None).collect();
+        let w = Self {
+            device,
+            dev,
+            slots,
+            batchers,
+        };
         if life.preload {
             for slot in &w.slots {
                 w.load(slot);
@@ -406,7 +521,7 @@ impl Worker {
     /// After a model's last queued job: start its keep-alive, or unload it now for a
     /// keep-alive of zero.
     fn idle(&self, slot: &ModelSlot) {
-        if slot.queue_depth() > 0 || !slot.is_ready() {
+        if slot.queue_depth() + slot.in_flight() > 0 || !slot.is_ready() {
             return;
         }
         let k = slot.keep_alive();
@@ -437,7 +552,7 @@ impl Worker {
         let now = Instant::now();
         let mut next: Option<Instant> = None;
         for slot in &self.slots {
-            if slot.queue_depth() > 0 || !slot.is_ready() {
+            if slot.queue_depth() + slot.in_flight() > 0 || !slot.is_ready() {
                 continue;
             }
             let at = *slot.expires.lock().unwrap_or_else(|e| e.into_inner());
@@ -450,12 +565,56 @@ impl Worker {
         next
     }
 
+    fn slot_index(&self, name: &str) -> Option<usize> {
+        self.slots.iter().position(|s| s.name == name)
+    }
+
     fn slot(&self, name: &str) -> Option<&Arc<ModelSlot>> {
         self.slots.iter().find(|s| s.name == name)
     }
 
-    fn run(self, rx: mpsc::Receiver<Msg>) {
+    fn busy(&self) -> bool {
+        self.batchers.iter().flatten().any(|b| !b.sched.is_empty())
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Load(name) => {
+                if let Some(slot) = self.slot(&name) {
+                    self.load(slot);
+                    self.loaded(slot);
+                }
+            }
+            Msg::Unload(name) => {
+                if let Some(slot) = self.slot(&name) {
+                    self.idle(slot);
+                }
+            }
+            Msg::Job(job) => self.job(*job),
+            Msg::Remove(name) => {
+                if let Some(slot) = self.slot(&name) {
+                    slot.set_expiry(None);
+                    tracing::info!(model = %slot.name, "weights removed: unloaded");
+                }
+            }
+        }
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Msg>) {
         loop {
+            if self.busy() {
+                // Between steps: take what arrived, then one step of each busy model.
+                loop {
+                    match rx.try_recv() {
+                        Ok(m) => self.handle(m),
+                        Err(mpsc::TryRecvError::Empty) => break,
+                        Err(mpsc::TryRecvError::Disconnected) => return,
+                    }
+                }
+                self.step_all();
+                continue;
+            }
+            self.drop_unloaded();
             let msg = match self.expire() {
                 Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
                     Ok(m) => m,
@@ -467,62 +626,283 @@ impl Worker {
                     Err(_) => return,
                 },
             };
-            match msg {
-                Msg::Load(name) => {
-                    if let Some(slot) = self.slot(&name) {
-                        self.load(slot);
-                        self.loaded(slot);
-                    }
-                }
-                Msg::Unload(name) => {
-                    if let Some(slot) = self.slot(&name) {
-                        self.idle(slot);
-                    }
-                }
-                Msg::Job(job) => self.job(*job),
-                Msg::Remove(name) => {
-                    if let Some(slot) = self.slot(&name) {
-                        slot.set_expiry(None);
-                        tracing::info!(model = %slot.name, "weights removed: unloaded");
-                    }
-                }
+            self.handle(msg);
+        }
+    }
+
+    /// Frees the KV cache of models that are no longer loaded.
+    fn drop_unloaded(&mut self) {
+        for (slot, b) in self.slots.iter().zip(self.batchers.iter_mut()) {
+            let stale = match (b.as_ref(), slot.model()) {
+                (Some(b), Some(m)) => !Arc::ptr_eq(&b.model, &m),
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
+            if stale && b.as_ref().is_some_and(|b| b.sched.is_empty()) {
+                *b = None;
             }
         }
     }
 
-    fn job(&self, mut job: Job) {
-        let Some(slot) = self.slot(&job.model) else {
+    /// One scheduler step of every model with work, in turn.
+    fn step_all(&mut self) {
+        for i in 0..self.slots.len() {
+            let Some(b) = self.batchers[i].as_mut() else {
+                continue;
+            };
+            if b.sched.is_empty() {
+                continue;
+            }
+            let slot = &self.slots[i];
+            match super::generate::step_on(&b.model, &mut b.sched, &mut b.kv) {
+                Ok((done, report)) => {
+                    drop(done);
+                    slot.stats.record(&report);
+                }
+                Err(e) => {
+                    tracing::error!(model = %slot.name, error = %e, "forward pass failed: its requests end with the error");
+                    for mut seq in b.sched.drain() {
+                        seq.fail(&e.to_string());
+                    }
+                }
+            }
+            let (empty, running) = (b.sched.is_empty(), b.sched.running());
+            slot.stats.running.store(running as u64, Ordering::Relaxed);
+            if empty {
+                self.idle(&self.slots[i]);
+            }
+        }
+    }
+
+    fn job(&mut self, mut job: Job) {
+        let Some(i) = self.slot_index(&job.model) else {
             let _ = job.events.blocking_send(Event::Error(format!(
                 "model '{}' is not on {}",
                 job.model, self.device
             )));
             return;
         };
-        slot.pending.fetch_sub(1, Ordering::AcqRel);
+        let slot = self.slots[i].clone();
         if job.events.is_closed() {
-            self.idle(slot);
+            slot.pending.fetch_sub(1, Ordering::AcqRel);
+            self.idle(&slot);
             return; // the client gave up while queued
         }
-        slot.in_flight.fetch_add(1, Ordering::AcqRel);
         // Unloaded between the request's wait and now (its keep-alive ran out): load again.
         let start = Instant::now();
         let was_ready = slot.is_ready();
-        if self.load(slot) {
-            if !was_ready {
-                job.load_wait += start.elapsed();
-            }
-            if let Some(model) = slot.model() {
-                run_job(&model, job);
-            }
-        } else {
+        let model = if self.load(&slot) { slot.model() } else { None };
+        let Some(model) = model else {
+            slot.pending.fetch_sub(1, Ordering::AcqRel);
             let why = slot.failure().unwrap_or_else(|| "not loaded".into());
             let _ = job.events.blocking_send(Event::Error(format!(
                 "model '{}' is unavailable: {why}",
                 slot.name
             )));
+            self.idle(&slot);
+            return;
+        };
+        if !was_ready {
+            job.load_wait += start.elapsed();
         }
-        slot.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.idle(slot);
+        let fresh = match &self.batchers[i] {
+            Some(b) => !Arc::ptr_eq(&b.model, &model) && b.sched.is_empty(),
+            None => true,
+        };
+        if fresh {
+            match Batcher::new(model.clone(), &slot) {
+                Ok(b) => self.batchers[i] = Some(b),
+                Err(e) => {
+                    slot.pending.fetch_sub(1, Ordering::AcqRel);
+                    let _ = job.events.blocking_send(Event::Error(e.to_string()));
+                    self.idle(&slot);
+                    return;
+                }
+            }
+        }
+        let b = self.batchers[i].as_mut().expect("just made");
+        let capacity = b.sched.capacity();
+        let max_ctx = model
+            .weights
+            .max_positions()
+            .min(capacity.saturating_sub(1));
+        let decoding = match Decoding::new(job.prompt, &job.options, max_ctx, &model.name) {
+            Ok((d, tokens)) => {
+                let d = match job.constraint {
+                    Some(c) => d.with_constraint(c),
+                    None => d,
+                };
+                let d = match job.logprobs {
+                    Some(top) => d.with_logprobs(top),
+                    None => d,
+                };
+                let d = if job.ignore_stop {
+                    d.ignore_stop_tokens()
+                } else {
+                    d
+                };
+                Some((d, tokens))
+            }
+            Err(e) => {
+                let _ = job.events.blocking_send(Event::Error(e.to_string()));
+                None
+            }
+        };
+        let Some((decoding, tokens)) = decoding else {
+            slot.pending.fetch_sub(1, Ordering::AcqRel);
+            self.idle(&slot);
+            return;
+        };
+        let seq = JobSeq {
+            model: b.model.clone(),
+            slot: slot.clone(),
+            decoding,
+            events: job.events,
+            enqueued: job.enqueued,
+            load_wait: job.load_wait,
+            logprobs: Vec::new(),
+            started: false,
+            gone: false,
+            backlog: Default::default(),
+        };
+        if let Err(e) = b.sched.add(tokens, seq) {
+            // Cannot happen (num_ctx is capped to the pool), but never lose the request.
+            tracing::error!(model = %slot.name, error = %e, "request refused by the scheduler");
+        }
+    }
+}
+
+/// A request running in a model's scheduler: its decoding, and where its output goes.
+struct JobSeq {
+    model: Arc<Model>,
+    slot: Arc<ModelSlot>,
+    decoding: Decoding,
+    events: tokio::sync::mpsc::Sender<Event>,
+    enqueued: Instant,
+    load_wait: Duration,
+    /// Log probabilities of tokens whose text is held back wait for the next text.
+    logprobs: Vec<Logprob>,
+    /// Admitted (counted in flight rather than pending).
+    started: bool,
+    /// The client went away.
+    gone: bool,
+    /// Events its client has not taken yet: the worker never waits for one slow reader
+    /// while other sequences share its steps.
+    backlog: std::collections::VecDeque<Event>,
+}
+
+/// Events a client may leave unread before it counts as gone (a stalled reader).
+const MAX_BACKLOG: usize = 8192;
+
+impl JobSeq {
+    fn send(&mut self, e: Event) {
+        use tokio::sync::mpsc::error::TrySendError;
+        if self.gone {
+            return;
+        }
+        self.backlog.push_back(e);
+        while let Some(e) = self.backlog.pop_front() {
+            match self.events.try_send(e) {
+                Ok(()) => {}
+                Err(TrySendError::Full(e)) => {
+                    self.backlog.push_front(e);
+                    break;
+                }
+                Err(TrySendError::Closed(_)) => {
+                    tracing::info!(model = %self.model.name, "client went away: generation stopped");
+                    self.gone = true;
+                    self.backlog.clear();
+                    return;
+                }
+            }
+        }
+        if self.backlog.len() > MAX_BACKLOG {
+            tracing::warn!(model = %self.model.name, "client stopped reading its stream: generation stopped");
+            self.gone = true;
+            self.backlog.clear();
+        }
+    }
+
+    fn fail(&mut self, why: &str) {
+        self.send(Event::Error(why.to_string()));
+    }
+}
+
+impl Sequence for JobSeq {
+    fn admitted(&mut self, cached: usize) {
+        if !self.started {
+            self.started = true;
+            self.slot.pending.fetch_sub(1, Ordering::AcqRel);
+            self.slot.in_flight.fetch_add(1, Ordering::AcqRel);
+            self.send(Event::Started {
+                queue_wait: self.enqueued.elapsed(),
+            });
+        }
+        self.decoding.admitted(cached);
+    }
+
+    fn advance(&mut self, tokens: &[u32], logits: &[f32]) -> Advance {
+        let finish = Advance {
+            token: None,
+            then: Then::Finish,
+        };
+        let (piece, advance) = match self.decoding.advance(&self.model.codec, tokens, logits) {
+            Ok(r) => r,
+            Err(e) => {
+                self.fail(&e.to_string());
+                return finish;
+            }
+        };
+        if let Some(p) = piece {
+            self.logprobs.extend(p.logprob);
+            if !p.text.is_empty() {
+                if !self.logprobs.is_empty() {
+                    let l = std::mem::take(&mut self.logprobs);
+                    self.send(Event::Logprobs(l));
+                }
+                self.send(Event::Text(p.text));
+            }
+        }
+        if self.gone {
+            return finish;
+        }
+        if advance.then == Then::Finish {
+            if !self.logprobs.is_empty() {
+                let l = std::mem::take(&mut self.logprobs);
+                self.send(Event::Logprobs(l));
+            }
+            let mut summary = self.decoding.summary();
+            summary.load_duration = self.load_wait;
+            self.send(Event::Done(summary));
+        }
+        advance
+    }
+
+    fn cancelled(&self) -> bool {
+        self.gone || self.events.is_closed()
+    }
+}
+
+impl Drop for JobSeq {
+    fn drop(&mut self) {
+        // What the client has not taken yet goes on being delivered off this thread.
+        if !self.gone && !self.backlog.is_empty() {
+            let (events, backlog) = (self.events.clone(), std::mem::take(&mut self.backlog));
+            let _ = std::thread::Builder::new()
+                .name("duet-deliver".into())
+                .spawn(move || {
+                    for e in backlog {
+                        if events.blocking_send(e).is_err() {
+                            break;
+                        }
+                    }
+                });
+        }
+        if self.started {
+            self.slot.in_flight.fetch_sub(1, Ordering::AcqRel);
+        } else {
+            self.slot.pending.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -546,62 +926,4 @@ fn load_and_warm(
     model.generate(prompt, &warm)?.collect_text()?;
     tracing::info!(model = %slot.name, %device, secs = start.elapsed().as_secs_f64(), "loaded and warm");
     Ok(model)
-}
-
-fn run_job(model: &Model, job: Job) {
-    let send = |e: Event| job.events.blocking_send(e).is_ok();
-    if !send(Event::Started {
-        queue_wait: job.enqueued.elapsed(),
-    }) {
-        return;
-    }
-    let mut generation = match model.generate(job.prompt, &job.options) {
-        Ok(g) => {
-            let g = match job.constraint {
-                Some(c) => g.with_constraint(c),
-                None => g,
-            };
-            match job.logprobs {
-                Some(top) => g.with_logprobs(top),
-                None => g,
-            }
-        }
-        Err(e) => {
-            send(Event::Error(e.to_string()));
-            return;
-        }
-    };
-    // Log probabilities of tokens whose text is held back wait for the next text.
-    let mut logprobs = Vec::new();
-    for piece in generation.by_ref() {
-        match piece {
-            Ok(p) => {
-                logprobs.extend(p.logprob);
-                if p.text.is_empty() {
-                    continue;
-                }
-                if !logprobs.is_empty() && !send(Event::Logprobs(std::mem::take(&mut logprobs))) {
-                    return;
-                }
-                if !send(Event::Text(p.text)) {
-                    tracing::info!(model = %model.name, "client went away: generation stopped");
-                    return;
-                }
-            }
-            Err(e) => {
-                send(Event::Error(e.to_string()));
-                return;
-            }
-        }
-        if job.events.is_closed() {
-            tracing::info!(model = %model.name, "client went away: generation stopped");
-            return;
-        }
-    }
-    if !logprobs.is_empty() {
-        send(Event::Logprobs(logprobs));
-    }
-    let mut summary = generation.summary();
-    summary.load_duration = job.load_wait;
-    send(Event::Done(summary));
 }

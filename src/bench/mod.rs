@@ -4,6 +4,8 @@
 //! tokens, time to first token) and finally with every device generating at the same
 //! moment, to show what true concurrency gives.
 
+pub mod concurrency;
+
 use crate::config::DeviceSpec;
 use crate::kernels::CpuId;
 use crate::model::synthetic::Shape;
@@ -148,7 +150,7 @@ struct Measured {
     ttft: Duration,
 }
 
-fn random_prompt(n: usize, seed: u64) -> Vec<u32> {
+pub(crate) fn random_prompt(n: usize, seed: u64) -> Vec<u32> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     // Ordinary (non-special) vocabulary ids.
     (0..n).map(|_| rng.random_range(100..150_000)).collect()
@@ -384,6 +386,16 @@ pub fn run(
         },
         results,
     })
+}
+
+/// The CPU, duet's kernels on it and the time, for a report's header.
+pub fn cpu_line() -> String {
+    format!(
+        "CPU: {}; duet's CPU kernels: {}; {}",
+        CpuId::read(),
+        crate::kernels::kernels(),
+        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    )
 }
 
 /// The report as Markdown tables: each device alone, then all together.
