@@ -176,3 +176,37 @@ fn greedy_matches_reference_first_16_tokens_large() {
         "greedy-qwen2.5-coder-1.5b-instruct-q4_k_m.json",
     );
 }
+
+/// The GPU's attention path (the cache in tensors, candle's operations), run on the CPU,
+/// picks the CPU path's greedy tokens on every vector's prompt and first answer tokens,
+/// up to near ties.
+#[test]
+fn the_tensor_attention_path_agrees_with_the_cpu_kernels() {
+    let v = vectors("greedy-qwen2.5-coder-0.5b-instruct-q4_k_m.json");
+    let gguf = GgufFile::open(&weights(SMALL)).unwrap();
+    let qwen = Qwen2::load(&gguf, &gguf.info().unwrap(), &Device::Cpu).unwrap();
+    let top = |l: &[f32]| (0..l.len()).max_by(|&a, &b| l[a].total_cmp(&l[b])).unwrap();
+    for case in v["cases"].as_array().unwrap() {
+        let prompt = ids(&case["prompt_ids"]);
+        let want = ids(&case["greedy_ids"]);
+        let mut host = qwen.new_cache(prompt.len() + 8).unwrap();
+        let mut tensors = qwen.new_cache_on_tensors(prompt.len() + 8).unwrap();
+        let mut feed = prompt.clone();
+        for &next in want.iter().take(6) {
+            let a: Vec<f32> = qwen.forward(&feed, &mut host).unwrap().to_vec1().unwrap();
+            let b: Vec<f32> = qwen
+                .forward(&feed, &mut tensors)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let (ta, tb) = (top(&a), top(&b));
+            assert!(
+                ta == tb || a[ta] - a[tb] < NEAR_TIE,
+                "paths disagree: {ta} ({}) vs {tb} ({})",
+                a[ta],
+                a[tb]
+            );
+            feed = vec![next];
+        }
+    }
+}

@@ -370,8 +370,12 @@ impl Qwen2 {
 
     /// A paged cache of `n_blocks` blocks of [`KV_BLOCK`] positions on the model's device.
     pub fn new_paged_kv(&self, n_blocks: usize) -> Result<PagedKv> {
+        self.paged_kv(n_blocks, self.device.is_cpu())
+    }
+
+    fn paged_kv(&self, n_blocks: usize, host: bool) -> Result<PagedKv> {
         let shape = self.kv_shape(KV_BLOCK);
-        let store = if self.device.is_cpu() {
+        let store = if host {
             let n = n_blocks * shape.block_len();
             KvStore::Cpu(
                 (0..self.layers.len())
@@ -400,11 +404,22 @@ impl Qwen2 {
 
     /// A cache for one sequence expected to reach `capacity` positions (it grows).
     pub fn new_cache(&self, capacity: usize) -> Result<KvCache> {
+        self.cache(capacity, self.device.is_cpu())
+    }
+
+    /// As [`new_cache`](Self::new_cache), held in tensors and attended with candle's
+    /// operations even on the CPU: the path GPUs take, for tests to check on any machine.
+    #[doc(hidden)]
+    pub fn new_cache_on_tensors(&self, capacity: usize) -> Result<KvCache> {
+        self.cache(capacity, false)
+    }
+
+    fn cache(&self, capacity: usize, host: bool) -> Result<KvCache> {
         let n = capacity
             .clamp(1, self.max_positions().max(1))
             .div_ceil(KV_BLOCK);
         Ok(KvCache {
-            kv: self.new_paged_kv(n)?,
+            kv: self.paged_kv(n, host)?,
             blocks: (0..n as u32).collect(),
             len: 0,
         })

@@ -195,7 +195,7 @@ impl Iterator for Generation<'_> {
                 return None;
             }
             if let Some((tokens, a)) = self.unstarted.take() {
-                if let Err(e) = self.sched.add(tokens, a) {
+                if let Err((e, _)) = self.sched.add(tokens, a) {
                     self.failed = true;
                     return Some(Err(EngineError::Option(e.to_string())));
                 }

@@ -114,14 +114,14 @@ impl<S: Sequence> Scheduler<S> {
         &self.pool
     }
 
-    /// Queues a sequence whose context so far is `tokens`.
-    pub fn add(&mut self, tokens: Vec<u32>, seq: S) -> Result<(), AddError> {
+    /// Queues a sequence whose context so far is `tokens` (or gives it back, refused).
+    pub fn add(&mut self, tokens: Vec<u32>, seq: S) -> Result<(), (AddError, S)> {
         if tokens.is_empty() {
-            return Err(AddError::Empty);
+            return Err((AddError::Empty, seq));
         }
         // Room for the prompt and one generated token.
         if tokens.len() + 1 > self.capacity() {
-            return Err(AddError::TooLong(tokens.len() + 1, self.capacity()));
+            return Err((AddError::TooLong(tokens.len() + 1, self.capacity()), seq));
         }
         self.waiting.push_back(Entry {
             seq,
@@ -625,10 +625,13 @@ mod tests {
     fn sequences_that_cannot_fit_are_refused() {
         let log: Log = Default::default();
         let mut s = Scheduler::new(BlockPool::new(2, 4), limits(1, 8));
-        assert_eq!(s.add(vec![], seq(1, 1, &log)), Err(AddError::Empty));
         assert_eq!(
-            s.add((0..8).collect(), seq(1, 1, &log)),
-            Err(AddError::TooLong(9, 8))
+            s.add(vec![], seq(1, 1, &log)).unwrap_err().0,
+            AddError::Empty
+        );
+        assert_eq!(
+            s.add((0..8).collect(), seq(1, 1, &log)).unwrap_err().0,
+            AddError::TooLong(9, 8)
         );
         assert!(s.add((0..7).collect(), seq(1, 1, &log)).is_ok());
     }

@@ -765,9 +765,9 @@ impl Worker {
             gone: false,
             backlog: Default::default(),
         };
-        if let Err(e) = b.sched.add(tokens, seq) {
-            // Cannot happen (num_ctx is capped to the pool), but never lose the request.
-            tracing::error!(model = %slot.name, error = %e, "request refused by the scheduler");
+        if let Err((e, mut seq)) = b.sched.add(tokens, seq) {
+            // Not expected (num_ctx is capped to the pool), but never lose the request.
+            seq.fail(&format!("the scheduler refused the request: {e}"));
         }
     }
 }
