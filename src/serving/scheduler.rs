@@ -349,6 +349,7 @@ mod tests {
 
     /// A sequence that generates `n` tokens, each the previous plus one, and logs what
     /// happened to it.
+    #[derive(Debug)]
     struct Counting {
         left: usize,
         cached: Vec<usize>,
