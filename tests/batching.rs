@@ -9,7 +9,7 @@ mod server;
 
 use common::*;
 use serde_json::{json, Value};
-use server::{client, Server};
+use server::Server;
 
 fn server() -> (tempfile::TempDir, Server) {
     let dir = small_only();
@@ -20,16 +20,7 @@ fn server() -> (tempfile::TempDir, Server) {
 
 /// A counter or gauge of /metrics for `model` (0 when absent).
 fn metric(srv: &Server, name: &str, model: &str) -> f64 {
-    let text = client()
-        .get(format!("{}/metrics", srv.base))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(name) && l.contains(&format!("model=\"{model}\"")))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    srv.metric(name, &[&format!("model=\"{model}\"")])
 }
 
 fn generate(srv: &Server, prompt: &str, options: Value) -> Value {

@@ -37,16 +37,7 @@ fn duet(host: &str, args: &[&str], input: &str) -> (bool, String, String) {
 }
 
 fn chat_requests(srv: &server::Server) -> f64 {
-    let text = server::client()
-        .get(format!("{}/metrics", srv.base))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with("duet_requests_total") && l.contains("endpoint=\"/api/chat\""))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    srv.metric("duet_requests_total", &["endpoint=\"/api/chat\""])
 }
 
 /// `duet run` as an interactive chat on the 0.5B, greedy and short.

@@ -145,6 +145,23 @@ impl Server {
     }
 }
 
+impl Server {
+    /// The sum of a /metrics series over the lines that contain every one of `labels`
+    /// (e.g. `model="x"`); 0 when there is none.
+    pub fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        let text = client()
+            .get(format!("{}/metrics", self.base))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        text.lines()
+            .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
 pub fn client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(600))
