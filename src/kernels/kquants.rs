@@ -6,19 +6,25 @@
 //! Activations are quantized per 256 values as ggml's Q8_K (one f32 scale, sums of each
 //! 16), as candle and llama.cpp do for these formats. Three AVX-512 VNNI kernels:
 //! - decode (one activation row): four weight rows at a time, `vpmaddubsw` (unsigned
-//!   weights × signed activations) then `vpdpwssd` with each sub-block's scale, so a
-//!   whole 256-value block reaches the float accumulator in one conversion; each block
-//!   asks for the same block of the next four rows ahead (the mapped file's 4 KiB pages
-//!   stop the hardware prefetcher: without the hint the 1.5B decoded at 11 instead of
-//!   17 tok/s on an Intel Xeon, 13 instead of 36 on an AMD EPYC of the Zen 5 family;
-//!   there, more groups ahead or prefetching into L2 measured the same, and 2 MiB pages
-//!   were no option: the file's mapping is not eligible for them, and a copy into
-//!   anonymous huge pages took 4 s to load for no gain in decode);
+//!   weights × signed activations) then `vpdpwssd` with each sub-block's scale, the
+//!   four rows' integer lanes reduced together, so a whole 256-value block of four rows
+//!   reaches one float register in one conversion; each block asks for the same block
+//!   of the next four rows ahead (the mapped file's 4 KiB pages stop the hardware
+//!   prefetcher: without the hint the 1.5B decoded at 11 instead of 17 tok/s on an
+//!   Intel Xeon, 13 instead of 36 on an AMD EPYC of the Zen 5 family; there, more
+//!   groups ahead or prefetching into L2 measured the same, and 2 MiB pages were no
+//!   option: the file's mapping is not eligible for them, and a copy into anonymous
+//!   huge pages took 4 s to load for no gain in decode);
 //! - short inputs (2 to 7 rows): one weight row against up to four activation rows, the
 //!   same arithmetic;
 //! - prompts (8 rows or more): activations interleaved into tiles of 16 rows
 //!   ([`ActTile`]), so one `vpdpbusd` multiplies four broadcast weights with four values
 //!   of 16 rows; weight blocks are unpacked once per group of 16 weight rows.
+//!
+//! All of them, and the scalar reference, give each output the same bits (batch
+//! invariance: a sequence's logits must not depend on how many others share the
+//! forward pass): each block's sums are formed as exact integers, however the kernel
+//! likes, and only then meet floats, in the one order of [`add_block`].
 //!
 //! [`supported`] says whether this CPU has what they need (elsewhere the caller keeps
 //! candle's kernels). A scalar kernel is the reference the tests hold them to.
@@ -54,8 +60,29 @@ pub trait KFormat: Send + Sync + 'static {
     const BLOCK_BYTES: usize;
     /// Position p of a quantized activation block holds the natural sub-block ORDER[p].
     const ORDER: [usize; 8];
-    /// One weight block (`w`: its bytes) times one activation block.
-    fn dot_block(w: &[u8], a: &ActBlock) -> f32;
+    /// Whether the format has mins (dmin·Σ min·x to take off each block).
+    const MINS: bool;
+    /// One weight block's (`w`: its bytes) d and dmin (0 without mins).
+    fn scales(w: &[u8]) -> (f32, f32);
+    /// One weight block times one activation block as exact integers: Σ scale·q·x and
+    /// (with mins) Σ min·(sum of the 32 x it covers).
+    fn dot_ints(w: &[u8], a: &ActBlock) -> (i32, i32);
+}
+
+/// `acc` plus one block's share of an output: every kernel here forms each output with
+/// exactly these float operations in this order, block after block from 0.0, so an
+/// output's bits never depend on which kernel ran or how many activation rows the call
+/// had (batch invariance): acc + (d·a.d)·Σ scale·q·x, then less (dmin·a.d)·Σ min·x,
+/// each one fused multiply-add of the integer sums converted to f32. The integers are
+/// exact however a kernel forms them.
+#[inline(always)]
+fn add_block<F: KFormat>(acc: f32, (d, dmin): (f32, f32), ad: f32, (dot, mins): (i32, i32)) -> f32 {
+    let acc = (d * ad).mul_add(dot as f32, acc);
+    if F::MINS {
+        (-(dmin * ad)).mul_add(mins as f32, acc)
+    } else {
+        acc
+    }
 }
 
 /// Q4_K: f16 d and dmin, 8 six-bit scales and mins in 12 bytes, 256 nibbles (byte j of
@@ -90,8 +117,13 @@ impl KFormat for Q4K {
     // A 64-byte load of the nibbles gives sub-blocks 0 and 2 (low), 1 and 3 (high).
     const ORDER: [usize; 8] = [0, 2, 1, 3, 4, 6, 5, 7];
 
-    fn dot_block(w: &[u8], a: &ActBlock) -> f32 {
-        let (d, dmin) = (f16_at(w, 0), f16_at(w, 2));
+    const MINS: bool = true;
+
+    fn scales(w: &[u8]) -> (f32, f32) {
+        (f16_at(w, 0), f16_at(w, 2))
+    }
+
+    fn dot_ints(w: &[u8], a: &ActBlock) -> (i32, i32) {
         let (sc, mn) = scales_mins(&w[4..16]);
         let qs = &w[16..144];
         let (mut sumi, mut mins) = (0i32, 0i32);
@@ -108,7 +140,7 @@ impl KFormat for Q4K {
             sumi += sc[j] as i32 * dot;
             mins += mn[j] as i32 * a.sums32[j] as i32;
         }
-        d * a.d * sumi as f32 - dmin * a.d * mins as f32
+        (sumi, mins)
     }
 }
 
@@ -117,7 +149,13 @@ impl KFormat for Q6K {
     const BLOCK_BYTES: usize = 210;
     const ORDER: [usize; 8] = [0, 1, 2, 3, 4, 5, 6, 7];
 
-    fn dot_block(w: &[u8], a: &ActBlock) -> f32 {
+    const MINS: bool = false;
+
+    fn scales(w: &[u8]) -> (f32, f32) {
+        (f16_at(w, 208), 0.0)
+    }
+
+    fn dot_ints(w: &[u8], a: &ActBlock) -> (i32, i32) {
         let (ql, qh, sc) = (&w[0..128], &w[128..192], &w[192..208]);
         let mut sumi = 0i32;
         for half in 0..2 {
@@ -136,7 +174,7 @@ impl KFormat for Q6K {
                 }
             }
         }
-        f16_at(w, 208) * a.d * sumi as f32
+        (sumi, 0)
     }
 }
 
@@ -241,8 +279,9 @@ pub struct ActTile {
     qs: [[i8; 64]; 64],
     /// Each row's scale.
     d: [f32; TILE_ROWS],
-    /// Sums of each 32 values (natural order), per row, for Q4_K's mins.
-    sums32: [[f32; TILE_ROWS]; 8],
+    /// Sums of each 32 values (natural order), per row, for Q4_K's mins: pair p holds
+    /// sums 2p (low 16 bits) and 2p + 1 (high), for one `vpdpwssd` with two mins.
+    sums32: [[i32; TILE_ROWS]; 4],
     /// -32 times the sums of each 16 values, per row, for Q6_K's offset.
     neg32_bsums: [[i32; TILE_ROWS]; 16],
 }
@@ -265,8 +304,8 @@ fn act_tiles(xq: &[ActBlock], m: usize, kb: usize) -> Vec<ActTile> {
                     group[4 * r..4 * r + 4].copy_from_slice(&a.qs[4 * g..4 * g + 4]);
                 }
                 tile.d[r] = a.d;
-                for (j, s) in a.sums32.iter().enumerate() {
-                    tile.sums32[j][r] = *s as f32;
+                for (p, s) in a.sums32.chunks_exact(2).enumerate() {
+                    tile.sums32[p][r] = pair_i16(s[0], s[1]);
                 }
                 for (k, s) in a.bsums.iter().enumerate() {
                     tile.neg32_bsums[k][r] = -32 * *s as i32;
@@ -275,6 +314,11 @@ fn act_tiles(xq: &[ActBlock], m: usize, kb: usize) -> Vec<ActTile> {
         }
     });
     tiles
+}
+
+/// Two 16-bit values as one 32-bit lane, `lo` in the low half (a `vpdpwssd` operand).
+fn pair_i16(lo: i16, hi: i16) -> i32 {
+    (lo as u16 as u32 | (hi as u16 as u32) << 16) as i32
 }
 
 /// Which kernel a matrix runs.
@@ -456,8 +500,14 @@ impl<F: KFormat> KMatrix<F> {
                                     *acc = w
                                         .chunks_exact(F::BLOCK_BYTES)
                                         .zip(&x[r * kb..(r + 1) * kb])
-                                        .map(|(wb, xb)| F::dot_block(wb, xb))
-                                        .sum();
+                                        .fold(0.0, |acc, (wb, xb)| {
+                                            add_block::<F>(
+                                                acc,
+                                                F::scales(wb),
+                                                xb.d,
+                                                F::dot_ints(wb, xb),
+                                            )
+                                        });
                                 }
                             }
                         }
@@ -477,7 +527,6 @@ impl<F: KFormat> KMatrix<F> {
 // Accumulators, activations and outputs are indexed by the activation row together.
 #[allow(clippy::needless_range_loop)]
 mod avx512 {
-    use super::super::ops::avx512::{hsum4x16, hsum4x4};
     use super::{ActBlock, ActTile, KFormat, GROUP, Q4K, Q6K, QK_K, ROWS, TILE_ROWS};
     use candle_core::quantized::GgmlDType;
     use core::arch::x86_64::*;
@@ -549,13 +598,14 @@ mod avx512 {
     }
 
     /// One weight block unpacked for the tile kernel: its 256 weights as unsigned bytes
-    /// (in the format's order), scales as floats.
+    /// (in the format's order), the scales as 32-bit integers, Q4_K's mins in pairs of
+    /// 16 bits (as [`super::pair_i16`]).
     #[repr(C, align(64))]
     #[derive(Clone, Copy)]
     pub(super) struct Prepared {
         q: [u8; 256],
-        scale: [f32; 16],
-        min: [f32; 8],
+        scale: [i32; 16],
+        min: [i32; 4],
         d: f32,
         dmin: f32,
     }
@@ -572,8 +622,8 @@ mod avx512 {
 
     const EMPTY: Prepared = Prepared {
         q: [0; 256],
-        scale: [0.0; 16],
-        min: [0.0; 8],
+        scale: [0; 16],
+        min: [0; 4],
         d: 0.0,
         dmin: 0.0,
     };
@@ -581,8 +631,6 @@ mod avx512 {
     /// What differs between Q4_K and Q6_K in the kernels here; the kernels themselves
     /// are generic.
     pub(super) trait Simd: KFormat {
-        /// Whether the format has mins (Σ min·x to take off).
-        const MINS: bool;
         /// Whether the unpacked weights carry +32 (Q6_K), taken back with the sums of
         /// the activations each scale covers.
         const OFFSET: bool;
@@ -599,13 +647,14 @@ mod avx512 {
         unsafe fn prepare(blk: *const u8, p: &mut Prepared);
         /// Unpacks the block at `blk` for the row kernels.
         unsafe fn unpack(blk: *const u8, idx: &[__m512i; 4]) -> RowBlock;
+        /// The block's d (low 16 bits) and dmin (high; 0 for Q6_K) as f16 bits.
+        unsafe fn d_bits(blk: *const u8) -> u32;
         /// Σ scale·q·x of an unpacked block and one activation block (`act`: its
         /// registers), as 16 lanes to be summed.
         unsafe fn dot(w: &RowBlock, a: &ActBlock, act: &[__m512i; 4]) -> __m512i;
     }
 
     impl Simd for Q4K {
-        const MINS: bool = true;
         const OFFSET: bool = false;
         const SCALE_GROUPS: usize = 8;
         const FOUR_ROWS: bool = false;
@@ -618,10 +667,10 @@ mod avx512 {
                 let bytes = std::slice::from_raw_parts(blk.add(4), 12);
                 let (sc, mn) = super::scales_mins(bytes);
                 for (pos, &sub) in Self::ORDER.iter().enumerate() {
-                    p.scale[pos] = sc[sub] as f32;
+                    p.scale[pos] = sc[sub] as i32;
                 }
-                for (j, &m) in mn.iter().enumerate() {
-                    p.min[j] = m as f32;
+                for (j, m) in mn.chunks_exact(2).enumerate() {
+                    p.min[j] = super::pair_i16(m[0] as i16, m[1] as i16);
                 }
                 p.d = f16_at(blk);
                 p.dmin = f16_at(blk.add(2));
@@ -631,18 +680,16 @@ mod avx512 {
         #[inline(always)]
         unsafe fn unpack(blk: *const u8, idx: &[__m512i; 4]) -> RowBlock {
             unsafe {
-                let (s, mn, d, dmin) = q4k_scales(blk, idx);
+                let (s, mn) = q4k_scales(blk, idx);
                 let q = q4k_nibbles(blk);
                 let sc16 = _mm256_setzero_si256();
-                RowBlock {
-                    q,
-                    s,
-                    mn,
-                    sc16,
-                    d,
-                    dmin,
-                }
+                RowBlock { q, s, mn, sc16 }
             }
+        }
+
+        #[inline(always)]
+        unsafe fn d_bits(blk: *const u8) -> u32 {
+            unsafe { std::ptr::read_unaligned(blk as *const u32) }
         }
 
         #[inline(always)]
@@ -652,7 +699,6 @@ mod avx512 {
     }
 
     impl Simd for Q6K {
-        const MINS: bool = false;
         const OFFSET: bool = true;
         const SCALE_GROUPS: usize = 4;
         const FOUR_ROWS: bool = true;
@@ -663,7 +709,7 @@ mod avx512 {
             unsafe {
                 p.store(q6k_values(blk));
                 for k in 0..16 {
-                    p.scale[k] = *(blk.add(192 + k) as *const i8) as f32;
+                    p.scale[k] = *(blk.add(192 + k) as *const i8) as i32;
                 }
                 p.d = f16_at(blk.add(208));
             }
@@ -672,18 +718,15 @@ mod avx512 {
         #[inline(always)]
         unsafe fn unpack(blk: *const u8, idx: &[__m512i; 4]) -> RowBlock {
             unsafe {
-                let (sc16, s, d) = q6k_scales(blk, idx);
+                let (sc16, s) = q6k_scales(blk, idx);
                 let q = q6k_values(blk);
-                let mn = _mm_setzero_si128();
-                RowBlock {
-                    q,
-                    s,
-                    mn,
-                    sc16,
-                    d,
-                    dmin: 0.0,
-                }
+                RowBlock { q, s, mn: 0, sc16 }
             }
+        }
+
+        #[inline(always)]
+        unsafe fn d_bits(blk: *const u8) -> u32 {
+            unsafe { std::ptr::read_unaligned(blk.add(208) as *const u16) as u32 }
         }
 
         #[inline(always)]
@@ -693,7 +736,8 @@ mod avx512 {
     }
 
     /// `acc[j][t]` (one lane per activation row of tile t) plus weight row j's block
-    /// times tile t's block. `lanes[g]` selects 32-bit lane g of a register.
+    /// times tile t's block, as [`super::add_block`]. `lanes[g]` selects 32-bit lane g
+    /// of a register.
     #[inline(always)]
     unsafe fn tile_block<T: Simd, const J: usize, const N: usize>(
         p: [&Prepared; J],
@@ -703,7 +747,8 @@ mod avx512 {
     ) -> [[__m512; N]; J] {
         unsafe {
             let per = T::SCALE_GROUPS;
-            let mut blk = [[_mm512_setzero_ps(); N]; J];
+            // Σ scale·q·x per lane, exact: each sub-block's dot times its scale.
+            let mut sumi = [[_mm512_setzero_si512(); N]; J];
             // 32 bytes of weights (8 groups of 4) per register; one or two scales each.
             for r in 0..8 {
                 let w: [__m512i; J] = std::array::from_fn(|j| {
@@ -733,10 +778,10 @@ mod avx512 {
                         }
                     }
                     for j in 0..J {
-                        let scale = _mm512_set1_ps(p[j].scale[s]);
+                        let scale = _mm512_set1_epi32(p[j].scale[s]);
                         for t in 0..N {
-                            let dot = _mm512_cvtepi32_ps(dot[j][t]);
-                            blk[j][t] = _mm512_fmadd_ps(dot, scale, blk[j][t]);
+                            let scaled = _mm512_mullo_epi32(dot[j][t], scale);
+                            sumi[j][t] = _mm512_add_epi32(sumi[j][t], scaled);
                         }
                     }
                 }
@@ -745,16 +790,18 @@ mod avx512 {
                 std::array::from_fn(|t| {
                     let ad = _mm512_loadu_ps(a[t].d.as_ptr());
                     let dd = _mm512_mul_ps(ad, _mm512_set1_ps(p[j].d));
-                    let acc = _mm512_fmadd_ps(blk[j][t], dd, acc[j][t]);
+                    let acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[j][t]), dd, acc[j][t]);
                     if !T::MINS {
                         return acc;
                     }
-                    let mut mins = _mm512_setzero_ps();
-                    for s in 0..8 {
-                        let sums = _mm512_loadu_ps(a[t].sums32[s].as_ptr());
-                        mins = _mm512_fmadd_ps(sums, _mm512_set1_ps(p[j].min[s]), mins);
+                    // Σ min·x, exact: two mins and two sums of 32 per `vpdpwssd`.
+                    let mut mins = _mm512_setzero_si512();
+                    for (pair, sums) in a[t].sums32.iter().enumerate() {
+                        let sums = load512(sums.as_ptr() as *const u8);
+                        mins = _mm512_dpwssd_epi32(mins, sums, _mm512_set1_epi32(p[j].min[pair]));
                     }
-                    _mm512_fnmadd_ps(mins, _mm512_mul_ps(ad, _mm512_set1_ps(p[j].dmin)), acc)
+                    let dm = _mm512_mul_ps(ad, _mm512_set1_ps(p[j].dmin));
+                    _mm512_fnmadd_ps(_mm512_cvtepi32_ps(mins), dm, acc)
                 })
             })
         }
@@ -944,18 +991,11 @@ mod avx512 {
         half::f16::from_bits(bits).to_f32()
     }
 
-    #[inline(always)]
-    unsafe fn hsum128(v: __m128) -> f32 {
-        let s = _mm_add_ps(v, _mm_movehl_ps(v, v));
-        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-        _mm_cvtss_f32(s)
-    }
-
     /// A Q4_K block's scales for the row kernels: each sub-block's scale as 16-bit words
-    /// beside its `vpmaddubsw` products (registers as [`q4k_nibbles`]), the mins as 8
-    /// words, d and dmin.
+    /// beside its `vpmaddubsw` products (registers as [`q4k_nibbles`]), the 8 mins as
+    /// bytes.
     #[inline(always)]
-    unsafe fn q4k_scales(blk: *const u8, idx: &[__m512i; 4]) -> ([__m512i; 4], __m128i, f32, f32) {
+    unsafe fn q4k_scales(blk: *const u8, idx: &[__m512i; 4]) -> ([__m512i; 4], u64) {
         unsafe {
             const K1: u32 = 0x3f3f3f3f;
             const K2: u32 = 0x0f0f0f0f;
@@ -969,29 +1009,20 @@ mod avx512 {
             let sc = (u0 & K1) as u64 | (((u2 & K2) | (((u0 >> 6) & K3) << 4)) as u64) << 32;
             let mn = (u1 & K1) as u64 | ((((u2 >> 4) & K2) | (((u1 >> 6) & K3) << 4)) as u64) << 32;
             let sc = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
-            let mn = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn as i64));
             let s = std::array::from_fn(|i| _mm512_permutexvar_epi16(idx[i], sc));
-            let d = _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(
-                blk as *const i32,
-            )));
-            (s, mn, _mm_cvtss_f32(d), _mm_cvtss_f32(_mm_movehdup_ps(d)))
+            (s, mn)
         }
     }
 
     /// A Q6_K block's scales for the row kernels: 16 words, and each sub-block's scale
-    /// beside its `vpmaddubsw` products (registers as [`q6k_values`]); d.
+    /// beside its `vpmaddubsw` products (registers as [`q6k_values`]).
     #[inline(always)]
-    unsafe fn q6k_scales(blk: *const u8, idx: &[__m512i; 4]) -> (__m256i, [__m512i; 4], f32) {
+    unsafe fn q6k_scales(blk: *const u8, idx: &[__m512i; 4]) -> (__m256i, [__m512i; 4]) {
         unsafe {
             let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(192) as *const __m128i));
             let sc = _mm512_castsi256_si512(sc16);
             let s = std::array::from_fn(|i| _mm512_permutexvar_epi16(idx[i], sc));
-            let bits = std::ptr::read_unaligned(blk.add(208) as *const u16);
-            (
-                sc16,
-                s,
-                _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))),
-            )
+            (sc16, s)
         }
     }
 
@@ -1005,10 +1036,12 @@ mod avx512 {
         act: &[__m512i; 4],
     ) -> __m512i {
         unsafe {
+            // 32·scale and -sum both fit 16 bits: one vpmaddwd gives -32·Σ scale·sum,
+            // where the sum starts.
             let bsums = _mm256_loadu_si256(a.bsums.as_ptr() as *const __m256i);
-            let offset = _mm256_slli_epi32(_mm256_madd_epi16(sc16, bsums), 5);
-            let offset = _mm512_inserti64x4(_mm512_setzero_si512(), offset, 0);
-            _mm512_sub_epi32(scaled_dot(q, s, act), offset)
+            let neg = _mm256_sub_epi16(_mm256_setzero_si256(), bsums);
+            let offset = _mm256_madd_epi16(_mm256_slli_epi16(sc16, 5), neg);
+            scaled_dot_from(_mm512_zextsi256_si512(offset), q, s, act)
         }
     }
 
@@ -1016,6 +1049,21 @@ mod avx512 {
     #[inline(always)]
     unsafe fn scaled_dot(q: &[__m512i; 4], s: &[__m512i; 4], x: &[__m512i; 4]) -> __m512i {
         let p0 = _mm512_madd_epi16(_mm512_maddubs_epi16(q[0], x[0]), s[0]);
+        let p1 = _mm512_madd_epi16(_mm512_maddubs_epi16(q[1], x[1]), s[1]);
+        let p0 = _mm512_dpwssd_epi32(p0, _mm512_maddubs_epi16(q[2], x[2]), s[2]);
+        let p1 = _mm512_dpwssd_epi32(p1, _mm512_maddubs_epi16(q[3], x[3]), s[3]);
+        _mm512_add_epi32(p0, p1)
+    }
+
+    /// `init` plus [`scaled_dot`].
+    #[inline(always)]
+    unsafe fn scaled_dot_from(
+        init: __m512i,
+        q: &[__m512i; 4],
+        s: &[__m512i; 4],
+        x: &[__m512i; 4],
+    ) -> __m512i {
+        let p0 = _mm512_dpwssd_epi32(init, _mm512_maddubs_epi16(q[0], x[0]), s[0]);
         let p1 = _mm512_madd_epi16(_mm512_maddubs_epi16(q[1], x[1]), s[1]);
         let p0 = _mm512_dpwssd_epi32(p0, _mm512_maddubs_epi16(q[2], x[2]), s[2]);
         let p1 = _mm512_dpwssd_epi32(p1, _mm512_maddubs_epi16(q[3], x[3]), s[3]);
@@ -1046,36 +1094,100 @@ mod avx512 {
 
     /// A weight block unpacked for the row kernels: its weights as bytes (registers as
     /// the format's unpacker gives them), each sub-block's scale as 16-bit words beside
-    /// its `vpmaddubsw` products, Q4_K's mins (zero for Q6_K) and Q6_K's scales as 16
-    /// words (zero for Q4_K), d and dmin.
+    /// its `vpmaddubsw` products, Q4_K's 8 mins as bytes (zero for Q6_K: the kernels
+    /// widen them, four rows' at once in decode) and Q6_K's scales as 16 words (zero for
+    /// Q4_K).
     pub(super) struct RowBlock {
         q: [__m512i; 4],
         s: [__m512i; 4],
-        mn: __m128i,
+        mn: u64,
         sc16: __m256i,
-        d: f32,
-        dmin: f32,
     }
 
-    /// The accumulators of one (weight row, activation row) pair: `acc` plus the block's
-    /// d·Σ scale·q·x, `mins` plus its dmin·Σ min·x.
+    /// Adds one block to four outputs' accumulators (`acc`, one lane each) as
+    /// [`super::add_block`] does: `dots[i]` holds output i's Σ scale·q·x in 16 lanes,
+    /// 128-bit lane i of `mins` its Σ min·x in 4 (Q4_K), `dd` lanes i and 4 + i its
+    /// d·a.d and dmin·a.d. The integer sums are exact in any order; the floats see the
+    /// operations of the tile kernel and the scalar one.
     #[inline(always)]
-    unsafe fn accumulate<T: Simd>(
-        w: &RowBlock,
-        a: &ActBlock,
-        act: &[__m512i; 4],
-        acc: &mut __m512,
-        mins: &mut __m128,
-    ) {
-        unsafe {
-            let dot = _mm512_cvtepi32_ps(T::dot(w, a, act));
-            *acc = _mm512_fmadd_ps(_mm512_set1_ps(w.d * a.d), dot, *acc);
-            if T::MINS {
-                let sums = _mm_loadu_si128(a.sums32.as_ptr() as *const __m128i);
-                let m = _mm_cvtepi32_ps(_mm_madd_epi16(w.mn, sums));
-                *mins = _mm_fmadd_ps(_mm_set1_ps(w.dmin * a.d), m, *mins);
-            }
+    unsafe fn add_block4<T: Simd>(
+        dots: [__m512i; 4],
+        mins: __m512i,
+        dd: __m256,
+        acc: __m128,
+    ) -> __m128 {
+        let pairs = |a: __m512i, b: __m512i| {
+            _mm512_add_epi32(
+                _mm512_shuffle_i32x4::<0b01_00_01_00>(a, b),
+                _mm512_shuffle_i32x4::<0b11_10_11_10>(a, b),
+            )
+        };
+        let (t01, t23) = (pairs(dots[0], dots[1]), pairs(dots[2], dots[3]));
+        // 128-bit lane i: output i's four partial sums.
+        let u = _mm512_add_epi32(
+            _mm512_shuffle_i32x4::<0b10_00_10_00>(t01, t23),
+            _mm512_shuffle_i32x4::<0b11_01_11_01>(t01, t23),
+        );
+        let idx = _mm512_setr_epi32(0, 4, 8, 12, 2, 6, 10, 14, 0, 0, 0, 0, 0, 0, 0, 0);
+        let d = _mm256_castps256_ps128(dd);
+        if T::MINS {
+            // Lane i: [u0 + u2, u1 + u3, m0 + m2, m1 + m3], then [Σu, Σu, Σm, Σm].
+            let x = _mm512_add_epi32(
+                _mm512_unpacklo_epi64(u, mins),
+                _mm512_unpackhi_epi64(u, mins),
+            );
+            let x = _mm512_add_epi32(x, _mm512_shuffle_epi32::<0b10_11_00_01>(x));
+            let v = _mm512_castsi512_si256(_mm512_permutexvar_epi32(idx, x));
+            let v = _mm256_cvtepi32_ps(v);
+            let acc = _mm_fmadd_ps(_mm256_castps256_ps128(v), d, acc);
+            let dmin = _mm256_extractf128_ps::<1>(dd);
+            _mm_fnmadd_ps(_mm256_extractf128_ps::<1>(v), dmin, acc)
+        } else {
+            let x = _mm512_add_epi32(u, _mm512_shuffle_epi32::<0b01_00_11_10>(u));
+            let x = _mm512_add_epi32(x, _mm512_shuffle_epi32::<0b10_11_00_01>(x));
+            let v = _mm512_castsi512_si128(_mm512_permutexvar_epi32(idx, x));
+            _mm_fmadd_ps(_mm_cvtepi32_ps(v), d, acc)
         }
+    }
+
+    /// Four weight blocks' d·a.d (lanes 0..4) and, with mins, dmin·a.d (lanes 4..8),
+    /// from their f16 bits as [`Simd::d_bits`] gives them.
+    #[inline(always)]
+    unsafe fn scales4<T: Simd>(bits: [u32; 4], ad: f32) -> __m256 {
+        if !T::MINS {
+            // Only d: the four halves packed in a general register, one move across.
+            let d = bits
+                .iter()
+                .rev()
+                .fold(0u64, |v, &b| v << 16 | (b & 0xffff) as u64);
+            let d = _mm_cvtph_ps(_mm_cvtsi64_si128(d as i64));
+            return _mm256_castps128_ps256(_mm_mul_ps(d, _mm_set1_ps(ad)));
+        }
+        let v = _mm_setr_epi32(
+            bits[0] as i32,
+            bits[1] as i32,
+            bits[2] as i32,
+            bits[3] as i32,
+        );
+        let order = _mm_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+        _mm256_mul_ps(
+            _mm256_cvtph_ps(_mm_shuffle_epi8(v, order)),
+            _mm256_set1_ps(ad),
+        )
+    }
+
+    /// 128-bit lane i: `v[i]`.
+    #[inline(always)]
+    unsafe fn lanes4(v: [__m128i; 4]) -> __m512i {
+        let z = _mm512_castsi128_si512(v[0]);
+        let z = _mm512_inserti32x4::<1>(z, v[1]);
+        let z = _mm512_inserti32x4::<2>(z, v[2]);
+        _mm512_inserti32x4::<3>(z, v[3])
+    }
+
+    #[inline(always)]
+    unsafe fn sums32(a: &ActBlock) -> __m128i {
+        unsafe { _mm_loadu_si128(a.sums32.as_ptr() as *const __m128i) }
     }
 
     /// One weight row times up to 4 activation rows.
@@ -1088,29 +1200,59 @@ mod avx512 {
         out: &mut [f32; ROWS],
     ) {
         unsafe {
+            let acc = match rows {
+                1 => rows_n::<T, 1>(w, kb, x),
+                2 => rows_n::<T, 2>(w, kb, x),
+                3 => rows_n::<T, 3>(w, kb, x),
+                _ => rows_n::<T, 4>(w, kb, x),
+            };
+            let mut sums = [0f32; ROWS];
+            _mm_storeu_ps(sums.as_mut_ptr(), acc);
+            out[..rows].copy_from_slice(&sums[..rows]);
+        }
+    }
+
+    /// [`rows_of`] for R rows: lane r of the result is row r's output.
+    #[inline(always)]
+    unsafe fn rows_n<T: Simd, const R: usize>(w: *const u8, kb: usize, x: &[ActBlock]) -> __m128 {
+        unsafe {
             let idx = scale_idx(T::SCALE_IDX);
-            let mut accf = [_mm512_setzero_ps(); ROWS];
-            let mut accm = [_mm_setzero_ps(); ROWS];
+            let mut acc = _mm_setzero_ps();
             for b in 0..kb {
-                let u = T::unpack(w.add(b * T::BLOCK_BYTES), &idx);
-                for r in 0..rows {
-                    let a = x.get_unchecked(r * kb + b);
-                    accumulate::<T>(&u, a, &act_regs(a), &mut accf[r], &mut accm[r]);
-                }
+                let blk = w.add(b * T::BLOCK_BYTES);
+                let u = T::unpack(blk, &idx);
+                let a: [&ActBlock; ROWS] =
+                    std::array::from_fn(|r| x.get_unchecked(r.min(R - 1) * kb + b));
+                let dots = std::array::from_fn(|r| {
+                    if r < R {
+                        T::dot(&u, a[r], &act_regs(a[r]))
+                    } else {
+                        _mm512_setzero_si512()
+                    }
+                });
+                let mins = if T::MINS {
+                    let mn = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(u.mn as i64));
+                    _mm512_madd_epi16(_mm512_broadcast_i32x4(mn), lanes4(a.map(|a| sums32(a))))
+                } else {
+                    _mm512_setzero_si512()
+                };
+                // [d, dmin] of the block times each row's a.d (rows past R: any).
+                let wd = _mm_cvtph_ps(_mm_cvtsi32_si128(T::d_bits(blk) as i32));
+                let wd =
+                    _mm256_set_m128(_mm_permute_ps::<0b01_01_01_01>(wd), _mm_permute_ps::<0>(wd));
+                let ad = _mm_setr_ps(a[0].d, a[1].d, a[2].d, a[3].d);
+                let dd = _mm256_mul_ps(wd, _mm256_set_m128(ad, ad));
+                acc = add_block4::<T>(dots, mins, dd, acc);
             }
-            for r in 0..rows {
-                out[r] = _mm512_reduce_add_ps(accf[r]) - hsum128(accm[r]);
-            }
+            acc
         }
     }
 
     /// `4 * groups` consecutive weight rows (`w`, `row_bytes` apart) times one
     /// activation row, into `out[..4 * groups]`, four rows at a time: the activations
-    /// are loaded once for the four, the four rows' chains overlap, and each block asks
-    /// for the same block of the next four rows. One call per work item, and the four
-    /// rows' sums reduced together: at the 1.5B's width a row is only 6 blocks, so the
-    /// per-call setup and four separate horizontal sums were a tenth of the
-    /// instructions of a pass (what that costs in time was below this machine's noise).
+    /// are loaded once for the four, the four rows' blocks are summed together (one
+    /// reduction of the four rows' integer lanes per block, and their floats in one
+    /// register), and each block asks for the same block of the next four rows.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
     unsafe fn decode_of<T: Simd>(
         w: *const u8,
@@ -1125,19 +1267,35 @@ mod avx512 {
             let idx = scale_idx(T::SCALE_IDX);
             for g in 0..groups {
                 let w: [*const u8; 4] = std::array::from_fn(|i| w.add((4 * g + i) * row_bytes));
-                let mut accf = [_mm512_setzero_ps(); 4];
-                let mut accm = [_mm_setzero_ps(); 4];
+                let mut acc = _mm_setzero_ps();
                 for (b, a) in x.iter().enumerate().take(kb) {
                     let act = act_regs(a);
+                    let mut dots = [_mm512_setzero_si512(); 4];
+                    let mut mn = [0u64; 4];
+                    let mut bits = [0u32; 4];
                     for i in 0..4 {
                         let blk = w[i].add(b * T::BLOCK_BYTES);
                         prefetch(blk.wrapping_add(next), T::BLOCK_BYTES);
                         let u = T::unpack(blk, &idx);
-                        accumulate::<T>(&u, a, &act, &mut accf[i], &mut accm[i]);
+                        dots[i] = T::dot(&u, a, &act);
+                        mn[i] = u.mn;
+                        bits[i] = T::d_bits(blk);
                     }
+                    let mins = if T::MINS {
+                        let mn = _mm256_setr_epi64x(
+                            mn[0] as i64,
+                            mn[1] as i64,
+                            mn[2] as i64,
+                            mn[3] as i64,
+                        );
+                        let mn = _mm512_cvtepu8_epi16(mn);
+                        _mm512_madd_epi16(mn, _mm512_broadcast_i32x4(sums32(a)))
+                    } else {
+                        _mm512_setzero_si512()
+                    };
+                    acc = add_block4::<T>(dots, mins, scales4::<T>(bits, a.d), acc);
                 }
-                let sums = _mm_sub_ps(hsum4x16(accf), hsum4x4(accm));
-                _mm_storeu_ps(out.add(4 * g), sums);
+                _mm_storeu_ps(out.add(4 * g), acc);
             }
         }
     }
@@ -1281,6 +1439,119 @@ mod tests {
     #[test]
     fn q6k_matches_candle_with_every_kernel() {
         check::<Q6K>();
+    }
+
+    /// Activation rows for the invariance tests: random, except row 1 constant (the
+    /// largest integer sums, past f32's 2^24), row 2 zero and row 3 with an outlier.
+    fn activation_rows(rows: usize, k: usize) -> Vec<f32> {
+        let mut x: Vec<f32> = Tensor::randn(0f32, 1f32, rows * k, &Device::Cpu)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        x[k..2 * k].fill(1.0);
+        x[2 * k..3 * k].fill(0.0);
+        x[3 * k + 5] = 1000.0;
+        x
+    }
+
+    /// Activation row counts of the invariance tests: decode, short inputs with full and
+    /// partial passes of four, tiles of 16 full and partial.
+    const BATCHES: [usize; 11] = [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33];
+
+    /// Each (weight row, activation row) output has the same bits whatever else shares
+    /// the call: rows 0..m of the same activations, for each m of [`BATCHES`], against
+    /// each row alone (m = 1), with each of `kernels`; and every kernel gives the first
+    /// one's bits. `parts` splits the matrix at those rows.
+    fn check_batch_invariance<F: KFormat>(n: usize, k: usize, parts: &[usize], kernels: &[Kernel]) {
+        let spec = TensorSpec {
+            name: "w".into(),
+            dims: vec![n, k],
+            dtype: F::DTYPE,
+        };
+        let src = SyntheticWeights::of(vec![spec], 5);
+        let all = bytes(&src, "w");
+        let row_bytes = k / QK_K * F::BLOCK_BYTES;
+        let mut cuts = vec![0];
+        cuts.extend_from_slice(parts);
+        cuts.push(n);
+        let rows = *BATCHES.last().unwrap();
+        let x = activation_rows(rows, k);
+        let mut first: Option<Vec<Vec<f32>>> = None;
+        for &kernel in kernels {
+            let pieces = cuts
+                .windows(2)
+                .map(|c| TensorBytes::Owned(all[c[0] * row_bytes..c[1] * row_bytes].to_vec()))
+                .collect();
+            let w = KMatrix::<F>::new(pieces, k, kernel).unwrap();
+            let run = |x: &[f32]| -> Vec<f32> {
+                let t = Tensor::from_slice(x, (x.len() / k, k), &Device::Cpu).unwrap();
+                w.forward(&t)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            let alone: Vec<Vec<f32>> = (0..rows).map(|r| run(&x[r * k..(r + 1) * k])).collect();
+            assert!(alone[0].iter().any(|v| *v != 0.0));
+            for m in BATCHES {
+                let got = run(&x[..m * k]);
+                for (r, want) in alone.iter().enumerate().take(m) {
+                    for (j, (g, w)) in got[r * n..(r + 1) * n].iter().zip(want).enumerate() {
+                        assert_eq!(
+                            g.to_bits(),
+                            w.to_bits(),
+                            "{:?} {n}x{k} {kernel:?} m={m}: row {r} output {j} {g} but alone {w}",
+                            F::DTYPE
+                        );
+                    }
+                }
+            }
+            match &first {
+                None => first = Some(alone),
+                Some(want) => {
+                    for (r, (g, w)) in alone.iter().zip(want).enumerate() {
+                        let same = g.iter().zip(w).all(|(g, w)| g.to_bits() == w.to_bits());
+                        assert!(
+                            same,
+                            "{:?} {kernel:?} row {r}: not {:?}'s bits",
+                            F::DTYPE,
+                            kernels[0]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every kernel on a small matrix in two parts whose rows leave partial groups of
+    /// four and of sixteen (decode's tail rows, short work items).
+    #[test]
+    fn q4k_outputs_do_not_depend_on_the_batch_or_kernel() {
+        check_batch_invariance::<Q4K>(77, 768, &[21], &kernels());
+    }
+
+    #[test]
+    fn q6k_outputs_do_not_depend_on_the_batch_or_kernel() {
+        check_batch_invariance::<Q6K>(77, 768, &[21], &kernels());
+    }
+
+    /// The 1.5B's ffn_up (Q4_K) and ffn_down (Q6_K on some layers), and the 0.5B's
+    /// ffn_down (19 blocks a row), with the AVX-512 kernels.
+    #[test]
+    fn q4k_outputs_do_not_depend_on_the_batch_at_the_models_shapes() {
+        if supported() {
+            check_batch_invariance::<Q4K>(8960, 1536, &[], &[Kernel::Avx512]);
+            check_batch_invariance::<Q4K>(896, 4864, &[], &[Kernel::Avx512]);
+        }
+    }
+
+    #[test]
+    fn q6k_outputs_do_not_depend_on_the_batch_at_the_models_shapes() {
+        if supported() {
+            check_batch_invariance::<Q6K>(1536, 8960, &[], &[Kernel::Avx512]);
+            check_batch_invariance::<Q6K>(896, 4864, &[], &[Kernel::Avx512]);
+        }
     }
 
     /// The AVX-512 quantizer gives the scalar one's bytes exactly: halves rounded away

@@ -284,14 +284,23 @@ impl<B: WeightBlock> BlockMatrix<B> {
         }
         *last = self.n;
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let out = self.multiply(&xs, Kernel::detect());
+        Tensor::from_vec(out, out_dims, &Device::Cpu)
+    }
+
+    /// Rows of `k` activations times the matrix transposed, rows of blocks through
+    /// `kernel`. Every path forms each output with the same float operations whatever
+    /// the number of rows (batch invariance): the tile kernel one lane per weight row,
+    /// one chain over the blocks; the row kernels one row at a time.
+    fn multiply(&self, xs: &[f32], kernel: Kernel) -> Vec<f32> {
         let m = xs.len() / self.k;
-        let xq = quantize_rows(&xs);
+        let xq = quantize_rows(xs);
         let mut out = vec![0f32; m * self.n];
         match &self.storage {
             Storage::Tiles(tiles) => self.forward_tiles(tiles, &xq, m, &mut out),
-            Storage::Rows(blocks) => self.forward_rows(blocks, &xq, m, &mut out),
+            Storage::Rows(blocks) => self.forward_rows(blocks, &xq, m, &mut out, kernel),
         }
-        Tensor::from_vec(out, out_dims, &Device::Cpu)
+        out
     }
 
     fn forward_tiles(&self, tiles: &[B::Tile], xq: &[BlockQ8], m: usize, out: &mut [f32]) {
@@ -324,10 +333,16 @@ impl<B: WeightBlock> BlockMatrix<B> {
         });
     }
 
-    fn forward_rows(&self, blocks: &[B], xq: &[BlockQ8], m: usize, out: &mut [f32]) {
+    fn forward_rows(
+        &self,
+        blocks: &[B],
+        xq: &[BlockQ8],
+        m: usize,
+        out: &mut [f32],
+        kernel: Kernel,
+    ) {
         let (n, kb) = (self.n, self.k / QK);
         let out_ptr = out.as_mut_ptr() as usize;
-        let kernel = Kernel::detect();
         // Work items: groups of 8 weight rows, all activation rows each.
         const ROWS: usize = 8;
         candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(ROWS), |items| {
@@ -402,7 +417,7 @@ fn quantize_block(x: &[f32]) -> BlockQ8 {
 }
 
 /// The kernels for rows of blocks (CPUs without AVX-512 VNNI).
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 enum Kernel {
     Scalar,
     #[cfg(target_arch = "x86_64")]
@@ -493,7 +508,8 @@ mod avx2 {
     }
 
     /// Runs `step` over the blocks in two interleaved accumulator chains, so one block's
-    /// unpacking overlaps the other's arithmetic; returns their sum.
+    /// unpacking overlaps the other's arithmetic; returns their sum. Even blocks go to
+    /// the first chain, odd ones to the second, as in [`dot_rows`].
     #[inline(always)]
     pub(super) unsafe fn two_chains<B>(
         w: &[B],
@@ -538,6 +554,10 @@ mod avx2 {
         hsum(two_chains(w, x, step))
     }
 
+    /// [`dot_row`] for up to four activation rows at once, each weight block unpacked
+    /// once: each row's sum is formed with [`dot_row`]'s float operations (even and
+    /// odd blocks in two chains, added, then [`hsum`]), so a row's bits do not depend
+    /// on how many rows share the call.
     // Several arrays are indexed by the row; an iterator would obscure it.
     #[allow(clippy::needless_range_loop)]
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -549,8 +569,8 @@ mod avx2 {
         acc: &mut [f32; 4],
     ) {
         let ones = _mm256_set1_epi16(1);
-        let mut sums = [_mm256_setzero_ps(); 4];
-        for (i, wb) in w.iter().enumerate() {
+        let step = |i: usize, sums: &mut [__m256; 4]| {
+            let wb = w.get_unchecked(i);
             let qw = wb.unpack();
             let aw = _mm256_sign_epi8(qw, qw);
             let dw = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(wb.d() as i32)));
@@ -562,9 +582,18 @@ mod avx2 {
                 let d = _mm256_set1_ps(dw * xb.d);
                 sums[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), sums[r]);
             }
+        };
+        let mut s0 = [_mm256_setzero_ps(); 4];
+        let mut s1 = [_mm256_setzero_ps(); 4];
+        for i in 0..w.len() / 2 {
+            step(2 * i, &mut s0);
+            step(2 * i + 1, &mut s1);
+        }
+        if w.len() % 2 == 1 {
+            step(w.len() - 1, &mut s0);
         }
         for r in 0..rows {
-            acc[r] = hsum(sums[r]);
+            acc[r] = hsum(_mm256_add_ps(s0[r], s1[r]));
         }
     }
 }
@@ -719,6 +748,81 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Activation row counts of the invariance tests: decode, partial and full passes of
+    /// four rows, more than one chunk of the tile kernel.
+    const BATCHES: [usize; 11] = [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33];
+
+    /// Each (weight row, activation row) output has the same bits whatever else shares
+    /// the call: rows 0..m of the same activations, for each m of [`BATCHES`], against
+    /// each row alone, in rows (with every row kernel) and tiles.
+    fn check_batch_invariance<B: WeightBlock>(dtype: GgmlDType, n: usize, k: usize) {
+        let spec = TensorSpec {
+            name: "w".into(),
+            dims: vec![n, k],
+            dtype,
+        };
+        let src = SyntheticWeights::single(spec, 3);
+        // SAFETY: the block types are plain data.
+        let mut blocks: Vec<B> = unsafe { zeroed_plain(n * k / QK) };
+        src.read_raw("w", unsafe { as_bytes_mut(&mut blocks) })
+            .unwrap();
+        let mut layouts: Vec<(&str, BlockMatrix<B>, Kernel)> = row_kernels()
+            .into_iter()
+            .map(|kernel| {
+                (
+                    "rows",
+                    BlockMatrix::from_rows(blocks.clone(), n, k, false),
+                    kernel,
+                )
+            })
+            .collect();
+        if tiles_supported() {
+            let tiles = BlockMatrix::from_rows(blocks.clone(), n, k, true);
+            layouts.push(("tiles", tiles, Kernel::Scalar));
+        }
+        let rows = *BATCHES.last().unwrap();
+        // Random rows, one constant, one zero, one with an outlier.
+        let mut x: Vec<f32> = Tensor::randn(0f32, 1f32, rows * k, &Device::Cpu)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        x[k..2 * k].fill(1.0);
+        x[2 * k..3 * k].fill(0.0);
+        x[3 * k + 7] = 1000.0;
+        for (name, w, kernel) in &layouts {
+            let alone: Vec<Vec<f32>> = (0..rows)
+                .map(|r| w.multiply(&x[r * k..(r + 1) * k], *kernel))
+                .collect();
+            assert!(alone[0].iter().any(|v| *v != 0.0));
+            for m in BATCHES {
+                let got = w.multiply(&x[..m * k], *kernel);
+                for (r, want) in alone.iter().enumerate().take(m) {
+                    for (j, (g, w)) in got[r * n..(r + 1) * n].iter().zip(want).enumerate() {
+                        assert_eq!(
+                            g.to_bits(),
+                            w.to_bits(),
+                            "{dtype:?} {n}x{k} {name} {kernel:?} m={m}: row {r} output {j} {g} but alone {w}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The 0.5B's ffn_up and gate (Q5_0), its attn_v and a matrix whose rows leave a
+    /// partial tile (Q8_0).
+    #[test]
+    fn q5_0_outputs_do_not_depend_on_the_batch() {
+        check_batch_invariance::<BlockQ5>(GgmlDType::Q5_0, 4864, 896);
+        check_batch_invariance::<BlockQ5>(GgmlDType::Q5_0, 77, 4864 + 32);
+    }
+
+    #[test]
+    fn q8_0_outputs_do_not_depend_on_the_batch() {
+        check_batch_invariance::<BlockQ8_0>(GgmlDType::Q8_0, 128, 896);
+        check_batch_invariance::<BlockQ8_0>(GgmlDType::Q8_0, 77, 896 + 32);
     }
 
     #[test]
