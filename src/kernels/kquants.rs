@@ -1441,17 +1441,9 @@ mod tests {
         check::<Q6K>();
     }
 
-    /// Activation rows for the invariance tests: random, except row 1 constant (the
-    /// largest integer sums, past f32's 2^24), row 2 zero and row 3 with an outlier.
+    /// Activation rows for the invariance tests (see [`super::super::invariance_rows`]).
     fn activation_rows(rows: usize, k: usize) -> Vec<f32> {
-        let mut x: Vec<f32> = Tensor::randn(0f32, 1f32, rows * k, &Device::Cpu)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        x[k..2 * k].fill(1.0);
-        x[2 * k..3 * k].fill(0.0);
-        x[3 * k + 5] = 1000.0;
-        x
+        super::super::invariance_rows(rows, k, 5)
     }
 
     /// Activation row counts of the invariance tests: decode, short inputs with full and

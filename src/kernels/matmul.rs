@@ -783,14 +783,7 @@ mod tests {
             layouts.push(("tiles", tiles, Kernel::Scalar));
         }
         let rows = *BATCHES.last().unwrap();
-        // Random rows, one constant, one zero, one with an outlier.
-        let mut x: Vec<f32> = Tensor::randn(0f32, 1f32, rows * k, &Device::Cpu)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        x[k..2 * k].fill(1.0);
-        x[2 * k..3 * k].fill(0.0);
-        x[3 * k + 7] = 1000.0;
+        let x = super::super::invariance_rows(rows, k, 7);
         for (name, w, kernel) in &layouts {
             let alone: Vec<Vec<f32>> = (0..rows)
                 .map(|r| w.multiply(&x[r * k..(r + 1) * k], *kernel))

@@ -140,6 +140,22 @@ pub fn kernels() -> String {
     }
 }
 
+/// Activation rows for the kernels' batch-invariance tests: random, except row 1 constant
+/// (the largest integer sums, past f32's 2^24), row 2 zero and row 3 with an outlier at
+/// column `outlier`.
+#[cfg(test)]
+pub(crate) fn invariance_rows(rows: usize, k: usize, outlier: usize) -> Vec<f32> {
+    let mut x: Vec<f32> =
+        candle_core::Tensor::randn(0f32, 1f32, rows * k, &candle_core::Device::Cpu)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+    x[k..2 * k].fill(1.0);
+    x[2 * k..3 * k].fill(0.0);
+    x[3 * k + outlier] = 1000.0;
+    x
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
