@@ -58,7 +58,8 @@ fn long_stream(srv: &Server) -> BufReader<reqwest::blocking::Response> {
 #[test]
 fn full_queue_is_503_and_a_disconnect_frees_the_worker() {
     let dir = small_only();
-    let srv = start(&dir, &["--max-queue", "1"]);
+    // One request runs at a time, so the next one waits in the bounded queue.
+    let srv = start(&dir, &["--max-queue", "1", "--parallel", "1"]);
     let running = long_stream(&srv);
     wait_for(&srv, "the long request to start", |m| m["in_flight"] == 1);
     // One more request may wait in the queue...
