@@ -140,10 +140,6 @@ impl<S: Sequence> Scheduler<S> {
         self.running.len()
     }
 
-    pub fn waiting(&self) -> usize {
-        self.waiting.len()
-    }
-
     /// Every sequence, running or waiting.
     pub fn sequences_mut(&mut self) -> impl Iterator<Item = &mut S> {
         self.running

@@ -257,11 +257,6 @@ impl Decoding {
         }
     }
 
-    /// When the request started running, if it has.
-    pub fn admitted_at(&self) -> Option<Instant> {
-        self.admitted
-    }
-
     fn mark_done(&mut self, reason: DoneReason, tokens: &[u32], last: Option<u32>) {
         self.done = Some(reason);
         self.eval = self.first_logits.map_or(Duration::ZERO, |t| t.elapsed());
@@ -385,10 +380,6 @@ impl Decoding {
     /// Tokens generated so far.
     pub fn generated(&self) -> &[u32] {
         &self.output
-    }
-
-    pub fn is_done(&self) -> bool {
-        self.done.is_some()
     }
 
     /// Counts and timings; `done_reason` is `length` if called before the end.

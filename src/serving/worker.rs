@@ -674,6 +674,20 @@ impl Worker {
         }
     }
 
+    /// A job that will not run: it leaves the queue count, its client gets `why`.
+    fn refuse(
+        &self,
+        slot: &ModelSlot,
+        events: &tokio::sync::mpsc::Sender<Event>,
+        why: Option<String>,
+    ) {
+        slot.pending.fetch_sub(1, Ordering::AcqRel);
+        if let Some(why) = why {
+            let _ = events.blocking_send(Event::Error(why));
+        }
+        self.idle(slot);
+    }
+
     fn job(&mut self, mut job: Job) {
         let Some(i) = self.slot_index(&job.model) else {
             let _ = job.events.blocking_send(Event::Error(format!(
@@ -684,23 +698,16 @@ impl Worker {
         };
         let slot = self.slots[i].clone();
         if job.events.is_closed() {
-            slot.pending.fetch_sub(1, Ordering::AcqRel);
-            self.idle(&slot);
-            return; // the client gave up while queued
+            return self.refuse(&slot, &job.events, None); // the client gave up while queued
         }
         // Unloaded between the request's wait and now (its keep-alive ran out): load again.
         let start = Instant::now();
         let was_ready = slot.is_ready();
         let model = if self.load(&slot) { slot.model() } else { None };
         let Some(model) = model else {
-            slot.pending.fetch_sub(1, Ordering::AcqRel);
             let why = slot.failure().unwrap_or_else(|| "not loaded".into());
-            let _ = job.events.blocking_send(Event::Error(format!(
-                "model '{}' is unavailable: {why}",
-                slot.name
-            )));
-            self.idle(&slot);
-            return;
+            let why = format!("model '{}' is unavailable: {why}", slot.name);
+            return self.refuse(&slot, &job.events, Some(why));
         };
         if !was_ready {
             job.load_wait += start.elapsed();
@@ -712,12 +719,7 @@ impl Worker {
         if fresh {
             match Batcher::new(model.clone(), &slot) {
                 Ok(b) => self.batchers[i] = Some(b),
-                Err(e) => {
-                    slot.pending.fetch_sub(1, Ordering::AcqRel);
-                    let _ = job.events.blocking_send(Event::Error(e.to_string()));
-                    self.idle(&slot);
-                    return;
-                }
+                Err(e) => return self.refuse(&slot, &job.events, Some(e.to_string())),
             }
         }
         let b = self.batchers[i].as_mut().expect("just made");
@@ -726,7 +728,8 @@ impl Worker {
             .weights
             .max_positions()
             .min(capacity.saturating_sub(1));
-        let decoding = match Decoding::new(job.prompt, &job.options, max_ctx, &model.name) {
+        let (decoding, tokens) = match Decoding::new(job.prompt, &job.options, max_ctx, &model.name)
+        {
             Ok((d, tokens)) => {
                 let d = match job.constraint {
                     Some(c) => d.with_constraint(c),
@@ -741,17 +744,9 @@ impl Worker {
                 } else {
                     d
                 };
-                Some((d, tokens))
+                (d, tokens)
             }
-            Err(e) => {
-                let _ = job.events.blocking_send(Event::Error(e.to_string()));
-                None
-            }
-        };
-        let Some((decoding, tokens)) = decoding else {
-            slot.pending.fetch_sub(1, Ordering::AcqRel);
-            self.idle(&slot);
-            return;
+            Err(e) => return self.refuse(&slot, &job.events, Some(e.to_string())),
         };
         let seq = JobSeq {
             model: b.model.clone(),
