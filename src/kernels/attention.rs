@@ -114,6 +114,16 @@ fn attend_group(
             _ => {}
         }
     }
+    #[cfg(target_arch = "x86_64")]
+    if super::ops::avx2() && is_x86_feature_detected!("f16c") {
+        // SAFETY: the CPU has AVX2, FMA and F16C; the slices have the lengths the
+        // kernel reads.
+        match hd {
+            64 => return unsafe { avx2::group::<8>(q, keys, values, len, scores, out) },
+            128 => return unsafe { avx2::group::<16>(q, keys, values, len, scores, out) },
+            _ => {}
+        }
+    }
     let bs = keys[0].len() / hd;
     fn at<'a>(blocks: &[&'a [f16]], bs: usize, hd: usize, t: usize) -> &'a [f16] {
         &blocks[t / bs][(t % bs) * hd..(t % bs + 1) * hd]
@@ -161,7 +171,7 @@ mod avx512 {
 
     /// Asks for the cache lines of `xs[at..at + n]` (what lies inside `xs`).
     #[inline(always)]
-    fn prefetch(xs: &[f16], at: usize, n: usize) {
+    pub(super) fn prefetch(xs: &[f16], at: usize, n: usize) {
         let end = xs.len().min(at + n);
         for i in (at..end).step_by(32) {
             // SAFETY: i < xs.len(); a prefetch reads nothing.
@@ -245,6 +255,113 @@ mod avx512 {
                 }
                 for (c, o) in o.iter().enumerate() {
                     unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(h * hd + 16 * c), *o) };
+                }
+            }
+        }
+        for h in 0..heads {
+            let inv = 1.0 / sums[h];
+            for o in &mut out[h * hd..(h + 1) * hd] {
+                *o *= inv;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::super::ops::avx2::hsum4x8;
+    use super::avx512::prefetch;
+    use core::arch::x86_64::*;
+    use half::f16;
+
+    /// Positions ahead whose keys are asked for while four are scored.
+    const AHEAD: usize = 16;
+    /// Output registers per pass over a value block (of 16 ymm).
+    const OUT_REGS: usize = 8;
+
+    /// [`super::attend_group`] for head_dim = 8·C, as the AVX-512 kernel: scores four
+    /// keys at a time, then values a block at a time, each head's output (up to
+    /// [`OUT_REGS`] registers of it per pass) in registers.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn group<const C: usize>(
+        q: &[f32],
+        keys: &[&[f16]],
+        values: &[&[f16]],
+        len: usize,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let hd = 8 * C;
+        let heads = q.len() / hd;
+        let bs = keys[0].len() / hd;
+        assert!(bs.is_multiple_of(4) && keys.len() * bs >= len && values.len() * bs >= len);
+        assert!(keys.iter().chain(values).all(|b| b.len() == bs * hd));
+        assert!(scores.len() >= heads * len && out.len() >= heads * hd);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let load = |p: &[f32], at: usize| unsafe { _mm256_loadu_ps(p.as_ptr().add(at)) };
+        let load16 = |p: &[f16], at: usize| unsafe {
+            _mm256_cvtph_ps(_mm_loadu_si128(p.as_ptr().add(at) as *const __m128i))
+        };
+        let mut t = 0;
+        while t < len {
+            let n = (len - t).min(4);
+            let (blk, off) = (keys[t / bs], (t % bs) * hd);
+            let ahead = t + AHEAD;
+            if ahead < len {
+                prefetch(keys[ahead / bs], (ahead % bs) * hd, 4 * hd);
+            }
+            for h in 0..heads {
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for c in 0..C {
+                    let qc = load(q, h * hd + 8 * c);
+                    for (j, a) in acc.iter_mut().enumerate().take(n) {
+                        *a = _mm256_fmadd_ps(qc, load16(blk, off + j * hd + 8 * c), *a);
+                    }
+                }
+                let mut four = [0f32; 4];
+                unsafe { _mm_storeu_ps(four.as_mut_ptr(), hsum4x8(acc)) };
+                scores[h * len + t..h * len + t + n].copy_from_slice(&four[..n]);
+            }
+            t += n;
+        }
+        let mut sums = vec![0f32; heads];
+        for h in 0..heads {
+            let s = &mut scores[h * len..(h + 1) * len];
+            for x in s.iter_mut() {
+                *x *= scale;
+            }
+            sums[h] = super::softmax_unnormalized(s);
+        }
+        out.fill(0.0);
+        for (b, blk) in values.iter().enumerate() {
+            let t0 = b * bs;
+            if t0 >= len {
+                break;
+            }
+            let t1 = len.min(t0 + bs);
+            if let Some(next) = values.get(b + 1).filter(|_| t1 < len) {
+                prefetch(next, 0, bs * hd);
+            }
+            for h in 0..heads {
+                for c0 in (0..C).step_by(OUT_REGS) {
+                    let at = h * hd + 8 * c0;
+                    let mut o: [__m256; OUT_REGS] = std::array::from_fn(|c| {
+                        if c0 + c < C {
+                            load(out, at + 8 * c)
+                        } else {
+                            _mm256_setzero_ps()
+                        }
+                    });
+                    for t in t0..t1 {
+                        let p = _mm256_set1_ps(scores[h * len + t]);
+                        for (c, o) in o.iter_mut().enumerate().take(C - c0) {
+                            let v = load16(blk, (t - t0) * hd + 8 * (c0 + c));
+                            *o = _mm256_fmadd_ps(p, v, *o);
+                        }
+                    }
+                    for (c, o) in o.iter().enumerate().take(C - c0) {
+                        unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(at + 8 * c), *o) };
+                    }
                 }
             }
         }

@@ -94,7 +94,12 @@ impl CpuId {
     /// The CPU family in words, where it is one these machines have had.
     pub fn family_name(&self) -> Option<&'static str> {
         match (self.vendor.as_str(), self.family) {
-            ("AuthenticAMD", 0x19) => Some("AMD Zen 3/4"),
+            // Family 19h: Zen 3 (Milan 01h, Vermeer 21h, Cezanne 50h; Zen 3+ 44h) and
+            // Zen 4 (Genoa 11h, Raphael 61h, Phoenix 74h/78h, Bergamo A0h).
+            ("AuthenticAMD", 0x19) if matches!(self.model, 0x00..=0x0f | 0x20..=0x5f) => {
+                Some("AMD Zen 3")
+            }
+            ("AuthenticAMD", 0x19) => Some("AMD Zen 4"),
             ("AuthenticAMD", 0x1a) => Some("AMD Zen 5"),
             ("GenuineIntel", 6) => Some("Intel Core/Xeon"),
             _ => None,
@@ -124,14 +129,32 @@ impl std::fmt::Display for CpuId {
     }
 }
 
+/// Activation rows per work item of a matmul over many rows: as many (a multiple of
+/// `multiple`, at least that) as keep one item's quantized activations (`row_bytes`
+/// each) within a share of L2 that every CPU here has, so that they are read from L2,
+/// not L3, by each group of weight rows that meets them.
+pub(crate) fn act_chunk_rows(row_bytes: usize, m: usize, multiple: usize) -> usize {
+    const BUDGET: usize = 128 << 10;
+    let rows = (BUDGET / row_bytes.max(1)) / multiple * multiple;
+    rows.max(multiple).min(m.max(1))
+}
+
 /// duet's own CPU kernels that this CPU runs (else candle's run), in words.
 pub fn kernels() -> String {
     let mut k = Vec::new();
-    if kquants::supported() {
-        k.push("Q4_K/Q6_K from the mapped file (AVX-512 VNNI)");
+    match kquants::best() {
+        Some(kquants::Kernel::Avx512) => k.push("Q4_K/Q6_K from the mapped file (AVX-512 VNNI)"),
+        Some(kquants::Kernel::Avx2) => k.push("Q4_K/Q6_K from the mapped file (AVX2)"),
+        _ => {}
     }
-    if matmul::tiles_supported() {
-        k.push("Q5_0/Q8_0 tiles (AVX-512 VNNI)");
+    use matmul::{BlockQ5, BlockQ8_0, TileKernel};
+    match (
+        matmul::tile_kernel::<BlockQ5>(),
+        matmul::tile_kernel::<BlockQ8_0>(),
+    ) {
+        (Some(TileKernel::Avx512), _) => k.push("Q5_0/Q8_0 tiles (AVX-512 VNNI)"),
+        (Some(TileKernel::Avx2), None) => k.push("Q5_0 tiles, Q8_0 rows (AVX2)"),
+        _ => {}
     }
     if k.is_empty() {
         "candle's".into()

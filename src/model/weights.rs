@@ -204,10 +204,10 @@ pub fn linear(src: &impl WeightSource, name: &str, device: &Device) -> Result<Li
                             src.read_raw(name, dst)
                         })?))
                     }
-                    GgmlDType::Q4K if cpu_kquants::supported() => {
+                    GgmlDType::Q4K if cpu_kquants::best().is_some() => {
                         return Ok(Linear::Q4K(k_matrix(src, name, n, k)?));
                     }
-                    GgmlDType::Q6K if cpu_kquants::supported() => {
+                    GgmlDType::Q6K if cpu_kquants::best().is_some() => {
                         return Ok(Linear::Q6K(k_matrix(src, name, n, k)?));
                     }
                     _ => {}
@@ -226,7 +226,8 @@ fn k_matrix<F: cpu_kquants::KFormat>(
     n: usize,
     k: usize,
 ) -> Result<KMatrix<F>> {
-    let m = KMatrix::<F>::new(src.parts(name)?, k, cpu_kquants::Kernel::Avx512)?;
+    let kernel = cpu_kquants::best().unwrap_or(cpu_kquants::Kernel::Scalar);
+    let m = KMatrix::<F>::new(src.parts(name)?, k, kernel)?;
     if m.rows() != n {
         candle_core::bail!(
             "tensor '{name}' has {} rows of its bytes, not {n}",
