@@ -10,11 +10,11 @@
 //!   weights × signed activations) then `vpdpwssd` with each sub-block's scale, the
 //!   four rows' integer lanes reduced together, so a whole 256-value block of four rows
 //!   reaches one float register in one conversion; each block asks for the same block
-//!   of the next four rows ahead (the mapped file's 4 KiB pages stop the hardware
-//!   prefetcher: without the hint the 1.5B decoded at 11 instead of 17 tok/s on an
-//!   Intel Xeon, 13 instead of 36 on an AMD EPYC of the Zen 5 family; there, more
-//!   groups ahead or prefetching into L2 measured the same, and 2 MiB pages were no
-//!   option: the file's mapping is not eligible for them, and a copy into anonymous
+//!   of four rows a group or two ahead ([`Prefetch`]: the mapped file's 4 KiB pages stop
+//!   the hardware prefetcher: without the hint the 1.5B decoded at 11 instead of 17
+//!   tok/s on an Intel Xeon, 13 instead of 36 on an AMD EPYC of the Zen 5 family; on
+//!   Zen 4, asking into L2 instead of L1 took it from 18 to 28 tok/s; 2 MiB pages were
+//!   no option: the file's mapping is not eligible for them, and a copy into anonymous
 //!   huge pages took 4 s to load for no gain in decode);
 //! - short inputs (2 to 7 rows): one weight row against up to four activation rows, the
 //!   same arithmetic;
@@ -210,10 +210,96 @@ fn has_avx2() -> bool {
 }
 
 /// The fastest kernel this CPU runs, if any (elsewhere the caller keeps candle's).
+/// `DUET_CPU_KERNEL=avx2` (or `scalar`) picks a slower one instead, to compare kernels
+/// on one machine; one this CPU cannot run is ignored, with a warning.
 pub fn best() -> Option<Kernel> {
-    [Kernel::Avx512, Kernel::Avx2]
-        .into_iter()
-        .find(|k| k.available())
+    static CHOSEN: std::sync::OnceLock<Option<Kernel>> = std::sync::OnceLock::new();
+    *CHOSEN.get_or_init(|| {
+        let fastest = [Kernel::Avx512, Kernel::Avx2]
+            .into_iter()
+            .find(|k| k.available());
+        let Ok(asked) = std::env::var("DUET_CPU_KERNEL") else {
+            return fastest;
+        };
+        let kernel = match asked.to_ascii_lowercase().as_str() {
+            "avx512" => Kernel::Avx512,
+            "avx2" => Kernel::Avx2,
+            "scalar" => Kernel::Scalar,
+            _ => {
+                eprintln!(
+                    "warning: DUET_CPU_KERNEL={asked} is not avx512, avx2 or scalar; ignored"
+                );
+                return fastest;
+            }
+        };
+        if kernel.available() {
+            Some(kernel)
+        } else {
+            eprintln!(
+                "warning: this CPU cannot run the {kernel:?} kernels (DUET_CPU_KERNEL); ignored"
+            );
+            fastest
+        }
+    })
+}
+
+/// How the decode kernels ask for weights ahead of their use: the mapped file's 4 KiB
+/// pages, read four rows at a time, stop the hardware prefetcher, so each block asks
+/// for the same block `groups_ahead` groups of four rows on, into L1 or into L2.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prefetch {
+    pub into_l2: bool,
+    pub groups_ahead: usize,
+}
+
+impl Prefetch {
+    /// What measured best on the CPU family. AMD: into L2, two groups ahead (Zen 4: the
+    /// 1.5B decoded at 28–31 tok/s against 18–20 into L1 one group ahead, L1's few miss
+    /// buffers capping the lines in flight; Zen 5: the same either way). Elsewhere (the
+    /// Intel Xeon) into L1, one group ahead, as measured there.
+    pub fn for_cpu(cpu: &super::CpuId) -> Self {
+        if cpu.vendor == "AuthenticAMD" {
+            Prefetch {
+                into_l2: true,
+                groups_ahead: 2,
+            }
+        } else {
+            Prefetch {
+                into_l2: false,
+                groups_ahead: 1,
+            }
+        }
+    }
+
+    /// `l1:N` or `l2:N` (N groups ahead, 1 to 16), as `DUET_PREFETCH` takes it.
+    pub fn parse(s: &str) -> Option<Self> {
+        let (level, ahead) = s.split_once(':')?;
+        let into_l2 = match level {
+            "l1" => false,
+            "l2" => true,
+            _ => return None,
+        };
+        let groups_ahead = ahead.parse().ok().filter(|n| (1..=16).contains(n))?;
+        Some(Prefetch {
+            into_l2,
+            groups_ahead,
+        })
+    }
+
+    /// This CPU's, or `DUET_PREFETCH`'s (to compare on one machine), read once.
+    pub fn chosen() -> Self {
+        static CHOSEN: std::sync::OnceLock<Prefetch> = std::sync::OnceLock::new();
+        *CHOSEN.get_or_init(|| {
+            let cpu = Self::for_cpu(&super::CpuId::read());
+            match std::env::var("DUET_PREFETCH") {
+                Err(_) => cpu,
+                Ok(v) => Self::parse(&v).unwrap_or_else(|| {
+                    eprintln!("warning: DUET_PREFETCH={v} is not l1:N or l2:N; ignored");
+                    cpu
+                }),
+            }
+        })
+    }
 }
 
 /// Quantizes rows of f32 activations (a whole number of 256-value blocks) as Q8_K
@@ -524,9 +610,12 @@ impl<F: KFormat> KMatrix<F> {
                     unsafe {
                         let out = (out_ptr as *mut f32).add(item.row);
                         let w = rows.as_ptr();
+                        let pf = Prefetch::chosen();
                         match kernel {
-                            Kernel::Avx512 => avx512::decode::<F>(w, row_bytes, groups, xq, out),
-                            _ => avx2::decode::<F>(w, row_bytes, groups, xq, out),
+                            Kernel::Avx512 => {
+                                avx512::decode::<F>(w, row_bytes, groups, xq, out, pf)
+                            }
+                            _ => avx2::decode::<F>(w, row_bytes, groups, xq, out, pf),
                         }
                     };
                     first = 4 * groups;
@@ -664,6 +753,37 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// AMD asks into L2 two groups ahead, others into L1 one ahead; `DUET_PREFETCH`'s
+    /// form is read strictly.
+    #[test]
+    fn prefetch_by_cpu_family_and_override() {
+        let cpu = |vendor: &str| super::super::CpuId {
+            vendor: vendor.into(),
+            name: String::new(),
+            family: 25,
+            model: 17,
+            stepping: 1,
+        };
+        assert_eq!(
+            Prefetch::for_cpu(&cpu("AuthenticAMD")),
+            Prefetch::parse("l2:2").unwrap()
+        );
+        assert_eq!(
+            Prefetch::for_cpu(&cpu("GenuineIntel")),
+            Prefetch::parse("l1:1").unwrap()
+        );
+        assert_eq!(
+            Prefetch::parse("l2:3"),
+            Some(Prefetch {
+                into_l2: true,
+                groups_ahead: 3
+            })
+        );
+        for bad in ["", "l2", "l3:1", "l1:0", "l1:17", "l1:x", "L1:1"] {
+            assert_eq!(Prefetch::parse(bad), None, "{bad}");
         }
     }
 

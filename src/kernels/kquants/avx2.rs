@@ -11,7 +11,7 @@
 //! file's 4 KiB pages stop the hardware prefetcher). Every output gets the bits of the
 //! scalar reference ([`super::add_block`]'s order).
 
-use super::{ActBlock, KFormat, Q4K, Q6K, QK_K, ROWS};
+use super::{ActBlock, KFormat, Prefetch, Q4K, Q6K, QK_K, ROWS};
 use candle_core::quantized::GgmlDType;
 use core::arch::x86_64::*;
 
@@ -244,9 +244,9 @@ unsafe fn add_block4<T: Simd>(
 
 /// Asks for the cache lines of `len` bytes at `p` (see the AVX-512 kernel's `prefetch`).
 #[inline(always)]
-unsafe fn prefetch(p: *const u8, len: usize) {
+unsafe fn prefetch_to<const HINT: i32>(p: *const u8, len: usize) {
     for at in (0..len).step_by(64) {
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(at) as *const i8);
+        _mm_prefetch::<HINT>(p.wrapping_add(at) as *const i8);
     }
 }
 
@@ -306,16 +306,16 @@ unsafe fn rows_n<T: Simd, const R: usize>(w: *const u8, kb: usize, x: &[ActBlock
 /// `4 * groups` consecutive weight rows (`w`, `row_bytes` apart) times one activation
 /// row, into `out[..4 * groups]`, four rows at a time.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn decode_of<T: Simd>(
+unsafe fn decode_of<T: Simd, const HINT: i32>(
     w: *const u8,
     row_bytes: usize,
     groups: usize,
     x: &[ActBlock],
     out: *mut f32,
+    next: usize,
 ) {
     unsafe {
         let kb = row_bytes / T::BLOCK_BYTES;
-        let next = 4 * row_bytes;
         for g in 0..groups {
             let w: [*const u8; 4] = std::array::from_fn(|i| w.add((4 * g + i) * row_bytes));
             let mut acc = _mm_setzero_ps();
@@ -325,7 +325,7 @@ unsafe fn decode_of<T: Simd>(
                 let mut bits = [0u32; 4];
                 for i in 0..4 {
                     let blk = w[i].add(b * T::BLOCK_BYTES);
-                    prefetch(blk.wrapping_add(next), T::BLOCK_BYTES);
+                    prefetch_to::<HINT>(blk.wrapping_add(next), T::BLOCK_BYTES);
                     dots[i] = T::dots::<1>(blk, [a])[0];
                     mn[i] = T::mins(blk);
                     bits[i] = T::d_bits(blk);
@@ -344,6 +344,13 @@ unsafe fn decode_of<T: Simd>(
 
 /// `F`'s kernels, chosen by its format.
 macro_rules! by_format {
+    ($f:ty, $kernel:ident::<$hint:ident>, $($arg:expr),*) => {
+        match <$f>::DTYPE {
+            GgmlDType::Q4K => $kernel::<Q4K, $hint>($($arg),*),
+            GgmlDType::Q6K => $kernel::<Q6K, $hint>($($arg),*),
+            other => unreachable!("no AVX2 kernel for {other:?}"),
+        }
+    };
     ($f:ty, $kernel:ident, $($arg:expr),*) => {
         match <$f>::DTYPE {
             GgmlDType::Q4K => $kernel::<Q4K>($($arg),*),
@@ -378,8 +385,34 @@ pub(super) unsafe fn decode<F: KFormat>(
     groups: usize,
     x: &[ActBlock],
     out: *mut f32,
+    pf: Prefetch,
 ) {
-    unsafe { by_format!(F, decode_of, w, row_bytes, groups, x, out) }
+    let next = 4 * row_bytes * pf.groups_ahead;
+    unsafe {
+        if pf.into_l2 {
+            by_format!(
+                F,
+                decode_of::<_MM_HINT_T1>,
+                w,
+                row_bytes,
+                groups,
+                x,
+                out,
+                next
+            )
+        } else {
+            by_format!(
+                F,
+                decode_of::<_MM_HINT_T0>,
+                w,
+                row_bytes,
+                groups,
+                x,
+                out,
+                next
+            )
+        }
+    }
 }
 
 const _: () = assert!(QK_K == 256);

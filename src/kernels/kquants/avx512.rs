@@ -1,6 +1,6 @@
 //! The AVX-512 VNNI kernels of [`super`] (decode, short inputs, prompt tiles).
 
-use super::{ActBlock, ActTile, KFormat, GROUP, Q4K, Q6K, QK_K, ROWS, TILE_ROWS};
+use super::{ActBlock, ActTile, KFormat, Prefetch, GROUP, Q4K, Q6K, QK_K, ROWS, TILE_ROWS};
 use candle_core::quantized::GgmlDType;
 use core::arch::x86_64::*;
 
@@ -548,9 +548,9 @@ unsafe fn act_regs(a: &ActBlock) -> [__m512i; 4] {
 /// each 4 KiB page of the mapped file; with it decode of the 1.5B went from 11 to
 /// 17 tok/s). Only a hint: an address past the matrix is never dereferenced.
 #[inline(always)]
-unsafe fn prefetch(p: *const u8, len: usize) {
+unsafe fn prefetch_to<const HINT: i32>(p: *const u8, len: usize) {
     for at in (0..len).step_by(64) {
-        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(at) as *const i8);
+        _mm_prefetch::<HINT>(p.wrapping_add(at) as *const i8);
     }
 }
 
@@ -720,16 +720,16 @@ unsafe fn rows_n<T: Simd, const R: usize>(w: *const u8, kb: usize, x: &[ActBlock
 /// reduction of the four rows' integer lanes per block, and their floats in one
 /// register), and each block asks for the same block of the next four rows.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
-unsafe fn decode_of<T: Simd>(
+unsafe fn decode_of<T: Simd, const HINT: i32>(
     w: *const u8,
     row_bytes: usize,
     groups: usize,
     x: &[ActBlock],
     out: *mut f32,
+    next: usize,
 ) {
     unsafe {
         let kb = row_bytes / T::BLOCK_BYTES;
-        let next = 4 * row_bytes;
         let idx = scale_idx(T::SCALE_IDX);
         for g in 0..groups {
             let w: [*const u8; 4] = std::array::from_fn(|i| w.add((4 * g + i) * row_bytes));
@@ -741,7 +741,7 @@ unsafe fn decode_of<T: Simd>(
                 let mut bits = [0u32; 4];
                 for i in 0..4 {
                     let blk = w[i].add(b * T::BLOCK_BYTES);
-                    prefetch(blk.wrapping_add(next), T::BLOCK_BYTES);
+                    prefetch_to::<HINT>(blk.wrapping_add(next), T::BLOCK_BYTES);
                     let u = T::unpack(blk, &idx);
                     dots[i] = T::dot(&u, a, &act);
                     mn[i] = u.mn;
@@ -764,6 +764,13 @@ unsafe fn decode_of<T: Simd>(
 
 /// `F`'s kernels, chosen by its format.
 macro_rules! by_format {
+    ($f:ty, $kernel:ident::<$hint:ident>, $($arg:expr),*) => {
+        match <$f>::DTYPE {
+            GgmlDType::Q4K => $kernel::<Q4K, $hint>($($arg),*),
+            GgmlDType::Q6K => $kernel::<Q6K, $hint>($($arg),*),
+            other => unreachable!("no AVX-512 kernel for {other:?}"),
+        }
+    };
     ($f:ty, $kernel:ident, $($arg:expr),*) => {
         match <$f>::DTYPE {
             GgmlDType::Q4K => $kernel::<Q4K>($($arg),*),
@@ -798,8 +805,34 @@ pub(super) unsafe fn decode<F: KFormat>(
     groups: usize,
     x: &[ActBlock],
     out: *mut f32,
+    pf: Prefetch,
 ) {
-    unsafe { by_format!(F, decode_of, w, row_bytes, groups, x, out) }
+    let next = 4 * row_bytes * pf.groups_ahead;
+    unsafe {
+        if pf.into_l2 {
+            by_format!(
+                F,
+                decode_of::<_MM_HINT_T1>,
+                w,
+                row_bytes,
+                groups,
+                x,
+                out,
+                next
+            )
+        } else {
+            by_format!(
+                F,
+                decode_of::<_MM_HINT_T0>,
+                w,
+                row_bytes,
+                groups,
+                x,
+                out,
+                next
+            )
+        }
+    }
 }
 
 /// Up to [`GROUP`] weight rows (`w`: `kb` blocks each) times every activation tile
