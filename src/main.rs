@@ -78,6 +78,9 @@ struct ServeArgs {
     /// Address to listen on, as OLLAMA_HOST is written (default 127.0.0.1:11434)
     #[arg(long)]
     host: Option<String>,
+    /// A key every request but / and /api/version must send as `Authorization: Bearer KEY`
+    #[arg(long, env = "DUET_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     /// Requests that may wait per model before the server answers 503
     #[arg(long, env = "OLLAMA_MAX_QUEUE", default_value_t = 16)]
     max_queue: usize,
@@ -251,6 +254,7 @@ fn real_main(cli: Cli) -> Result<()> {
                         max_predict: args.max_predict,
                     },
                     origins: env("OLLAMA_ORIGINS"),
+                    api_key: args.api_key.filter(|k| !k.is_empty()),
                     lifecycle: duet::serving::worker::Lifecycle {
                         preload: !args.no_preload,
                         keep_alive: args

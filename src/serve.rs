@@ -24,6 +24,8 @@ pub struct ServeOptions {
     pub parallel: usize,
     pub limits: Limits,
     pub origins: Option<String>,
+    /// The key requests must bring (`--api-key`), if any.
+    pub api_key: Option<String>,
     /// Preloading and the default keep-alive.
     pub lifecycle: worker::Lifecycle,
 }
@@ -264,8 +266,20 @@ pub fn serve(d: Deployment, opts: ServeOptions) -> Result<()> {
             listener.local_addr()?,
             d.layout_name
         );
+        let listen = listener.local_addr()?;
+        if !listen.ip().is_loopback() && opts.api_key.is_none() {
+            tracing::warn!(
+                %listen,
+                "listening beyond this machine without an API key: anyone who can reach \
+                 the port can use the models (set --api-key or DUET_API_KEY)"
+            );
+        }
         tokio::spawn(report_progress(state.clone()));
-        let app = api::router(state, opts.origins.clone());
+        let access = api::guard::Access {
+            listen,
+            api_key: opts.api_key.clone(),
+        };
+        let app = api::router(state, opts.origins.clone(), access);
         axum::serve(listener, app)
             .with_graceful_shutdown(shutdown_signal())
             .await

@@ -131,6 +131,85 @@ fn body_size_and_num_predict_caps_and_cors() {
     assert!(evil.headers().get("access-control-allow-origin").is_none());
 }
 
+/// DNS rebinding: a foreign Host is refused; the API key (here from DUET_API_KEY) guards
+/// every route but / and /api/version; errors no handler wrote are JSON in each API's
+/// shape (404, 405, 413, 401, 403).
+#[test]
+fn foreign_hosts_api_keys_and_json_errors() {
+    let dir = small_only();
+    let cfg = dir.path().join("models.toml");
+    let srv = server::start_env(
+        &["--config", cfg.to_str().unwrap()],
+        &["--max-body", "2048"],
+        &[("DUET_API_KEY", "s3cret-key")],
+    );
+    let get = |path: &str, host: Option<&str>, key: Option<&str>| {
+        let mut r = client().get(format!("{}{path}", srv.base));
+        if let Some(h) = host {
+            r = r.header("Host", h);
+        }
+        if let Some(k) = key {
+            r = r.header("Authorization", format!("Bearer {k}"));
+        }
+        let r = r.send().unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().unwrap();
+        (
+            status,
+            serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text)),
+        )
+    };
+    let key = Some("s3cret-key");
+    // The open routes answer without the key, as clients probe them.
+    assert_eq!(get("/api/version", None, None).0, 200);
+    assert_eq!(get("/", None, None).0, 200);
+    // Everything else needs it, in each API's error shape.
+    let (s, v) = get("/api/tags", None, None);
+    assert_eq!(s, 401, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("API key"), "{v}");
+    let (s, v) = get("/v1/models", None, Some("wrong"));
+    assert_eq!(s, 401, "{v}");
+    assert_eq!(v["error"]["message"], "invalid API key", "{v}");
+    let (s, v) = get("/api/tags", None, key);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["models"][0]["name"], SMALL, "{v}");
+    assert_eq!(get("/v1/models", None, key).0, 200);
+    // Host: a page on evil.example.com rebound to 127.0.0.1 is refused, key or not.
+    let (s, v) = get("/api/tags", Some("evil.example.com:11434"), key);
+    assert_eq!(s, 403, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("localhost"), "{v}");
+    let (s, v) = get("/api/version", Some("evil.example.com"), None);
+    assert_eq!(s, 403, "{v}");
+    for local in [
+        "localhost:11434",
+        "127.0.0.1",
+        "app.localhost",
+        "[::1]:8080",
+    ] {
+        assert_eq!(get("/api/version", Some(local), None).0, 200, "{local}");
+    }
+    // Unknown paths and wrong methods: JSON, Ollama's shape or OpenAI's.
+    let (s, v) = get("/api/nope", None, key);
+    assert_eq!(s, 404, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("/api/nope"), "{v}");
+    let (s, v) = get("/v1/nope", None, key);
+    assert_eq!(s, 404, "{v}");
+    assert_eq!(v["error"]["type"], "not_found_error", "{v}");
+    let (s, v) = get("/api/chat", None, key);
+    assert_eq!(s, 405, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("GET"), "{v}");
+    // A body over --max-body: 413 in JSON.
+    let r = client()
+        .post(format!("{}/v1/chat/completions", srv.base))
+        .header("Authorization", "Bearer s3cret-key")
+        .json(&json!({"model": SMALL, "messages": [{"role": "user", "content": "x".repeat(4096)}]}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let v: Value = r.json().unwrap();
+    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+}
+
 #[test]
 fn sigterm_finishes_in_flight_requests_then_exits() {
     let dir = small_only();

@@ -2,6 +2,7 @@
 //! (`openai.rs`), and what they share: state, model lookup, body parsing, errors.
 
 pub mod embed;
+pub mod guard;
 pub mod models;
 pub mod ollama;
 pub mod openai;
@@ -587,8 +588,8 @@ fn origin_matches(pattern: &str, origin: &str) -> bool {
     true
 }
 
-/// Every route of the API.
-pub fn router(state: Arc<AppState>, origins_env: Option<String>) -> Router {
+/// Every route of the API, behind the Host check and key of `access` ([`guard`]).
+pub fn router(state: Arc<AppState>, origins_env: Option<String>, access: guard::Access) -> Router {
     let max_body = state.limits.max_body;
     Router::new()
         .merge(ollama::routes())
@@ -601,6 +602,11 @@ pub fn router(state: Arc<AppState>, origins_env: Option<String>) -> Router {
             count_requests,
         ))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn(guard::json_errors))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(access),
+            guard::guard,
+        ))
         .layer(cors(origins_env))
         .with_state(state)
 }

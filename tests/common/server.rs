@@ -84,6 +84,11 @@ fn start_full(global: &[&str], serve: &[&str], env: Vec<(String, String)>, probe
     let port = free_port();
     let global: Vec<String> = global.iter().map(|s| s.to_string()).collect();
     let serve: Vec<String> = serve.iter().map(|s| s.to_string()).collect();
+    // A server with an API key answers its readiness probe only with the key.
+    let key = env
+        .iter()
+        .find(|(k, _)| k == "DUET_API_KEY")
+        .map(|(_, v)| format!("Bearer {v}"));
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let mut child = spawn_child(global, serve, env, port);
@@ -104,7 +109,11 @@ fn start_full(global: &[&str], serve: &[&str], env: Vec<(String, String)>, probe
     let deadline = Instant::now() + Duration::from_secs(300);
     let client = reqwest::blocking::Client::new();
     loop {
-        if let Ok(r) = client.get(format!("{base}{probe}")).send() {
+        let mut req = client.get(format!("{base}{probe}"));
+        if let Some(k) = &key {
+            req = req.header("Authorization", k);
+        }
+        if let Ok(r) = req.send() {
             if r.status() == 200 {
                 break;
             }
