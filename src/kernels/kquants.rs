@@ -611,11 +611,24 @@ impl<F: KFormat> KMatrix<F> {
                         let out = (out_ptr as *mut f32).add(item.row);
                         let w = rows.as_ptr();
                         let pf = Prefetch::chosen();
-                        match kernel {
-                            Kernel::Avx512 => {
-                                avx512::decode::<F>(w, row_bytes, groups, xq, out, pf)
-                            }
-                            _ => avx2::decode::<F>(w, row_bytes, groups, xq, out, pf),
+                        let next = 4 * row_bytes * pf.groups_ahead;
+                        use std::arch::x86_64::{_MM_HINT_T0, _MM_HINT_T1};
+                        macro_rules! decode {
+                            ($hint:ident) => {
+                                match kernel {
+                                    Kernel::Avx512 => avx512::decode::<F, $hint>(
+                                        w, row_bytes, groups, xq, out, next,
+                                    ),
+                                    _ => avx2::decode::<F, $hint>(
+                                        w, row_bytes, groups, xq, out, next,
+                                    ),
+                                }
+                            };
+                        }
+                        if pf.into_l2 {
+                            decode!(_MM_HINT_T1)
+                        } else {
+                            decode!(_MM_HINT_T0)
                         }
                     };
                     first = 4 * groups;

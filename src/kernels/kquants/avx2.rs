@@ -11,7 +11,7 @@
 //! file's 4 KiB pages stop the hardware prefetcher). Every output gets the bits of the
 //! scalar reference ([`super::add_block`]'s order).
 
-use super::{ActBlock, KFormat, Prefetch, Q4K, Q6K, QK_K, ROWS};
+use super::{ActBlock, KFormat, Q4K, Q6K, QK_K, ROWS};
 use candle_core::quantized::GgmlDType;
 use core::arch::x86_64::*;
 
@@ -379,40 +379,15 @@ pub(super) unsafe fn rows<F: KFormat>(
 ///
 /// # Safety
 /// As [`rows`]; `w` must hold the rows, `out` their 4·groups outputs.
-pub(super) unsafe fn decode<F: KFormat>(
+pub(super) unsafe fn decode<F: KFormat, const HINT: i32>(
     w: *const u8,
     row_bytes: usize,
     groups: usize,
     x: &[ActBlock],
     out: *mut f32,
-    pf: Prefetch,
+    next: usize,
 ) {
-    let next = 4 * row_bytes * pf.groups_ahead;
-    unsafe {
-        if pf.into_l2 {
-            by_format!(
-                F,
-                decode_of::<_MM_HINT_T1>,
-                w,
-                row_bytes,
-                groups,
-                x,
-                out,
-                next
-            )
-        } else {
-            by_format!(
-                F,
-                decode_of::<_MM_HINT_T0>,
-                w,
-                row_bytes,
-                groups,
-                x,
-                out,
-                next
-            )
-        }
-    }
+    unsafe { by_format!(F, decode_of::<HINT>, w, row_bytes, groups, x, out, next) }
 }
 
 const _: () = assert!(QK_K == 256);
