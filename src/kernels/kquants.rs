@@ -544,11 +544,20 @@ impl<F: KFormat> KMatrix<F> {
         }
         *last = self.n;
         let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        Tensor::from_vec(self.forward_rows_of(&xs)?, out_dims, &Device::Cpu)
+    }
+
+    /// Rows of `k` activations (`xs`, row-major) times the matrix transposed: the rows'
+    /// `n` outputs, row-major (the host forward pass's entry, without tensors).
+    pub fn forward_rows_of(&self, xs: &[f32]) -> Result<Vec<f32>> {
+        if !xs.len().is_multiple_of(self.k) {
+            candle_core::bail!("matmul: {} inputs are not rows of {}", xs.len(), self.k);
+        }
         let m = xs.len() / self.k;
-        let xq = quantize_rows::<F>(&xs);
+        let xq = quantize_rows::<F>(xs);
         let mut out = vec![0f32; m * self.n];
         self.multiply(&xq, m, &mut out);
-        Tensor::from_vec(out, out_dims, &Device::Cpu)
+        Ok(out)
     }
 
     fn multiply(&self, xq: &[ActBlock], m: usize, out: &mut [f32]) {

@@ -314,6 +314,15 @@ impl<B: WeightBlock> BlockMatrix<B> {
         Tensor::from_vec(out, out_dims, &Device::Cpu)
     }
 
+    /// Rows of `k` activations (`xs`, row-major) times the matrix transposed: the rows'
+    /// `n` outputs, row-major (the host forward pass's entry, without tensors).
+    pub fn forward_rows_of(&self, xs: &[f32]) -> Result<Vec<f32>> {
+        if !xs.len().is_multiple_of(self.k) {
+            candle_core::bail!("matmul: {} inputs are not rows of {}", xs.len(), self.k);
+        }
+        Ok(self.multiply(xs, Kernel::detect()))
+    }
+
     /// Rows of `k` activations times the matrix transposed, rows of blocks through
     /// `kernel`. Every path forms each output with the same float operations whatever
     /// the number of rows (batch invariance): the tile kernel one lane per weight row,

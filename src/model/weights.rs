@@ -172,6 +172,32 @@ impl Linear {
         }
     }
 
+    /// Rows of activations on the host (`xs`, row-major, a whole number of rows of the
+    /// matrix's width) times the matrix: the outputs, row-major. CPU matrices only.
+    pub fn forward_host(&self, xs: &[f32]) -> Result<Vec<f32>> {
+        match self {
+            Linear::Q5_0(m) => m.forward_rows_of(xs),
+            Linear::Q8_0(m) => m.forward_rows_of(xs),
+            Linear::Q4K(m) => m.forward_rows_of(xs),
+            Linear::Q6K(m) => m.forward_rows_of(xs),
+            Linear::Candle(m) => {
+                let k = match m {
+                    QMatMul::QTensor(t) => t.shape().dims().last().copied(),
+                    QMatMul::Tensor(t) | QMatMul::TensorF16(t) => t.dims().last().copied(),
+                }
+                .unwrap_or(0);
+                if k == 0 || !xs.len().is_multiple_of(k) {
+                    candle_core::bail!("matmul: {} inputs are not rows of {k}", xs.len());
+                }
+                let x = Tensor::from_slice(xs, (xs.len() / k, k), &Device::Cpu)?;
+                m.forward(&x)?
+                    .to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()
+            }
+        }
+    }
+
     /// Bytes of weights one matmul reads.
     pub fn storage_bytes(&self) -> u64 {
         match self {
@@ -332,6 +358,8 @@ pub struct Projection {
 struct Group {
     w: Linear,
     bias: Option<Tensor>,
+    /// The bias on the host, for the CPU's forward pass.
+    bias_host: Option<Vec<f32>>,
     /// (output index, width) of each matrix stacked here, in row order.
     parts: Vec<(usize, usize)>,
 }
@@ -393,7 +421,16 @@ impl Projection {
                 }
                 None => None,
             };
-            groups.push(Group { w, bias, parts });
+            let bias_host = match &bias {
+                Some(b) if device.is_cpu() => Some(b.to_dtype(candle_core::DType::F32)?.to_vec1()?),
+                _ => None,
+            };
+            groups.push(Group {
+                w,
+                bias,
+                bias_host,
+                parts,
+            });
         }
         Ok(Self {
             groups,
@@ -422,6 +459,43 @@ impl Projection {
         out.into_iter()
             .map(|t| t.ok_or_else(|| candle_core::Error::Msg("projection output missing".into())))
             .collect()
+    }
+
+    /// [`forward`](Self::forward) on the host: `xs` holds rows of the input (row-major);
+    /// one output per name, each its rows row-major. CPU matrices only.
+    pub fn forward_host(&self, xs: &[f32]) -> Result<Vec<Vec<f32>>> {
+        let mut out: Vec<Vec<f32>> = vec![Vec::new(); self.outputs];
+        for g in &self.groups {
+            let mut y = g.w.forward_host(xs)?;
+            let width: usize = g.parts.iter().map(|(_, w)| w).sum();
+            if width == 0 || !y.len().is_multiple_of(width) {
+                candle_core::bail!("projection gave {} values for width {width}", y.len());
+            }
+            if let Some(b) = &g.bias_host {
+                if b.len() != width {
+                    candle_core::bail!("bias of {} values for width {width}", b.len());
+                }
+                for row in y.chunks_exact_mut(width) {
+                    for (v, b) in row.iter_mut().zip(b) {
+                        *v += b;
+                    }
+                }
+            }
+            if let [(index, _)] = g.parts[..] {
+                out[index] = y;
+                continue;
+            }
+            let mut at = 0;
+            for &(index, w) in &g.parts {
+                out[index] = y
+                    .chunks_exact(width)
+                    .flat_map(|row| &row[at..at + w])
+                    .copied()
+                    .collect();
+                at += w;
+            }
+        }
+        Ok(out)
     }
 
     /// The matrices as stacked.
