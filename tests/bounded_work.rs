@@ -174,6 +174,44 @@ fn oversized_requests_are_clear_400s_in_each_apis_shape() {
             "{word}: {v}"
         );
     }
+    // Other requests no model could honour.
+    for (body, word) in [
+        (
+            json!({"model": SMALL, "prompt": "hi", "context": [1, 999_999]}),
+            "outside the vocabulary",
+        ),
+        (
+            json!({"model": SMALL, "prompt": "hi", "template": "{{ .Prompt }}"}),
+            "custom templates",
+        ),
+    ] {
+        let (status, v) = srv.post("/api/generate", body);
+        assert_eq!(status, 400, "{v}");
+        assert!(v["error"].as_str().unwrap().contains(word), "{v}");
+    }
+    let (status, v) = srv.post(
+        "/v1/chat/completions",
+        json!({"model": SMALL, "messages": [user.clone()], "n": 3}),
+    );
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("n = 1"),
+        "{v}"
+    );
+    // Embedding requests: at most 2048 inputs.
+    let many = vec!["x"; 2049];
+    let (status, v) = srv.post("/api/embed", json!({"model": "all-minilm", "input": many}));
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("too many inputs"),
+        "{v}"
+    );
+    let (status, v) = srv.post(
+        "/v1/embeddings",
+        json!({"model": "all-minilm", "input": many}),
+    );
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
     // Values within the caps are taken (num_ctx beyond the model is capped silently).
     let (status, v) = srv.post(
         "/api/generate",

@@ -22,6 +22,8 @@ pub const MAX_TOOLS: usize = 128;
 pub const MAX_TOOLS_BYTES: usize = 256 << 10;
 /// A JSON schema for structured output, as JSON bytes (compiled into a grammar).
 pub const MAX_SCHEMA_BYTES: usize = 64 << 10;
+/// Inputs one embedding request may hold (OpenAI's limit).
+pub const MAX_EMBED_INPUTS: usize = 2048;
 
 /// Bytes of text kept per token of num_ctx when a prompt is cut before tokenizing.
 /// Byte-level BPE never makes more tokens than bytes, and text runs 3 to 5 bytes a
@@ -165,6 +167,16 @@ pub fn check_messages(n: usize) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// At most [`MAX_EMBED_INPUTS`] inputs to embed.
+pub fn check_inputs(n: usize) -> Result<(), ApiError> {
+    if n > MAX_EMBED_INPUTS {
+        return Err(ApiError::bad_request(format!(
+            "too many inputs: {n} (at most {MAX_EMBED_INPUTS})"
+        )));
+    }
+    Ok(())
+}
+
 /// How many bytes `v` takes as JSON, without writing it anywhere.
 pub fn json_len(v: &Value) -> usize {
     struct Count(usize);
@@ -290,6 +302,8 @@ mod tests {
     #[test]
     fn counts_and_sizes_are_capped_with_their_numbers() {
         assert!(check_messages(MAX_MESSAGES).is_ok());
+        assert!(check_inputs(MAX_EMBED_INPUTS).is_ok());
+        assert!(check_inputs(MAX_EMBED_INPUTS + 1).is_err());
         let e = check_messages(MAX_MESSAGES + 1).unwrap_err();
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
         assert!(e.message.contains("4097"), "{}", e.message);
