@@ -389,8 +389,8 @@ impl ModelSlot {
         if let Some(why) = self.failure() {
             return Err(self.unavailable(why));
         }
-        let ticket = Ticket::take(&self.pending);
-        if self.pending.load(Ordering::Acquire) > self.max_queue {
+        let (ticket, ahead) = Ticket::take(&self.pending);
+        if ahead >= self.max_queue {
             return Err(SubmitError::QueueFull);
         }
         self.jobs
@@ -402,12 +402,13 @@ impl ModelSlot {
 /// A job counted as waiting in its model's queue: the count drops when the ticket
 /// does, however the job leaves (started, refused, or lost with a panicking worker), so
 /// the queue gauge always returns to 0.
-pub struct Ticket(Arc<AtomicUsize>);
+struct Ticket(Arc<AtomicUsize>);
 
 impl Ticket {
-    fn take(count: &Arc<AtomicUsize>) -> Self {
-        count.fetch_add(1, Ordering::AcqRel);
-        Self(count.clone())
+    /// A place in the count, and how many were counted before it.
+    fn take(count: &Arc<AtomicUsize>) -> (Self, usize) {
+        let ahead = count.fetch_add(1, Ordering::AcqRel);
+        (Self(count.clone()), ahead)
     }
 }
 
