@@ -1,6 +1,7 @@
 //! Faults a server left running meets, on a real `duet serve`: a panic inside a request
 //! (injected with DUET_INJECT_FAULT, the test hook) fails that request only; a panic in
-//! the worker's loop restarts it and its queue still runs; a model file corrupted,
+//! the worker's loop restarts it and its queue still runs, and a worker that keeps
+//! panicking fails its models instead of looping; a model file corrupted,
 //! replaced or cut short while served makes that model unavailable with the reason, the
 //! router falls back, and the server stays up (and takes the model back once its file
 //! is good again).
@@ -124,6 +125,27 @@ fn a_panic_fails_only_its_request_and_a_panicking_worker_restarts() {
     assert_eq!(status, 500, "{v}");
     assert_eq!(v["error"]["type"], "api_error", "{v}");
     assert_eq!(model_state(&srv, SMALL)["state"], "ready");
+    gauges_settle(&srv);
+
+    // A worker that keeps panicking is given up on: after five restarts within a
+    // minute its model is failed with the reason, and requests get it at once.
+    for _ in 0..5 {
+        let (status, v) = srv.post(
+            "/api/generate",
+            json!({"model": SMALL, "prompt": "CRASH-91be", "stream": false, "options": {"num_predict": 1}}),
+        );
+        assert!(status == 500 || status == 503, "{status} {v}");
+    }
+    wait_for("the model to be failed", 30, || {
+        model_state(&srv, SMALL)["state"] == "failed"
+    });
+    let why = model_state(&srv, SMALL)["error"].to_string();
+    assert!(why.contains("times within a minute"), "{why}");
+    let (status, v) = srv.post(
+        "/api/generate",
+        json!({"model": SMALL, "prompt": "Say hi.", "stream": false}),
+    );
+    assert_eq!(status, 503, "{v}");
     gauges_settle(&srv);
 }
 
