@@ -93,6 +93,16 @@ struct ServeArgs {
     /// Cap on tokens generated per request (num_predict / max_tokens); unlimited if unset
     #[arg(long, env = "DUET_MAX_PREDICT")]
     max_predict: Option<i32>,
+    /// Tokens a request that sets no num_predict may generate (default: 4 × its num_ctx)
+    #[arg(long, env = "DUET_DEFAULT_NUM_PREDICT")]
+    default_num_predict: Option<i32>,
+    /// Seconds a client may take to send a request's headers, then its body, and may
+    /// leave a streamed answer unread, before it is dropped
+    #[arg(long, env = "DUET_CLIENT_TIMEOUT", default_value_t = 30)]
+    client_timeout: u64,
+    /// Seconds a stopping server (SIGTERM/SIGINT) waits for the requests in flight
+    #[arg(long, env = "DUET_DRAIN_TIMEOUT", default_value_t = 60)]
+    drain_timeout: u64,
     /// How long a model stays loaded after its last request when the request does not
     /// say ("5m", "1h", seconds; negative: forever, 0: unload after each request).
     /// duet pins each model to its own device, so the default is forever.
@@ -252,7 +262,10 @@ fn real_main(cli: Cli) -> Result<()> {
                     limits: duet::api::Limits {
                         max_body: args.max_body,
                         max_predict: args.max_predict,
+                        default_predict: args.default_num_predict,
+                        client_timeout: std::time::Duration::from_secs(args.client_timeout.max(1)),
                     },
+                    drain_timeout: std::time::Duration::from_secs(args.drain_timeout),
                     origins: env("OLLAMA_ORIGINS"),
                     api_key: args.api_key.filter(|k| !k.is_empty()),
                     lifecycle: duet::serving::worker::Lifecycle {

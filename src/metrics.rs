@@ -38,6 +38,13 @@ pub struct Metrics {
     pub prefix_hits: IntCounterVec,
     pub preemptions: IntCounterVec,
     pub running: IntGaugeVec,
+    /// Panics caught before they could take more than their request down, by model
+    /// ("" outside a model) and where: `request` (one request's decoding, or its
+    /// start), `batch` (a forward pass: its batch's requests fail), `worker` (the worker
+    /// thread's loop: it restarted), `http` (a handler or prompt preparation).
+    pub panics: IntCounterVec,
+    /// Times a device's worker thread was restarted after a panic in its loop.
+    pub worker_restarts: IntCounterVec,
     rates: Mutex<HashMap<String, Rates>>,
 }
 
@@ -136,6 +143,14 @@ impl Metrics {
                 Opts::new("duet_running_sequences", "Sequences in a model's running batch"),
                 &["model"]
             )?),
+            panics: reg!(IntCounterVec::new(
+                Opts::new("duet_panics_total", "Panics caught (a bug) by model and where: request, batch, worker, http; each failed only what it names"),
+                &["model", "where"]
+            )?),
+            worker_restarts: reg!(IntCounterVec::new(
+                Opts::new("duet_worker_restarts_total", "Worker threads restarted after a panic in their loop, by device"),
+                &["device"]
+            )?),
             rates: Mutex::new(HashMap::new()),
             registry,
         })
@@ -170,6 +185,21 @@ impl Metrics {
             s.prefix_hit_tokens.load(Relaxed),
         );
         to(&self.preemptions, &[model], s.preemptions.load(Relaxed));
+        to(
+            &self.panics,
+            &[model, "request"],
+            s.request_panics.load(Relaxed),
+        );
+        to(
+            &self.panics,
+            &[model, "batch"],
+            s.batch_panics.load(Relaxed),
+        );
+        to(
+            &self.panics,
+            &[model, "worker"],
+            s.worker_panics.load(Relaxed),
+        );
         self.running
             .with_label_values(&[model])
             .set(s.running.load(Relaxed) as i64);

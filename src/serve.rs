@@ -1,7 +1,15 @@
 //! `duet serve`: load every model of the layout on its device's worker, then answer the
-//! Ollama and OpenAI-compatible APIs until SIGINT/SIGTERM.
+//! Ollama and OpenAI-compatible APIs until SIGINT/SIGTERM, then drain: new requests get
+//! 503 while the ones in flight finish (up to `--drain-timeout`), and it exits.
+//!
+//! Connections are served by hyper directly (not `axum::serve`) for the deadlines a
+//! server facing slow or hostile clients needs: a client must send a request's headers
+//! within the client timeout (hyper's header-read deadline, which also closes idle
+//! keep-alive connections), its body within as long again (the API's body deadline), and
+//! a socket whose writes make no progress for that long (a client that stopped
+//! reading) is closed.
 
-use crate::api::{self, AppState, Limits};
+use crate::api::{self, guard::Drain, AppState, Limits};
 use crate::config::Tier;
 use crate::layout::Deployment;
 use crate::model::GgufFile;
@@ -28,7 +36,12 @@ pub struct ServeOptions {
     pub api_key: Option<String>,
     /// Preloading and the default keep-alive.
     pub lifecycle: worker::Lifecycle,
+    /// How long a stopping server waits for the requests in flight.
+    pub drain_timeout: Duration,
 }
+
+/// How long a stopping server waits for its requests in flight unless told otherwise.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Parses OLLAMA_HOST-style addresses: "0.0.0.0", ":8080", "http://host:1234", "[::1]:11434".
 pub fn parse_host(s: &str) -> Result<SocketAddr> {
@@ -68,7 +81,7 @@ fn start_workers(
         let Some(m) = d.model(&p.model) else { continue };
         let file = match m.weights {
             Ok(path) => match GgufFile::open(&path).and_then(|g| g.info()) {
-                Ok(info) => Ok(worker::SlotFile { path, info }),
+                Ok(info) => Ok(worker::SlotFile::new(path, info)),
                 Err(e) => {
                     tracing::error!(model = %p.model, "unavailable: {e}");
                     continue;
@@ -204,7 +217,127 @@ async fn shutdown_signal() {
         _ = ctrl_c => {},
         _ = term => {},
     }
-    tracing::info!("shutting down: finishing in-flight requests");
+}
+
+/// Waits until nothing is queued, generating or being handled (or `timeout` passed),
+/// then fires `done`.
+async fn drained(
+    state: Arc<AppState>,
+    drain: Arc<Drain>,
+    timeout: Duration,
+    done: tokio::sync::oneshot::Sender<()>,
+) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let work: usize = state
+            .slots
+            .iter()
+            .map(|s| s.queue_depth() + s.in_flight())
+            .sum();
+        // This counts the handlers of the 503s sent meanwhile too: they end at once.
+        let busy = work + drain.active();
+        if busy == 0 {
+            tracing::info!("drained: every request in flight has finished");
+            break;
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(
+                requests = work,
+                "drain timeout: stopping with requests unfinished"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = done.send(());
+}
+
+/// Bytes of a response a connection buffers before the answer stops being produced
+/// (hyper's buffer, and the socket's send buffer, which the kernel doubles): streams go
+/// out as they are generated, so a client that stops reading is noticed after a few
+/// hundred tokens rather than megabytes of them, and holds little memory meanwhile.
+const CONNECTION_BUFFER: usize = 64 << 10;
+const SEND_BUFFER: u32 = 128 << 10;
+
+/// The listening socket: accepted connections inherit its send buffer size.
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_send_buffer_size(SEND_BUFFER)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// Accepts connections and serves `app` on each until a signal, then drains.
+async fn serve_connections(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    state: Arc<AppState>,
+    drain: Arc<Drain>,
+    client_timeout: Duration,
+    drain_timeout: Duration,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut signal = std::pin::pin!(shutdown_signal());
+    let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut done_tx = Some(done_tx);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of file descriptors, most likely: wait rather than spin.
+                        tracing::warn!(error = %e, "cannot accept a connection");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let mut io = tokio_io_timeout::TimeoutStream::new(stream);
+                io.set_write_timeout(Some(client_timeout));
+                let io = TokioIo::new(Box::pin(io));
+                let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(client_timeout)
+                    .max_buf_size(CONNECTION_BUFFER)
+                    .serve_connection(io, service);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            _ = &mut signal, if done_tx.is_some() => {
+                drain.start();
+                tracing::info!("shutting down: new requests get 503 while the ones in flight finish");
+                if let Some(done) = done_tx.take() {
+                    tokio::spawn(drained(state.clone(), drain.clone(), drain_timeout, done));
+                }
+                tokio::spawn(async {
+                    shutdown_signal().await;
+                    tracing::warn!("a second signal: exiting now");
+                    std::process::exit(130);
+                });
+            }
+            _ = &mut done_rx => break,
+        }
+    }
+    drop(listener);
+    // The answers already generated are still being written: let them go out.
+    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the drain: closing them");
+    }
 }
 
 pub fn serve(d: Deployment, opts: ServeOptions) -> Result<()> {
@@ -217,8 +350,10 @@ pub fn serve(d: Deployment, opts: ServeOptions) -> Result<()> {
     let capacity = worker::Capacity {
         max_queue: opts.max_queue,
         parallel: opts.parallel,
+        stall_timeout: opts.limits.client_timeout,
     };
     let slots = start_workers(&d, capacity, opts.lifecycle)?;
+    crate::serving::watch::spawn(slots.clone(), crate::serving::watch::WATCH_EVERY);
     tracing::info!(preload = opts.lifecycle.preload, keep_alive = %opts.lifecycle.keep_alive, "model lifecycle");
     let layout = d.layout();
     let classifier = crate::router::Classifier::new(d.config.routing.clone())?;
@@ -258,9 +393,7 @@ pub fn serve(d: Deployment, opts: ServeOptions) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("cannot listen on {addr}"))?;
+        let listener = listen(addr).with_context(|| format!("cannot listen on {addr}"))?;
         eprintln!(
             "duet listening on http://{} (layout {}): loading models",
             listener.local_addr()?,
@@ -275,15 +408,23 @@ pub fn serve(d: Deployment, opts: ServeOptions) -> Result<()> {
             );
         }
         tokio::spawn(report_progress(state.clone()));
+        let drain = Arc::new(Drain::default());
         let access = api::guard::Access {
             listen,
             api_key: opts.api_key.clone(),
+            drain: drain.clone(),
         };
-        let app = api::router(state, opts.origins.clone(), access);
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown_signal())
-            .await
-            .context("server error")
+        let app = api::router(state.clone(), opts.origins.clone(), access);
+        serve_connections(
+            listener,
+            app,
+            state,
+            drain,
+            opts.limits.client_timeout,
+            opts.drain_timeout,
+        )
+        .await;
+        Ok(())
     })
 }
 

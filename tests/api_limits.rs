@@ -211,14 +211,14 @@ fn foreign_hosts_api_keys_and_json_errors() {
 }
 
 #[test]
-fn sigterm_finishes_in_flight_requests_then_exits() {
+fn sigterm_drains_in_flight_requests_refuses_new_ones_then_exits() {
     let dir = small_only();
     let srv = start(&dir, &[]);
     let r = client()
         .post(format!("{}/api/generate", srv.base))
-        // A prompt whose answer runs far past 24 tokens. ("Count to 20." was a near tie
+        // A prompt whose answer runs far past 64 tokens. ("Count to 20." was a near tie
         // between "Sure" and "2" (0.03 logits) for the 0.5B, and "20" ends the answer.)
-        .json(&json!({"model": SMALL, "prompt": "Write a Python function to reverse a string.", "options": {"num_predict": 24, "temperature": 0}}))
+        .json(&json!({"model": SMALL, "prompt": "Write a Python function to reverse a string.", "options": {"num_predict": 64, "temperature": 0}}))
         .send()
         .unwrap();
     let mut lines = BufReader::new(r).lines();
@@ -227,6 +227,26 @@ fn sigterm_finishes_in_flight_requests_then_exits() {
     unsafe {
         libc::kill(srv.pid as i32, libc::SIGTERM);
     }
+    // While it drains, a new request is refused with 503 in its API's shape.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (status, v) = loop {
+        let (status, v) = srv.post(
+            "/api/generate",
+            json!({"model": SMALL, "prompt": "hi", "stream": false, "options": {"num_predict": 1}}),
+        );
+        if status == 503 || Instant::now() > deadline {
+            break (status, v);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status, 503, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("shutting down"),
+        "{v}"
+    );
+    let (status, v) = srv.post("/v1/completions", json!({"model": SMALL, "prompt": "hi"}));
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["error"]["type"], "server_busy_error", "{v}");
     let rest: Vec<Value> = lines
         .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
         .collect();
@@ -235,7 +255,7 @@ fn sigterm_finishes_in_flight_requests_then_exits() {
         true,
         "the in-flight answer was cut"
     );
-    assert_eq!(rest.last().unwrap()["eval_count"], 24);
+    assert_eq!(rest.last().unwrap()["eval_count"], 64);
     assert_eq!(rest.last().unwrap()["done_reason"], "length");
     // New connections are refused once it has stopped.
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -138,6 +138,7 @@ async fn embed(State(st): S, body: Bytes) -> Result<Json<Value>, ApiError> {
     let start = Instant::now();
     let req: EmbedRequest = parse_body(&body)?;
     let texts = inputs(req.input)?;
+    super::limits::check_inputs(texts.len())?;
     let (name, model) = embedder(&st, req.model.as_deref()).await?;
     let truncate = req.truncate.unwrap_or(true);
     let full = model.dims;
@@ -236,6 +237,10 @@ fn openai_input(v: Option<Value>) -> Result<OpenAiInput, ApiError> {
 async fn openai_embeddings(State(st): S, body: Bytes) -> Result<Response, OpenAiError> {
     let req: OpenAiRequest = parse_body(&body)?;
     let input = openai_input(req.input)?;
+    super::limits::check_inputs(match &input {
+        OpenAiInput::Texts(t) => t.len(),
+        OpenAiInput::Ids(i) => i.len(),
+    })?;
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,

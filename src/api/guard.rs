@@ -6,6 +6,11 @@
 //! - the optional **API key** (`--api-key` / `DUET_API_KEY`): every route but `/` and
 //!   `/api/version` then needs `Authorization: Bearer KEY` (401 otherwise), compared in
 //!   constant time;
+//! - **draining**: once the server is stopping (SIGTERM/SIGINT), new requests get 503
+//!   while the ones in flight finish;
+//! - the **body deadline**: a request's whole body must arrive within the client timeout
+//!   (408 otherwise), so a client trickling it byte by byte (slowloris) holds nothing
+//!   for long; its size is checked as it arrives (413);
 //! - **JSON errors**: an error no handler wrote (an unknown path, a wrong method, a body
 //!   over the limit or not readable) leaves in the shape of its API: `{"error": "…"}` for
 //!   Ollama's routes, `{"error": {"message", "type", …}}` under `/v1/`.
@@ -17,13 +22,56 @@ use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-/// Who may use the API: the address the server listens on and the key, if any.
+/// Who may use the API: the address the server listens on and the key, if any; and
+/// whether the server is draining.
 #[derive(Clone, Debug)]
 pub struct Access {
     pub listen: SocketAddr,
     pub api_key: Option<String>,
+    pub drain: Arc<Drain>,
+}
+
+/// The server's stop: once draining, requests are refused; `active` counts the
+/// requests whose handlers are still running (streamed answers go on after that, and
+/// are counted by their models' in-flight gauges).
+#[derive(Debug, Default)]
+pub struct Drain {
+    draining: AtomicBool,
+    active: AtomicUsize,
+}
+
+impl Drain {
+    /// From now on, new requests get 503.
+    pub fn start(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Requests whose handlers are running.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+
+    fn enter(self: &Arc<Self>) -> Active {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        Active(self.clone())
+    }
+}
+
+/// A request being handled.
+struct Active(Arc<Drain>);
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Whether a request naming `host` (its `Host` header or authority; `None` when it sent
@@ -89,8 +137,9 @@ fn error_for(path: &str, status: StatusCode, message: String) -> Response {
     }
 }
 
-/// The Host check, then the key.
+/// The Host check, then the key, then whether the server is stopping.
 pub async fn guard(State(access): State<Arc<Access>>, req: Request, next: Next) -> Response {
+    let _active = access.drain.enter();
     let path = req.uri().path().to_string();
     let host = req
         .headers()
@@ -125,13 +174,78 @@ pub async fn guard(State(access): State<Arc<Access>>, req: Request, next: Next) 
                         "this server needs an API key: Authorization: Bearer KEY".into()
                     },
                 );
-                r.headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, "Bearer".parse().unwrap());
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Bearer"),
+                );
                 return r;
             }
         }
     }
+    if access.drain.is_draining() {
+        return error_for(
+            &path,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server is shutting down: it finishes the requests in flight and takes no new ones"
+                .into(),
+        );
+    }
     next.run(req).await
+}
+
+/// What a request's body may take: this many bytes, arriving within this long.
+#[derive(Clone, Copy, Debug)]
+pub struct BodyLimits {
+    pub max_bytes: usize,
+    pub deadline: Duration,
+}
+
+/// Reads the whole body before the handler runs, within the deadline (408) and the size
+/// limit (413), then hands the handler the bytes.
+pub async fn read_body(State(limits): State<BodyLimits>, req: Request, next: Next) -> Response {
+    use futures_util::StreamExt;
+    let path = req.uri().path().to_string();
+    let (parts, body) = req.into_parts();
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::new();
+    let read = async {
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| {
+                (
+                    StatusCode::BAD_REQUEST,
+                    format!("cannot read the request body: {e}"),
+                )
+            })?;
+            if buf.len() + chunk.len() > limits.max_bytes {
+                return Err((
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "request body larger than the server's limit of {} bytes",
+                        limits.max_bytes
+                    ),
+                ));
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(limits.deadline, read).await {
+        Ok(Ok(())) => {}
+        Ok(Err((status, message))) => return error_for(&path, status, message),
+        Err(_) => {
+            tracing::warn!(%path, received = buf.len(), "request body not received in time: refused");
+            return error_for(
+                &path,
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {} s",
+                    limits.deadline.as_secs_f64()
+                ),
+            );
+        }
+    }
+    next.run(Request::from_parts(parts, axum::body::Body::from(buf)))
+        .await
 }
 
 /// Turns an error response that is not JSON (axum's own 404, 405, 413 and body

@@ -3,6 +3,7 @@
 
 pub mod embed;
 pub mod guard;
+pub mod limits;
 pub mod models;
 pub mod ollama;
 pub mod openai;
@@ -33,6 +34,27 @@ pub struct Limits {
     /// Upper bound on num_predict / max_tokens; requests asking for more (or for no
     /// limit) are capped here.
     pub max_predict: Option<i32>,
+    /// Tokens a request that sets no num_predict (or -1) may generate; `None`:
+    /// [`DEFAULT_PREDICT_PER_CTX`] times its num_ctx.
+    pub default_predict: Option<i32>,
+    /// How long a client may take to send a request's headers, then its body, and may
+    /// leave a streamed answer unread.
+    pub client_timeout: std::time::Duration,
+}
+
+/// Without num_predict, a generation ends after this many times its num_ctx tokens at
+/// most (the context shift would let it run forever).
+pub const DEFAULT_PREDICT_PER_CTX: usize = 4;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body: 32 << 20,
+            max_predict: None,
+            default_predict: None,
+            client_timeout: crate::serving::worker::DEFAULT_STALL_TIMEOUT,
+        }
+    }
 }
 
 pub struct AppState {
@@ -261,6 +283,20 @@ async fn metrics(axum::extract::State(st): axum::extract::State<Arc<AppState>>) 
             .set(i64::from(s.is_ready()));
         m.sync_steps(&s.name, &s.stats);
     }
+    // A worker restart counts on each of its device's models: once per device here.
+    let mut restarts = std::collections::BTreeMap::<String, u64>::new();
+    for s in &st.slots {
+        let n = s
+            .stats
+            .worker_panics
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let e = restarts.entry(s.device.to_string()).or_default();
+        *e = (*e).max(n);
+    }
+    for (device, n) in restarts {
+        let c = m.worker_restarts.with_label_values(&[&device]);
+        c.inc_by(n.saturating_sub(c.get()));
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -379,8 +415,15 @@ impl AppState {
                 .all(|e| e.get().is_some() || e.failure().is_some())
     }
 
-    /// Applies the server's num_predict cap.
-    pub fn cap_predict(&self, opts: &mut Options) {
+    /// Gives a request without num_predict the server's default limit, then applies the
+    /// server's num_predict cap.
+    pub fn cap_predict(&self, opts: &mut Options, model: &Model) {
+        if opts.num_predict == -1 {
+            let ctx = opts.num_ctx.min(model.weights.max_positions());
+            opts.num_predict = self.limits.default_predict.unwrap_or_else(|| {
+                i32::try_from(DEFAULT_PREDICT_PER_CTX * ctx).unwrap_or(i32::MAX)
+            });
+        }
         if let Some(cap) = self.limits.max_predict {
             if opts.num_predict < 0 || opts.num_predict > cap {
                 opts.num_predict = cap;
@@ -591,6 +634,11 @@ fn origin_matches(pattern: &str, origin: &str) -> bool {
 /// Every route of the API, behind the Host check and key of `access` ([`guard`]).
 pub fn router(state: Arc<AppState>, origins_env: Option<String>, access: guard::Access) -> Router {
     let max_body = state.limits.max_body;
+    let body = guard::BodyLimits {
+        max_bytes: max_body,
+        deadline: state.limits.client_timeout,
+    };
+    let panics = state.metrics.clone();
     Router::new()
         .merge(ollama::routes())
         .merge(openai::routes())
@@ -601,7 +649,21 @@ pub fn router(state: Arc<AppState>, origins_env: Option<String>, access: guard::
             state.clone(),
             count_requests,
         ))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            move |p: Box<dyn std::any::Any + Send>| {
+                panics.panics.with_label_values(&["", "http"]).inc();
+                let why = crate::serving::worker::panic_message(p.as_ref());
+                tracing::error!(panic = %why, "a request handler panicked: that request fails");
+                // Plain text: `json_errors` gives it the shape of the route's API.
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("internal error: {why}"),
+                )
+                    .into_response()
+            },
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(body, guard::read_body))
         .layer(axum::middleware::from_fn(guard::json_errors))
         .layer(axum::middleware::from_fn_with_state(
             Arc::new(access),

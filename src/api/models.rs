@@ -144,7 +144,7 @@ fn register(st: &AppState, pull: &Pull) -> anyhow::Result<()> {
             let path = crate::hub::resolve(&st.config, model, spec)?;
             let info = GgufFile::open(&path)?.info()?;
             if let Some(slot) = st.slot(model) {
-                slot.set_file(SlotFile { path, info });
+                slot.set_file(SlotFile::new(path, info));
             }
         }
         Pull::Folder { model } => {

@@ -5,7 +5,7 @@ use super::tools::{
     chat_items, history_calls, split_answer, ChatItem, Choice, Plan, ToolCall, Tools,
 };
 use super::{
-    keep_alive_of, loaded, logprobs_json, logprobs_of, parse_body, with_headers, ApiError,
+    keep_alive_of, limits, loaded, logprobs_json, logprobs_of, parse_body, with_headers, ApiError,
     AppState, Extras, Served, Target, OLLAMA_VERSION,
 };
 use crate::model::grammar::Format;
@@ -399,9 +399,13 @@ pub fn parse_options(v: Option<Value>) -> Result<Options, ApiError> {
     }
 }
 
-/// Ollama's `format`, as a grammar for the model's answer.
+/// Ollama's `format`, as a grammar for the model's answer (a schema of bounded size).
 fn parse_format(format: &Option<Value>) -> Result<Option<Format>, ApiError> {
-    Format::from_ollama(format.as_ref()).map_err(ApiError::bad_request)
+    let f = Format::from_ollama(format.as_ref()).map_err(ApiError::bad_request)?;
+    if let Some(Format::Schema(s)) = &f {
+        limits::check_schema(s)?;
+    }
+    Ok(f)
 }
 
 fn reject_images(images: &[Value], model: &str) -> Result<(), ApiError> {
@@ -520,29 +524,17 @@ async fn generate_routed(
         ));
     }
     let mut options = parse_options(req.options)?;
-    st.cap_predict(&mut options);
+    let logprobs = logprobs_of(req.logprobs, req.top_logprobs)?;
     let model: Arc<Model> = loaded(&st, &mut t, &req.keep_alive).await?;
+    st.cap_predict(&mut options, &model);
     let name = reply_name(&t);
     if empty {
         // Ollama answers an empty prompt by (re)loading the model.
         t.slot.refresh();
         return Ok(Json(json!({"model": name, "created_at": now_rfc3339(), "response": "", "done": true, "done_reason": "load"})).into_response());
     }
-    let text = if req.raw {
-        req.prompt.clone()
-    } else if !req.suffix.is_empty() {
-        fim_prompt(&req.prompt, &req.suffix)
-    } else {
-        let mut messages = Vec::new();
-        if let Some(sys) = req.system.as_deref().filter(|s| !s.is_empty()) {
-            messages.push(Message::new("system", sys));
-        }
-        messages.push(Message::new("user", &req.prompt));
-        model.render_chat(&messages)?
-    };
-    let mut tokens = req.context.clone();
-    tokens.extend(model.tokenize(&text)?);
-    if let Some(bad) = tokens
+    if let Some(bad) = req
+        .context
         .iter()
         .find(|&&t| t as usize >= model.codec.vocab_size())
     {
@@ -550,9 +542,34 @@ async fn generate_routed(
             "context holds token id {bad}, outside the vocabulary"
         )));
     }
+    let stream = req.stream.unwrap_or(true);
+    // Cut to num_ctx, rendered and tokenized off the async threads.
+    let budget = limits::budget(&options, &model);
+    let m = model.clone();
+    let (tokens, constraint) = limits::blocking(&st.metrics, move || {
+        let text = if req.raw {
+            limits::cut(&req.prompt, budget).into_owned()
+        } else if !req.suffix.is_empty() {
+            let (prefix, suffix) = limits::cut_fim(&req.prompt, &req.suffix, budget);
+            fim_prompt(prefix, suffix)
+        } else {
+            let mut messages = Vec::new();
+            if let Some(sys) = req.system.as_deref().filter(|s| !s.is_empty()) {
+                messages.push(Message::new("system", sys));
+            }
+            messages.push(Message::new("user", &req.prompt));
+            let text = m.render_chat(&messages)?;
+            limits::cut(&text, budget).into_owned()
+        };
+        let mut tokens = req.context;
+        tokens.extend(m.tokenize(&text)?);
+        let constraint = format.map(|f| m.constraint(&f)).transpose()?;
+        Ok((tokens, constraint))
+    })
+    .await?;
     let extras = Extras {
-        constraint: format.map(|f| model.constraint(&f)).transpose()?,
-        logprobs: logprobs_of(req.logprobs, req.top_logprobs)?,
+        constraint,
+        logprobs,
     };
     let with_logprobs = extras.logprobs.is_some();
     let running = st.submit_with(t, tokens, options, extras)?;
@@ -561,7 +578,7 @@ async fn generate_routed(
         m.insert("context".into(), json!(s.context));
         m
     };
-    if req.stream.unwrap_or(true) {
+    if stream {
         let lines = items(running.events).map(move |item| match item {
             Item::Text(text, l) => {
                 let mut v = json!({"model": name, "created_at": now_rfc3339(), "response": text, "done": false});
@@ -681,6 +698,7 @@ async fn chat_routed(
             return Ok(Json(v).into_response());
         }
     }
+    limits::check_messages(req.messages.len())?;
     let format = parse_format(&req.format)?;
     reject_think(&req.think, &t.requested)?;
     let tools = Tools::parse(req.tools.as_deref().unwrap_or_default())?;
@@ -697,8 +715,9 @@ async fn chat_routed(
         messages.push(msg);
     }
     let mut options = parse_options(req.options)?;
-    st.cap_predict(&mut options);
+    let logprobs = logprobs_of(req.logprobs, req.top_logprobs)?;
     let model = loaded(&st, &mut t, &req.keep_alive).await?;
+    st.cap_predict(&mut options, &model);
     let name = reply_name(&t);
     if messages.is_empty() {
         t.slot.refresh();
@@ -710,11 +729,20 @@ async fn chat_routed(
         // itself): it is not turned into calls.
         plan.parser = None;
     }
-    let text = model.render_chat_with_tools(&messages, plan.specs.as_deref())? + &plan.opening;
-    let prompt = model.tokenize(&text)?;
+    let (specs, opening) = (plan.specs.clone(), plan.opening.clone());
+    let (prompt, constraint) = limits::prepare_chat(
+        &st.metrics,
+        &model,
+        messages,
+        specs,
+        opening,
+        format,
+        limits::budget(&options, &model),
+    )
+    .await?;
     let extras = Extras {
-        constraint: format.map(|f| model.constraint(&f)).transpose()?,
-        logprobs: logprobs_of(req.logprobs, req.top_logprobs)?,
+        constraint,
+        logprobs,
     };
     let with_logprobs = extras.logprobs.is_some();
     let running = st.submit_with(t, prompt, options, extras)?;

@@ -7,8 +7,8 @@ use super::tools::{
     chat_items, history_calls, split_answer, ChatItem, Choice, Plan, ToolCall, Tools,
 };
 use super::{
-    loaded, logprobs_json, logprobs_of, parse_body, with_headers, ApiError, AppState, Extras,
-    Served, Target,
+    limits, loaded, logprobs_json, logprobs_of, parse_body, with_headers, ApiError, AppState,
+    Extras, Served, Target,
 };
 use crate::model::grammar::Format;
 use crate::model::Message;
@@ -214,7 +214,10 @@ fn response_format(v: Option<&Value>) -> std::result::Result<Option<Format>, Api
         None | Some("text") => Ok(None),
         Some("json_object") => Ok(Some(Format::Json)),
         Some("json_schema") => match v.pointer("/json_schema/schema") {
-            Some(schema) if schema.is_object() => Ok(Some(Format::Schema(schema.clone()))),
+            Some(schema) if schema.is_object() => {
+                limits::check_schema(schema)?;
+                Ok(Some(Format::Schema(schema.clone())))
+            }
             _ => Err(ApiError::bad_request(
                 "response_format json_schema needs json_schema.schema, a JSON schema object",
             )),
@@ -255,6 +258,7 @@ async fn chat_routed(st: Arc<AppState>, req: ChatRequest, mut t: Target) -> Resu
     if req.messages.is_empty() {
         return Err(ApiError::bad_request("messages must not be empty").into());
     }
+    limits::check_messages(req.messages.len())?;
     let tools = Tools::parse(req.tools.as_deref().unwrap_or_default())?;
     let choice = Choice::parse(req.tool_choice.as_ref(), &tools)?;
     let format = response_format(req.response_format.as_ref())?;
@@ -267,22 +271,26 @@ async fn chat_routed(st: Arc<AppState>, req: ChatRequest, mut t: Target) -> Resu
         messages.push(msg);
     }
     let mut options = req.sampling.options()?;
-    st.cap_predict(&mut options);
+    let logprobs = logprobs_of(req.logprobs, req.top_logprobs)?;
     let model = loaded(&st, &mut t, &None).await?;
+    st.cap_predict(&mut options, &model);
     let mut plan = Plan::new(tools, &choice);
     if format.is_some() && plan.grammar.is_none() {
         plan.parser = None; // JSON content was asked for, not calls
     }
-    let text = model.render_chat_with_tools(&messages, plan.specs.as_deref())? + &plan.opening;
-    let prompt = model.tokenize(&text)?;
+    let (prompt, constraint) = limits::prepare_chat(
+        &st.metrics,
+        &model,
+        messages,
+        plan.specs.clone(),
+        plan.opening.clone(),
+        plan.grammar.take().or(format),
+        limits::budget(&options, &model),
+    )
+    .await?;
     let extras = Extras {
-        constraint: plan
-            .grammar
-            .take()
-            .or(format)
-            .map(|f| model.constraint(&f))
-            .transpose()?,
-        logprobs: logprobs_of(req.logprobs, req.top_logprobs)?,
+        constraint,
+        logprobs,
     };
     let with_logprobs = extras.logprobs.is_some();
     let name = t.slot.name.clone();
@@ -387,20 +395,32 @@ async fn completions_routed(
         Some(_) => return Err(ApiError::bad_request("prompt must be a string").into()),
     };
     let mut options = req.sampling.options()?;
-    st.cap_predict(&mut options);
-    let model = loaded(&st, &mut t, &None).await?;
-    // As Ollama does: the prompt goes through the chat template, or FIM with a suffix.
-    let text = match req.suffix.as_deref().filter(|s| !s.is_empty()) {
-        Some(suffix) => fim_prompt(&prompt, suffix),
-        None => model.render_chat(&[Message::new("user", &prompt)])?,
-    };
-    let tokens = model.tokenize(&text)?;
-    let name = t.slot.name.clone();
     // The legacy API's `logprobs` is the number of alternatives (0 to 5 in OpenAI's).
     let top = match req.logprobs {
         Some(n) => logprobs_of(Some(true), Some(n))?,
         None => None,
     };
+    let model = loaded(&st, &mut t, &None).await?;
+    st.cap_predict(&mut options, &model);
+    // As Ollama does: the prompt goes through the chat template, or FIM with a suffix;
+    // cut to num_ctx, rendered and tokenized off the async threads.
+    let budget = limits::budget(&options, &model);
+    let (m, suffix) = (model.clone(), req.suffix.clone());
+    let tokens = limits::blocking(&st.metrics, move || {
+        let text = match suffix.as_deref().filter(|s| !s.is_empty()) {
+            Some(suffix) => {
+                let (prefix, suffix) = limits::cut_fim(&prompt, suffix, budget);
+                fim_prompt(prefix, suffix)
+            }
+            None => {
+                let text = m.render_chat(&[Message::new("user", &prompt)])?;
+                limits::cut(&text, budget).into_owned()
+            }
+        };
+        Ok(m.tokenize(&text)?)
+    })
+    .await?;
+    let name = t.slot.name.clone();
     let running = st.submit_with(
         t,
         tokens,

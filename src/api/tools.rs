@@ -28,6 +28,7 @@ impl Tools {
     /// Checks Ollama's / OpenAI's tool objects: `{"type": "function", "function":
     /// {"name", "description", "parameters"}}`. A missing `type` is taken as a function.
     pub fn parse(tools: &[Value]) -> Result<Self, ApiError> {
+        super::limits::check_tools(tools)?;
         let mut out = Tools::default();
         for (i, t) in tools.iter().enumerate() {
             let kind = t.get("type").and_then(Value::as_str).unwrap_or("function");

@@ -208,12 +208,13 @@ pub fn run(models: Vec<BenchModel>, opts: &ConcurrencyOptions) -> Result<Vec<Mod
             m.device,
             vec![worker::Placement {
                 name: m.name.clone(),
-                file: Ok(worker::SlotFile { path, info }),
+                file: Ok(worker::SlotFile::new(path, info)),
                 kv_cache_bytes: None,
             }],
             Capacity {
                 max_queue: 4 * parallel + 8,
                 parallel,
+                stall_timeout: crate::serving::worker::DEFAULT_STALL_TIMEOUT,
             },
             Lifecycle::default(),
         );

@@ -51,8 +51,21 @@ pub fn step_on<S: Sequence>(
     sched: &mut Scheduler<S>,
     kv: &mut PagedKv,
 ) -> Result<(Vec<S>, super::scheduler::StepReport), EngineError> {
+    step_checked(model, sched, kv, || Ok(()))
+}
+
+/// As [`step_on`], with `check` run after the forward pass and before any sequence
+/// sees its logits: an error there (the weights turned out unreadable) ends the step
+/// with nothing handed out.
+pub fn step_checked<S: Sequence>(
+    model: &Model,
+    sched: &mut Scheduler<S>,
+    kv: &mut PagedKv,
+    check: impl FnOnce() -> Result<(), EngineError>,
+) -> Result<(Vec<S>, super::scheduler::StepReport), EngineError> {
     sched.step(|batch| -> Result<Vec<Vec<f32>>, EngineError> {
         let logits = model.weights.forward_batch(batch, kv)?;
+        check()?;
         let rows = logits.dim(0)?;
         let host = logits.to_device(&candle_core::Device::Cpu)?;
         (0..rows)

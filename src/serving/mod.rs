@@ -4,9 +4,11 @@
 
 pub mod blocks;
 pub mod generate;
+pub mod mapping;
 pub mod sampling;
 pub mod scheduler;
 pub mod sequence;
+pub mod watch;
 pub mod worker;
 
 pub use generate::Generation;

@@ -37,6 +37,21 @@ pub struct Options {
 /// Ollama's default context length (its OLLAMA_CONTEXT_LENGTH default).
 pub const DEFAULT_NUM_CTX: usize = 4096;
 
+/// The largest num_ctx a request may ask for: Qwen2.5's longest context (128K with
+/// YaRN). Below it, a num_ctx beyond what the model or its KV cache holds is capped
+/// silently, as clients send their own idea of the window (Zed sends 32768).
+pub const MAX_NUM_CTX: usize = 131_072;
+
+/// The largest num_predict a request may ask for. A larger count is no generation
+/// anyone waits for (a million tokens is hours on any device); the server's
+/// `--max-predict` caps lower values silently.
+pub const MAX_NUM_PREDICT: i32 = 1 << 20;
+
+/// Stop sequences per request, and bytes per stop sequence: the stop matcher looks at
+/// each of them after every token (OpenAI allows 4; clients send a handful).
+pub const MAX_STOPS: usize = 64;
+pub const MAX_STOP_BYTES: usize = 512;
+
 impl Default for Options {
     fn default() -> Self {
         Self {
@@ -95,11 +110,29 @@ impl Options {
         if self.num_predict < -2 {
             return bad("num_predict", "must be -2, -1 or a count >= 0");
         }
+        if self.num_predict > MAX_NUM_PREDICT {
+            return bad(
+                "num_predict",
+                &format!("must be at most {MAX_NUM_PREDICT} (or -1 for the server's limit)"),
+            );
+        }
         if self.num_ctx < 2 {
             return bad("num_ctx", "must be at least 2");
         }
+        if self.num_ctx > MAX_NUM_CTX {
+            return bad("num_ctx", &format!("must be at most {MAX_NUM_CTX}"));
+        }
         if self.stop.iter().any(|s| s.is_empty()) {
             return bad("stop", "stop sequences must not be empty");
+        }
+        if self.stop.len() > MAX_STOPS {
+            return bad("stop", &format!("at most {MAX_STOPS} stop sequences"));
+        }
+        if self.stop.iter().any(|s| s.len() > MAX_STOP_BYTES) {
+            return bad(
+                "stop",
+                &format!("each stop sequence must be at most {MAX_STOP_BYTES} bytes"),
+            );
         }
         Ok(())
     }
@@ -342,5 +375,53 @@ mod tests {
             ..Options::default()
         };
         assert_eq!(bad.validate().unwrap_err().name, "top_p");
+    }
+
+    #[test]
+    fn hostile_sizes_are_refused_by_name() {
+        let name = |o: Options| o.validate().map_err(|e| e.name);
+        let base = Options::default;
+        assert_eq!(
+            name(Options {
+                num_ctx: MAX_NUM_CTX + 1,
+                ..base()
+            }),
+            Err("num_ctx")
+        );
+        assert_eq!(
+            name(Options {
+                num_ctx: MAX_NUM_CTX,
+                ..base()
+            }),
+            Ok(())
+        );
+        assert_eq!(
+            name(Options {
+                num_predict: MAX_NUM_PREDICT + 1,
+                ..base()
+            }),
+            Err("num_predict")
+        );
+        assert_eq!(
+            name(Options {
+                stop: vec!["x".into(); MAX_STOPS + 1],
+                ..base()
+            }),
+            Err("stop")
+        );
+        assert_eq!(
+            name(Options {
+                stop: vec!["x".repeat(MAX_STOP_BYTES + 1)],
+                ..base()
+            }),
+            Err("stop")
+        );
+        assert_eq!(
+            name(Options {
+                stop: vec!["x".repeat(MAX_STOP_BYTES); MAX_STOPS],
+                ..base()
+            }),
+            Ok(())
+        );
     }
 }

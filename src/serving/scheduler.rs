@@ -221,19 +221,10 @@ impl<S: Sequence> Scheduler<S> {
                 }
             }
         }
-        // Prompts being prefilled, oldest first.
-        for (i, e) in self.running.iter().enumerate() {
-            if budget == 0 {
-                break;
-            }
-            if e.computed + 1 < e.tokens.len() {
-                let end = e.tokens.len().min(e.computed + budget);
-                budget -= end - e.computed;
-                plan.push((i, e.computed, end));
-            }
-        }
         // New sequences, first come first served, while there is room: each with blocks
-        // for its whole prompt, starting from what the prefix cache holds.
+        // for its whole prompt, starting from what the prefix cache holds. They join
+        // before the prompts being read take the budget, so a short request arriving
+        // during a long prompt's prefill starts at the next step, not after it.
         while budget > 0 && self.running.len() < self.limits.max_running {
             let Some(mut e) = self.waiting.pop_front() else {
                 break;
@@ -249,10 +240,25 @@ impl<S: Sequence> Scheduler<S> {
             e.computed = cached;
             report.prefix_hit_tokens += cached;
             e.seq.admitted(cached);
+            self.running.push(e);
+        }
+        // Prompts being read, the shortest remainder first: a long prompt takes what the
+        // short ones leave (never nothing for long: at most `max_running` share a step).
+        let mut reading: Vec<usize> = (0..self.running.len())
+            .filter(|&i| {
+                let e = &self.running[i];
+                e.computed < e.tokens.len() && !plan.iter().any(|&(j, _, _)| j == i)
+            })
+            .collect();
+        reading.sort_by_key(|&i| (self.running[i].tokens.len() - self.running[i].computed, i));
+        for i in reading {
+            if budget == 0 {
+                break;
+            }
+            let e = &self.running[i];
             let end = e.tokens.len().min(e.computed + budget);
             budget -= end - e.computed;
-            plan.push((self.running.len(), e.computed, end));
-            self.running.push(e);
+            plan.push((i, e.computed, end));
         }
         plan
     }
@@ -480,11 +486,12 @@ mod tests {
         s.add((100..110).collect(), seq(1, 3, &log)).unwrap();
         s.add((200..203).collect(), seq(2, 3, &log)).unwrap();
         let reports = run_all(&mut s, &mut m);
-        // Step 1: eight of the first prompt's ten positions (the budget). Step 2: its
-        // last two and the second prompt's three. Then both decode together.
-        assert_eq!(m.batches[0], vec![(0, 8)]);
-        assert_eq!(m.batches[1], vec![(8, 2), (0, 3)]);
-        assert_eq!(m.batches[2], vec![(10, 1), (3, 1)]);
+        // Step 1: the second prompt's three positions (the shorter first), then five of
+        // the first one's ten (the rest of the budget of 8). Step 2: the second decodes,
+        // the first reads its last five. Then both decode together.
+        assert_eq!(m.batches[0], vec![(0, 3), (0, 5)]);
+        assert_eq!(m.batches[1], vec![(3, 1), (5, 5)]);
+        assert_eq!(m.batches[2], vec![(10, 1), (4, 1)]);
         assert_eq!(reports[2].decodes, 2);
         // Each sequence saw its own tokens, each new one its last plus one.
         let log = log.borrow();
@@ -497,6 +504,31 @@ mod tests {
         assert_eq!(of(1).last().unwrap()[8..], [108, 109, 110, 111]);
         assert_eq!(of(2).last().unwrap(), &vec![200, 201, 202, 203, 204]);
         assert_eq!(s.pool().free_blocks(), 16);
+    }
+
+    #[test]
+    fn a_short_prompt_is_not_held_behind_a_long_prefill() {
+        let log: Log = Default::default();
+        let mut s = Scheduler::new(BlockPool::new(64, 4), limits(4, 8));
+        let mut m = FakeModel::new(64, 4);
+        // A 100-token prompt takes the whole budget of its first step...
+        s.add((0..100).collect(), seq(1, 2, &log)).unwrap();
+        s.step(|c| m.forward(c)).unwrap();
+        assert_eq!(m.batches[0], vec![(0, 8)]);
+        // ...a 3-token prompt arriving then is read at the next step, and answers at
+        // once, while the long one goes on with the rest of the budget.
+        s.add(vec![500, 501, 502], seq(2, 2, &log)).unwrap();
+        s.step(|c| m.forward(c)).unwrap();
+        assert_eq!(m.batches[1], vec![(0, 3), (8, 5)]);
+        assert_eq!(
+            log.borrow()[0].0,
+            2,
+            "the short request's first token came first"
+        );
+        s.step(|c| m.forward(c)).unwrap();
+        assert_eq!(m.batches[2], vec![(3, 1), (13, 7)]);
+        run_all(&mut s, &mut m);
+        assert_eq!(s.pool().free_blocks(), 64);
     }
 
     #[test]

@@ -150,6 +150,55 @@ impl StopMatcher {
     }
 }
 
+/// The longest span the loop guard looks for, in tokens.
+pub const LOOP_MAX_PERIOD: usize = 64;
+/// A span counts as a loop once the output ends with it repeated this many times…
+pub const LOOP_MIN_REPEATS: usize = 16;
+/// …covering at least this many tokens (so a short separator line is not a loop).
+pub const LOOP_MIN_TOKENS: usize = 256;
+
+/// Notices a generation that has degenerated into repeating itself: the output ends
+/// with the same span of 1 to [`LOOP_MAX_PERIOD`] tokens repeated at least
+/// [`LOOP_MIN_REPEATS`] times over at least [`LOOP_MIN_TOKENS`] tokens. Without it a
+/// request with no num_predict could repeat a word until the server's limit, holding
+/// its model's batch slot (the context shift lets it run forever otherwise).
+#[derive(Debug, Clone)]
+pub struct LoopGuard {
+    /// `runs[p]`: how many of the last tokens equal the token `p` places before them
+    /// (the output ends with a span of period `p` over `runs[p] + p` tokens).
+    runs: [usize; LOOP_MAX_PERIOD + 1],
+}
+
+impl Default for LoopGuard {
+    fn default() -> Self {
+        Self {
+            runs: [0; LOOP_MAX_PERIOD + 1],
+        }
+    }
+}
+
+impl LoopGuard {
+    /// Takes the output so far, whose last token is new; returns the period of the
+    /// loop it now ends in, if it does.
+    pub fn push(&mut self, output: &[u32]) -> Option<usize> {
+        let n = output.len();
+        let last = *output.last()?;
+        let mut found = None;
+        for p in 1..=LOOP_MAX_PERIOD {
+            if n > p && output[n - 1 - p] == last {
+                self.runs[p] += 1;
+            } else {
+                self.runs[p] = 0;
+            }
+            let span = self.runs[p] + p;
+            if found.is_none() && span >= LOOP_MIN_TOKENS.max(LOOP_MIN_REPEATS * p) {
+                found = Some(p);
+            }
+        }
+        found
+    }
+}
+
 /// The decoding state of one request.
 pub struct Decoding {
     opts: Options,
@@ -176,6 +225,8 @@ pub struct Decoding {
     constraint: Option<grammar::Constraint>,
     /// Report each token's log probability with this many alternatives.
     logprobs: Option<usize>,
+    /// Ends the generation when it only repeats itself.
+    loops: LoopGuard,
 }
 
 impl Decoding {
@@ -225,6 +276,7 @@ impl Decoding {
             ignore_stop_tokens: false,
             constraint: None,
             logprobs: None,
+            loops: LoopGuard::default(),
             opts,
         };
         Ok((d, tokens))
@@ -343,8 +395,23 @@ impl Decoding {
             self.mark_done(DoneReason::Stop, tokens, Some(token));
             return Ok((Some(out), stop(Some(token))));
         }
+        // A generation stuck repeating one span ends as if it had reached its limit
+        // (benchmarks that ignore end-of-turn generate noise and are left alone).
+        let looping = match self.loops.push(&self.output) {
+            Some(period) if !self.ignore_stop_tokens => {
+                tracing::info!(
+                    period,
+                    tokens = self.eval_count,
+                    "the answer repeats one span over and over: ended (done_reason length)"
+                );
+                true
+            }
+            _ => false,
+        };
         let reason = if complete {
             Some(DoneReason::Stop)
+        } else if looping {
+            Some(DoneReason::Length)
         } else if limit == Some(self.eval_count)
             || (tokens.len() + 1 >= self.opts.num_ctx && self.opts.num_predict == -2)
         {
@@ -446,6 +513,41 @@ mod tests {
     fn stop_matcher_cuts_at_the_earliest_stop() {
         let mut m = stops(&["\n\n", "b"]);
         assert_eq!(m.push("a\n\nb"), ("a".to_string(), true));
+    }
+
+    /// Feeds `tokens` to a fresh guard; the index at which it first reports a loop.
+    fn loop_at(tokens: &[u32]) -> Option<(usize, usize)> {
+        let mut g = LoopGuard::default();
+        (1..=tokens.len()).find_map(|n| g.push(&tokens[..n]).map(|p| (n, p)))
+    }
+
+    #[test]
+    fn the_loop_guard_ends_a_repeated_span_and_nothing_else() {
+        // One token over and over: a loop once LOOP_MIN_TOKENS long.
+        assert_eq!(
+            loop_at(&[7; 1000]),
+            Some((LOOP_MIN_TOKENS, 1)),
+            "a repeated token"
+        );
+        // A 5-token phrase repeated: caught at LOOP_MIN_TOKENS, as period 5.
+        let phrase: Vec<u32> = (0..1000).map(|i| [1, 2, 3, 4, 5][i % 5]).collect();
+        assert_eq!(loop_at(&phrase), Some((LOOP_MIN_TOKENS, 5)));
+        // A long span needs LOOP_MIN_REPEATS repeats, more than LOOP_MIN_TOKENS tokens.
+        let long: Vec<u32> = (0..5000).map(|i| (i % 50) as u32).collect();
+        assert_eq!(loop_at(&long), Some((50 * LOOP_MIN_REPEATS, 50)));
+        // A loop after ordinary text is found as soon as it is long enough.
+        let mut text: Vec<u32> = (100..400).collect();
+        text.extend([9, 8].repeat(400));
+        assert_eq!(loop_at(&text), Some((300 + LOOP_MIN_TOKENS, 2)));
+        // Text that never repeats, a separator shorter than the minimum, and a span
+        // longer than the longest period are not loops.
+        assert_eq!(loop_at(&(0..5000).collect::<Vec<u32>>()), None);
+        let mut sep: Vec<u32> = (0..300).collect();
+        sep.extend([42; LOOP_MIN_TOKENS - 1]);
+        sep.extend(300..600);
+        assert_eq!(loop_at(&sep), None);
+        let wide: Vec<u32> = (0..5000).map(|i| (i % 100) as u32).collect();
+        assert_eq!(loop_at(&wide), None);
     }
 
     #[test]

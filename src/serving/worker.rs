@@ -5,8 +5,17 @@
 //! has run out; it is the only thread that drives that device. A bounded count of jobs
 //! waiting to start per model stands in front, so a full queue is refused at once
 //! instead of growing without bound.
+//!
+//! Faults stay as small as they can: a panic in one request's decoding fails that
+//! request; one in a forward pass fails that pass's requests; one anywhere else in the
+//! loop restarts the loop (the requests it was running fail, the queued ones run), and
+//! a thread that stops anyway marks its models failed. A model whose mapped file is cut
+//! short ([`super::mapping`]) or changes on disk fails with the reason, and the router
+//! falls back. A client that stops reading its stream is dropped after the stall
+//! timeout, so it never holds a batch slot.
 
 use super::blocks::BlockPool;
+use super::mapping::MappedFile;
 use super::scheduler::{Advance, Limits, Scheduler, Sequence, Then};
 use super::sequence::Decoding;
 use super::{Logprob, Options, Summary};
@@ -77,11 +86,14 @@ const LOAD_GRACE: Duration = Duration::from_secs(5);
 
 /// What the API asks of a device's worker besides jobs.
 enum Msg {
-    Job(Box<Job>),
+    Job(Box<Job>, Ticket),
     Load(String),
     Unload(String),
     /// The weights were deleted: forget the keep-alive.
     Remove(String),
+    /// The weights file changed under the loaded model (rewritten in place): its
+    /// running requests fail with this reason.
+    Invalidate(String, String),
 }
 
 /// A model's weights file and what its header says.
@@ -89,6 +101,44 @@ pub struct SlotFile {
     pub path: PathBuf,
     /// The file's metadata, read before loading.
     pub info: ModelInfo,
+    /// Which file this was on disk when it was read (to notice it change).
+    pub stamp: Option<FileStamp>,
+}
+
+impl SlotFile {
+    /// A file read now: its stamp is taken from the disk.
+    pub fn new(path: PathBuf, info: ModelInfo) -> Self {
+        let stamp = FileStamp::of(&path);
+        Self { path, info, stamp }
+    }
+}
+
+/// What identifies a file's contents cheaply: its inode, size and modification time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    pub dev: u64,
+    pub ino: u64,
+    pub len: u64,
+    pub mtime_ns: i128,
+}
+
+impl FileStamp {
+    /// The stamp of the file `path` leads to now (`None` when it is gone).
+    pub fn of(path: &std::path::Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        Some(Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        })
+    }
+
+    /// The same file (inode), whatever happened to its contents.
+    pub fn same_inode(&self, other: &Self) -> bool {
+        (self.dev, self.ino) == (other.dev, other.ino)
+    }
 }
 
 /// The state of one model as the server sees it.
@@ -102,10 +152,12 @@ pub struct ModelSlot {
     keep_alive: Mutex<KeepAlive>,
     /// When the model unloads if nothing else arrives (`None`: never, or busy).
     expires: Mutex<Option<Instant>>,
-    pending: AtomicUsize,
+    /// Jobs submitted and not yet running; each counts through a [`Ticket`].
+    pending: Arc<AtomicUsize>,
     in_flight: AtomicUsize,
     max_queue: usize,
     parallel: usize,
+    stall_timeout: Duration,
     kv_cache_bytes: Option<u64>,
     /// What the model's scheduler has done.
     pub stats: StepStats,
@@ -127,6 +179,12 @@ pub struct StepStats {
     pub preemptions: AtomicU64,
     /// Sequences running after the last step.
     pub running: AtomicU64,
+    /// Panics caught in one request's decoding or start (that request failed).
+    pub request_panics: AtomicU64,
+    /// Panics caught in a forward pass (its batch's requests failed).
+    pub batch_panics: AtomicU64,
+    /// Panics in the worker thread's loop (it restarted), counted on each of its models.
+    pub worker_panics: AtomicU64,
 }
 
 impl StepStats {
@@ -167,6 +225,44 @@ impl ModelSlot {
                 false
             }
         });
+    }
+
+    /// The weights file changed on disk while the server ran. `Ok`: it is a usable
+    /// model again (replaced, or rewritten and checked): the model reloads at its next
+    /// request. `Err`: it cannot be used (cut short, corrupt): the model is unavailable
+    /// with that reason, and the router falls back. Either way, requests running on a
+    /// file rewritten in place fail (their weights changed under them); on a replaced
+    /// file (a new inode) they finish on the old one.
+    pub fn file_changed(&self, now: Result<SlotFile, String>, in_place: bool) {
+        let why = match now {
+            Ok(file) => {
+                tracing::warn!(model = %self.name, path = %file.path.display(), "weights file changed on disk: the model reloads at its next request");
+                *self.file.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(file));
+                self.load.send_if_modified(|s| {
+                    if matches!(s, Load::Ready(_) | Load::Failed(_)) {
+                        *s = Load::Unloaded;
+                        true
+                    } else {
+                        false
+                    }
+                });
+                "its weights file was rewritten while the request ran".to_string()
+            }
+            Err(why) => {
+                tracing::error!(model = %self.name, reason = %why, "weights file changed on disk: model unavailable");
+                self.load.send_if_modified(|s| {
+                    if matches!(s, Load::Absent(_)) {
+                        return false;
+                    }
+                    *s = Load::Failed(why.clone());
+                    true
+                });
+                why
+            }
+        };
+        if in_place {
+            let _ = self.jobs.send(Msg::Invalidate(self.name.clone(), why));
+        }
     }
 
     /// The weights are gone (`duet rm`): unloaded, and absent until pulled again.
@@ -293,15 +389,32 @@ impl ModelSlot {
         if let Some(why) = self.failure() {
             return Err(self.unavailable(why));
         }
-        let prev = self.pending.fetch_add(1, Ordering::AcqRel);
-        if prev >= self.max_queue {
-            self.pending.fetch_sub(1, Ordering::AcqRel);
+        let (ticket, ahead) = Ticket::take(&self.pending);
+        if ahead >= self.max_queue {
             return Err(SubmitError::QueueFull);
         }
-        self.jobs.send(Msg::Job(Box::new(job))).map_err(|_| {
-            self.pending.fetch_sub(1, Ordering::AcqRel);
-            self.unavailable("its worker has stopped")
-        })
+        self.jobs
+            .send(Msg::Job(Box::new(job), ticket))
+            .map_err(|_| self.unavailable("its worker has stopped"))
+    }
+}
+
+/// A job counted as waiting in its model's queue: the count drops when the ticket
+/// does, however the job leaves (started, refused, or lost with a panicking worker), so
+/// the queue gauge always returns to 0.
+struct Ticket(Arc<AtomicUsize>);
+
+impl Ticket {
+    /// A place in the count, and how many were counted before it.
+    fn take(count: &Arc<AtomicUsize>) -> (Self, usize) {
+        let ahead = count.fetch_add(1, Ordering::AcqRel);
+        (Self(count.clone()), ahead)
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -320,7 +433,12 @@ pub struct Capacity {
     pub max_queue: usize,
     /// Sequences that run at once (`--parallel`, OLLAMA_NUM_PARALLEL).
     pub parallel: usize,
+    /// How long a client may leave its stream unread before it counts as gone.
+    pub stall_timeout: Duration,
 }
+
+/// A client that takes nothing of its stream for this long is dropped (`--client-timeout`).
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Sequences per model that run at once unless `--parallel` says otherwise.
 pub const DEFAULT_PARALLEL: usize = 4;
@@ -375,10 +493,11 @@ pub fn spawn(
                 load: watch::Sender::new(load),
                 keep_alive: Mutex::new(life.keep_alive),
                 expires: Mutex::new(None),
-                pending: AtomicUsize::new(0),
+                pending: Arc::new(AtomicUsize::new(0)),
                 in_flight: AtomicUsize::new(0),
                 max_queue: capacity.max_queue,
                 parallel: capacity.parallel.max(1),
+                stall_timeout: capacity.stall_timeout,
                 kv_cache_bytes: p.kv_cache_bytes,
                 stats: StepStats::default(),
                 jobs: tx.clone(),
@@ -389,7 +508,19 @@ pub fn spawn(
     let worker_slots = slots.clone();
     let spawned = std::thread::Builder::new()
         .name(format!("duet-{device}"))
-        .spawn(move || Worker::start(device, worker_slots, life).run(rx));
+        .spawn(move || {
+            let _stopped = Stopped(worker_slots.clone());
+            let mut w = Worker::start(device, worker_slots, life);
+            let mut panics: Vec<Instant> = Vec::new();
+            loop {
+                let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.run(&rx)));
+                let Err(payload) = run else { break };
+                let why = panic_message(payload.as_ref());
+                panics.retain(|t| t.elapsed() < RESTART_WINDOW);
+                panics.push(Instant::now());
+                w.restart(&why, panics.len() > MAX_RESTARTS);
+            }
+        });
     if let Err(e) = spawned {
         for s in &slots {
             s.load
@@ -399,12 +530,76 @@ pub fn spawn(
     slots
 }
 
+/// Restarts of a worker's loop within [`RESTART_WINDOW`] before its models are failed.
+const MAX_RESTARTS: usize = 5;
+const RESTART_WINDOW: Duration = Duration::from_secs(60);
+
+/// What a caught panic said.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// Runs `f`, turning a panic into `Err` with its message.
+fn catch<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| panic_message(p.as_ref()))
+}
+
+/// Dropped when a worker thread ends, however it ends: its models are failed, so no
+/// request waits on a queue nobody reads.
+struct Stopped(Vec<Arc<ModelSlot>>);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        for slot in &self.0 {
+            slot.load
+                .send_replace(Load::Failed("its worker thread has stopped".into()));
+        }
+    }
+}
+
+/// Faults the tests inject (`DUET_INJECT_FAULT=KIND:TEXT`, comma-separated): a request
+/// whose prompt contains TEXT panics in its decoding (`request-panic`) or in the
+/// worker's loop when it starts (`worker-panic`). Unset, nothing is looked at.
+struct Inject {
+    request_panic: Option<String>,
+    worker_panic: Option<String>,
+}
+
+fn inject() -> Option<&'static Inject> {
+    static INJECT: std::sync::OnceLock<Option<Inject>> = std::sync::OnceLock::new();
+    INJECT
+        .get_or_init(|| {
+            let spec = std::env::var("DUET_INJECT_FAULT").ok()?;
+            let mut i = Inject {
+                request_panic: None,
+                worker_panic: None,
+            };
+            for part in spec.split(',') {
+                match part.split_once(':') {
+                    Some(("request-panic", t)) => i.request_panic = Some(t.to_string()),
+                    Some(("worker-panic", t)) => i.worker_panic = Some(t.to_string()),
+                    _ => tracing::warn!(part, "DUET_INJECT_FAULT: unknown fault"),
+                }
+            }
+            tracing::warn!("fault injection is on (DUET_INJECT_FAULT): for tests only");
+            Some(i)
+        })
+        .as_ref()
+}
+
 struct Worker {
     device: DeviceSpec,
     dev: Option<candle_core::Device>,
     slots: Vec<Arc<ModelSlot>>,
     /// The running batch of each loaded model, by slot index.
     batchers: Vec<Option<Batcher>>,
+    /// The mapped files of each slot's models in use (a reloaded model's old one runs
+    /// until its batch ends), watched for reads past their end, by slot index.
+    mapped: Vec<Vec<MappedFile<Model>>>,
 }
 
 /// One loaded model's scheduler and KV cache.
@@ -461,24 +656,25 @@ impl Worker {
                 None
             }
         };
-        let batchers = slots.iter().map(|_| None).collect();
-        let w = Self {
+        let mut w = Self {
             device,
             dev,
+            batchers: slots.iter().map(|_| None).collect(),
+            mapped: slots.iter().map(|_| Vec::new()).collect(),
             slots,
-            batchers,
         };
         if life.preload {
-            for slot in &w.slots {
-                w.load(slot);
-                w.loaded(slot);
+            for i in 0..w.slots.len() {
+                w.load(i);
+                w.loaded(&w.slots[i]);
             }
         }
         w
     }
 
-    /// Loads a model that is not in memory; true when it is ready.
-    fn load(&self, slot: &ModelSlot) -> bool {
+    /// Loads the model of slot `i` if it is not in memory; true when it is ready.
+    fn load(&mut self, i: usize) -> bool {
+        let slot = self.slots[i].clone();
         match &*slot.load.borrow() {
             Load::Ready(_) => return true,
             Load::Failed(_) | Load::Absent(_) => return false,
@@ -491,9 +687,18 @@ impl Worker {
             return false;
         };
         slot.load.send_replace(Load::Loading);
-        match load_and_warm(slot, &file.path, self.device, dev) {
-            Ok(model) => {
-                slot.load.send_replace(Load::Ready(Arc::new(model)));
+        let loaded =
+            catch(|| load_and_warm(&slot, &file.path, self.device, dev)).unwrap_or_else(|panic| {
+                slot.stats.request_panics.fetch_add(1, Ordering::Relaxed);
+                Err(EngineError::Load {
+                    path: file.path.display().to_string(),
+                    message: format!("internal error while loading: {panic}"),
+                })
+            });
+        match loaded {
+            Ok((model, mapped)) => {
+                self.mapped[i].extend(mapped);
+                slot.load.send_replace(Load::Ready(model));
                 true
             }
             Err(e) => {
@@ -569,10 +774,6 @@ impl Worker {
         self.slots.iter().position(|s| s.name == name)
     }
 
-    fn slot(&self, name: &str) -> Option<&Arc<ModelSlot>> {
-        self.slots.iter().find(|s| s.name == name)
-    }
-
     fn busy(&self) -> bool {
         self.batchers.iter().flatten().any(|b| !b.sched.is_empty())
     }
@@ -580,27 +781,92 @@ impl Worker {
     fn handle(&mut self, msg: Msg) {
         match msg {
             Msg::Load(name) => {
-                if let Some(slot) = self.slot(&name) {
-                    self.load(slot);
-                    self.loaded(slot);
+                if let Some(i) = self.slot_index(&name) {
+                    self.load(i);
+                    self.loaded(&self.slots[i]);
                 }
             }
             Msg::Unload(name) => {
-                if let Some(slot) = self.slot(&name) {
-                    self.idle(slot);
+                if let Some(i) = self.slot_index(&name) {
+                    self.idle(&self.slots[i]);
                 }
             }
-            Msg::Job(job) => self.job(*job),
+            Msg::Job(job, ticket) => {
+                self.injected_worker_panic(&job);
+                self.job(*job, ticket)
+            }
             Msg::Remove(name) => {
-                if let Some(slot) = self.slot(&name) {
-                    slot.set_expiry(None);
-                    tracing::info!(model = %slot.name, "weights removed: unloaded");
+                if let Some(i) = self.slot_index(&name) {
+                    self.slots[i].set_expiry(None);
+                    tracing::info!(model = %name, "weights removed: unloaded");
+                }
+            }
+            Msg::Invalidate(name, why) => {
+                if let Some(i) = self.slot_index(&name) {
+                    self.end_batch(i, &format!("model '{name}' is unavailable: {why}"));
                 }
             }
         }
     }
 
-    fn run(mut self, rx: mpsc::Receiver<Msg>) {
+    /// Fails every request of slot `i`'s batch with `why` and frees its KV cache.
+    fn end_batch(&mut self, i: usize, why: &str) {
+        if let Some(mut b) = self.batchers[i].take() {
+            for mut seq in b.sched.drain() {
+                seq.fail(why);
+            }
+        }
+        self.slots[i].stats.running.store(0, Ordering::Relaxed);
+        self.idle(&self.slots[i]);
+    }
+
+    /// A test's injected fault: a panic in the loop itself, outside any request's guard.
+    fn injected_worker_panic(&self, job: &Job) {
+        let Some(marker) = inject().and_then(|i| i.worker_panic.as_deref()) else {
+            return;
+        };
+        let Some(model) = self
+            .slot_index(&job.model)
+            .and_then(|i| self.slots[i].model())
+        else {
+            return;
+        };
+        if model
+            .codec
+            .decode(&job.prompt)
+            .is_ok_and(|t| t.contains(marker))
+        {
+            panic!("injected fault: a panic in the worker's loop");
+        }
+    }
+
+    /// After a panic escaped the loop: every running request fails (its batch may be
+    /// half-stepped), the queued ones run when the loop starts again. After too many
+    /// restarts in a row the models are failed instead, so the router sends elsewhere.
+    fn restart(&mut self, why: &str, give_up: bool) {
+        tracing::error!(device = %self.device, panic = %why, "the worker's loop panicked: its running requests fail and it starts again");
+        let msg = format!(
+            "internal error on {}: its worker restarted ({why})",
+            self.device
+        );
+        for i in 0..self.slots.len() {
+            self.slots[i]
+                .stats
+                .worker_panics
+                .fetch_add(1, Ordering::Relaxed);
+            self.end_batch(i, &msg);
+        }
+        if give_up {
+            for slot in &self.slots {
+                slot.load.send_replace(Load::Failed(format!(
+                    "its worker on {} failed {MAX_RESTARTS} times within a minute: {why}",
+                    self.device
+                )));
+            }
+        }
+    }
+
+    fn run(&mut self, rx: &mpsc::Receiver<Msg>) {
         loop {
             if self.busy() {
                 // Between steps: take what arrived, then one step of each busy model.
@@ -630,17 +896,25 @@ impl Worker {
         }
     }
 
-    /// Frees the KV cache of models that are no longer loaded.
+    /// Frees the KV cache of models that are no longer loaded, and stops watching the
+    /// files of models nothing runs on any more.
     fn drop_unloaded(&mut self) {
-        for (slot, b) in self.slots.iter().zip(self.batchers.iter_mut()) {
-            let stale = match (b.as_ref(), slot.model()) {
-                (Some(b), Some(m)) => !Arc::ptr_eq(&b.model, &m),
+        for i in 0..self.slots.len() {
+            let current = self.slots[i].model();
+            let b = &mut self.batchers[i];
+            let stale = match (b.as_ref(), &current) {
+                (Some(b), Some(m)) => !Arc::ptr_eq(&b.model, m),
                 (Some(_), None) => true,
                 (None, _) => false,
             };
             if stale && b.as_ref().is_some_and(|b| b.sched.is_empty()) {
                 *b = None;
             }
+            let running = self.batchers[i].as_ref().map(|b| &b.model);
+            self.mapped[i].retain(|m| {
+                current.as_ref().is_some_and(|c| Arc::ptr_eq(c, m.kept()))
+                    || running.is_some_and(|r| Arc::ptr_eq(r, m.kept()))
+            });
         }
     }
 
@@ -653,64 +927,118 @@ impl Worker {
             if b.sched.is_empty() {
                 continue;
             }
-            let slot = &self.slots[i];
-            match super::generate::step_on(&b.model, &mut b.sched, &mut b.kv) {
-                Ok((done, report)) => {
+            let slot = self.slots[i].clone();
+            let mapped = self.mapped[i]
+                .iter()
+                .find(|m| Arc::ptr_eq(m.kept(), &b.model));
+            let cut_short = || mapped.is_some_and(|m| m.faulted());
+            let path = slot.file().map(|f| f.path.display().to_string());
+            let stepped = catch(|| {
+                super::generate::step_checked(&b.model, &mut b.sched, &mut b.kv, || {
+                    if cut_short() {
+                        return Err(EngineError::Load {
+                            path: path.clone().unwrap_or_default(),
+                            message: "the file was cut short while it was served".into(),
+                        });
+                    }
+                    Ok(())
+                })
+            });
+            match stepped {
+                Ok(Ok((done, report))) => {
                     drop(done);
                     slot.stats.record(&report);
                 }
-                Err(e) => {
+                Ok(Err(_)) if cut_short() => {
+                    let why = format!(
+                        "its weights file {} was cut short while it was served (a read past its new end)",
+                        path.as_deref().unwrap_or("?")
+                    );
+                    tracing::error!(model = %slot.name, reason = %why, "model unavailable");
+                    slot.load.send_replace(Load::Failed(why.clone()));
+                    self.end_batch(i, &format!("model '{}' is unavailable: {why}", slot.name));
+                    continue;
+                }
+                Ok(Err(e)) => {
                     tracing::error!(model = %slot.name, error = %e, "forward pass failed: its requests end with the error");
                     for mut seq in b.sched.drain() {
                         seq.fail(&e.to_string());
                     }
                 }
+                Err(panic) => {
+                    slot.stats.batch_panics.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(model = %slot.name, %panic, "a forward pass panicked: its batch's requests fail");
+                    self.end_batch(
+                        i,
+                        &format!(
+                            "internal error in a forward pass of '{}': {panic}",
+                            slot.name
+                        ),
+                    );
+                    continue;
+                }
             }
             let (empty, running) = (b.sched.is_empty(), b.sched.running());
             slot.stats.running.store(running as u64, Ordering::Relaxed);
             if empty {
-                self.idle(&self.slots[i]);
+                self.idle(&slot);
             }
         }
     }
 
-    /// A job that will not run: it leaves the queue count, its client gets `why`.
+    /// A job that will not run: it leaves the queue (its ticket), its client gets `why`.
     fn refuse(
         &self,
         slot: &ModelSlot,
         events: &tokio::sync::mpsc::Sender<Event>,
+        ticket: Ticket,
         why: Option<String>,
     ) {
-        slot.pending.fetch_sub(1, Ordering::AcqRel);
+        drop(ticket);
         if let Some(why) = why {
-            let _ = events.blocking_send(Event::Error(why));
+            let _ = events.try_send(Event::Error(why));
         }
         self.idle(slot);
     }
 
-    fn job(&mut self, mut job: Job) {
+    /// Starts a job; a panic while doing so fails that job only.
+    fn job(&mut self, job: Job, ticket: Ticket) {
         let Some(i) = self.slot_index(&job.model) else {
-            let _ = job.events.blocking_send(Event::Error(format!(
+            let _ = job.events.try_send(Event::Error(format!(
                 "model '{}' is not on {}",
                 job.model, self.device
             )));
             return;
         };
+        let events = job.events.clone();
+        if let Err(panic) = catch(|| self.start_job(i, job, ticket)) {
+            let slot = &self.slots[i];
+            slot.stats.request_panics.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(model = %slot.name, %panic, "a request panicked while starting: it fails, the worker goes on");
+            let _ = events.try_send(Event::Error(format!(
+                "internal error while starting the request: {panic}"
+            )));
+            self.idle(slot);
+        }
+    }
+
+    fn start_job(&mut self, i: usize, job: Job, ticket: Ticket) {
         let slot = self.slots[i].clone();
         if job.events.is_closed() {
-            return self.refuse(&slot, &job.events, None); // the client gave up while queued
+            return self.refuse(&slot, &job.events, ticket, None); // the client gave up while queued
         }
         // Unloaded between the request's wait and now (its keep-alive ran out): load again.
         let start = Instant::now();
         let was_ready = slot.is_ready();
-        let model = if self.load(&slot) { slot.model() } else { None };
+        let model = if self.load(i) { slot.model() } else { None };
         let Some(model) = model else {
             let why = slot.failure().unwrap_or_else(|| "not loaded".into());
             let why = format!("model '{}' is unavailable: {why}", slot.name);
-            return self.refuse(&slot, &job.events, Some(why));
+            return self.refuse(&slot, &job.events, ticket, Some(why));
         };
+        let mut load_wait = job.load_wait;
         if !was_ready {
-            job.load_wait += start.elapsed();
+            load_wait += start.elapsed();
         }
         let fresh = match &self.batchers[i] {
             Some(b) => !Arc::ptr_eq(&b.model, &model) && b.sched.is_empty(),
@@ -719,15 +1047,20 @@ impl Worker {
         if fresh {
             match Batcher::new(model.clone(), &slot) {
                 Ok(b) => self.batchers[i] = Some(b),
-                Err(e) => return self.refuse(&slot, &job.events, Some(e.to_string())),
+                Err(e) => return self.refuse(&slot, &job.events, ticket, Some(e.to_string())),
             }
         }
-        let b = self.batchers[i].as_mut().expect("just made");
+        let Some(b) = self.batchers[i].as_mut() else {
+            return;
+        };
         let capacity = b.sched.capacity();
         let max_ctx = model
             .weights
             .max_positions()
             .min(capacity.saturating_sub(1));
+        let poison = inject()
+            .and_then(|i| i.request_panic.as_deref())
+            .is_some_and(|m| model.codec.decode(&job.prompt).is_ok_and(|t| t.contains(m)));
         let (decoding, tokens) = match Decoding::new(job.prompt, &job.options, max_ctx, &model.name)
         {
             Ok((d, tokens)) => {
@@ -746,7 +1079,10 @@ impl Worker {
                 };
                 (d, tokens)
             }
-            Err(e) => return self.refuse(&slot, &job.events, Some(e.to_string())),
+            Err(e) => {
+                let events = job.events;
+                return self.refuse(&slot, &events, ticket, Some(e.to_string()));
+            }
         };
         let seq = JobSeq {
             model: b.model.clone(),
@@ -754,11 +1090,14 @@ impl Worker {
             decoding,
             events: job.events,
             enqueued: job.enqueued,
-            load_wait: job.load_wait,
+            load_wait,
             logprobs: Vec::new(),
+            queued: Some(ticket),
             started: false,
             gone: false,
             backlog: Default::default(),
+            taken: Instant::now(),
+            poison,
         };
         if let Err((e, mut seq)) = b.sched.add(tokens, seq) {
             // Not expected (num_ctx is capped to the pool), but never lose the request.
@@ -777,6 +1116,8 @@ struct JobSeq {
     load_wait: Duration,
     /// Log probabilities of tokens whose text is held back wait for the next text.
     logprobs: Vec<Logprob>,
+    /// Its place in the queue count until it is admitted.
+    queued: Option<Ticket>,
     /// Admitted (counted in flight rather than pending).
     started: bool,
     /// The client went away.
@@ -784,12 +1125,22 @@ struct JobSeq {
     /// Events its client has not taken yet: the worker never waits for one slow reader
     /// while other sequences share its steps.
     backlog: std::collections::VecDeque<Event>,
+    /// When its client last took an event (or had nothing left to take).
+    taken: Instant,
+    /// A test's injected fault: panic in its decoding.
+    poison: bool,
 }
 
 /// Events a client may leave unread before it counts as gone (a stalled reader).
 const MAX_BACKLOG: usize = 8192;
 
 impl JobSeq {
+    /// Whether its client has taken nothing for longer than the stall timeout while
+    /// events wait for it.
+    fn stalled(&self) -> bool {
+        !self.backlog.is_empty() && self.taken.elapsed() > self.slot.stall_timeout
+    }
+
     fn send(&mut self, e: Event) {
         use tokio::sync::mpsc::error::TrySendError;
         if self.gone {
@@ -798,7 +1149,7 @@ impl JobSeq {
         self.backlog.push_back(e);
         while let Some(e) = self.backlog.pop_front() {
             match self.events.try_send(e) {
-                Ok(()) => {}
+                Ok(()) => self.taken = Instant::now(),
                 Err(TrySendError::Full(e)) => {
                     self.backlog.push_front(e);
                     break;
@@ -811,8 +1162,8 @@ impl JobSeq {
                 }
             }
         }
-        if self.backlog.len() > MAX_BACKLOG {
-            tracing::warn!(model = %self.model.name, "client stopped reading its stream: generation stopped");
+        if self.backlog.len() > MAX_BACKLOG || self.stalled() {
+            tracing::warn!(model = %self.model.name, unread = self.backlog.len(), "client stopped reading its stream: generation stopped");
             self.gone = true;
             self.backlog.clear();
         }
@@ -827,8 +1178,8 @@ impl Sequence for JobSeq {
     fn admitted(&mut self, cached: usize) {
         if !self.started {
             self.started = true;
-            self.slot.pending.fetch_sub(1, Ordering::AcqRel);
             self.slot.in_flight.fetch_add(1, Ordering::AcqRel);
+            self.queued = None;
             self.send(Event::Started {
                 queue_wait: self.enqueued.elapsed(),
             });
@@ -841,10 +1192,26 @@ impl Sequence for JobSeq {
             token: None,
             then: Then::Finish,
         };
-        let (piece, advance) = match self.decoding.advance(&self.model.codec, tokens, logits) {
-            Ok(r) => r,
-            Err(e) => {
+        let (poison, codec, decoding) = (self.poison, &self.model.codec, &mut self.decoding);
+        let advanced = catch(|| {
+            if poison {
+                panic!("injected fault: a panic in one request's decoding");
+            }
+            decoding.advance(codec, tokens, logits)
+        });
+        let (piece, advance) = match advanced {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
                 self.fail(&e.to_string());
+                return finish;
+            }
+            Err(panic) => {
+                self.slot
+                    .stats
+                    .request_panics
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(model = %self.model.name, %panic, "a request's decoding panicked: it fails, its batch goes on");
+                self.fail(&format!("internal error while generating: {panic}"));
                 return finish;
             }
         };
@@ -874,44 +1241,65 @@ impl Sequence for JobSeq {
     }
 
     fn cancelled(&self) -> bool {
-        self.gone || self.events.is_closed()
+        self.gone || self.events.is_closed() || self.stalled()
     }
 }
 
 impl Drop for JobSeq {
     fn drop(&mut self) {
-        // What the client has not taken yet goes on being delivered off this thread.
+        // What the client has not taken yet goes on being delivered off this thread,
+        // for as long as the client keeps taking it.
         if !self.gone && !self.backlog.is_empty() {
             let (events, backlog) = (self.events.clone(), std::mem::take(&mut self.backlog));
+            let stall = self.slot.stall_timeout;
             let _ = std::thread::Builder::new()
                 .name("duet-deliver".into())
-                .spawn(move || {
-                    for e in backlog {
-                        if events.blocking_send(e).is_err() {
-                            break;
-                        }
-                    }
-                });
+                .spawn(move || deliver(events, backlog, stall));
         }
         if self.started {
             self.slot.in_flight.fetch_sub(1, Ordering::AcqRel);
-        } else {
-            self.slot.pending.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
 
+/// Hands `backlog` to a slow client, giving up when it takes nothing for `stall`.
+fn deliver(
+    events: tokio::sync::mpsc::Sender<Event>,
+    backlog: std::collections::VecDeque<Event>,
+    stall: Duration,
+) {
+    use tokio::sync::mpsc::error::TrySendError;
+    let mut taken = Instant::now();
+    for mut e in backlog {
+        loop {
+            match events.try_send(e) {
+                Ok(()) => {
+                    taken = Instant::now();
+                    break;
+                }
+                Err(TrySendError::Full(back)) if taken.elapsed() < stall => {
+                    e = back;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+/// Loads a model and runs one short forward pass, so the first request does not pay
+/// for lazy set-up (weight repacking, allocator growth, kernel compilation on GPUs).
+/// Its mapped file is watched from before that first pass.
 fn load_and_warm(
     slot: &ModelSlot,
     path: &std::path::Path,
     device: DeviceSpec,
     dev: &candle_core::Device,
-) -> Result<Model, EngineError> {
+) -> Result<(Arc<Model>, Option<MappedFile<Model>>), EngineError> {
     let start = Instant::now();
     tracing::info!(model = %slot.name, %device, path = %path.display(), "loading");
-    let model = Model::load_on(&slot.name, path, device, dev)?;
-    // One short forward pass so the first request does not pay for lazy set-up
-    // (weight repacking, allocator growth, kernel compilation on GPUs).
+    let model = Arc::new(Model::load_on(&slot.name, path, device, dev)?);
+    let mapped = MappedFile::register(path, model.clone());
     let warm = Options {
         temperature: 0.0,
         num_predict: 1,
@@ -919,6 +1307,12 @@ fn load_and_warm(
     };
     let prompt = model.tokenize("Hello")?;
     model.generate(prompt, &warm)?.collect_text()?;
+    if mapped.as_ref().is_some_and(|m| m.faulted()) {
+        return Err(EngineError::Load {
+            path: path.display().to_string(),
+            message: "the file was cut short while it was loading".into(),
+        });
+    }
     tracing::info!(model = %slot.name, %device, secs = start.elapsed().as_secs_f64(), "loaded and warm");
-    Ok(model)
+    Ok((model, mapped))
 }
