@@ -522,11 +522,10 @@ async fn generate_routed(
     let mut options = parse_options(req.options)?;
     st.cap_predict(&mut options);
     let model: Arc<Model> = loaded(&st, &mut t, &req.keep_alive).await?;
-    let name = reply_name(&t);
     if empty {
         // Ollama answers an empty prompt by (re)loading the model.
         t.slot.refresh();
-        return Ok(Json(json!({"model": name, "created_at": now_rfc3339(), "response": "", "done": true, "done_reason": "load"})).into_response());
+        return Ok(Json(json!({"model": reply_name(&t), "created_at": now_rfc3339(), "response": "", "done": true, "done_reason": "load"})).into_response());
     }
     let text = if req.raw {
         req.prompt.clone()
@@ -538,6 +537,7 @@ async fn generate_routed(
             messages.push(Message::new("system", sys));
         }
         messages.push(Message::new("user", &req.prompt));
+        t.apply_tier_policy(&st, &mut messages, &mut options);
         model.render_chat(&messages)?
     };
     let mut tokens = req.context.clone();
@@ -555,7 +555,8 @@ async fn generate_routed(
         logprobs: logprobs_of(req.logprobs, req.top_logprobs)?,
     };
     let with_logprobs = extras.logprobs.is_some();
-    let running = st.submit_with(t, tokens, options, extras)?;
+    let running = st.submit_routed(t, tokens, options, extras).await?;
+    let name = reply_name(&running.target);
     let final_fields = move |s: &Summary| {
         let mut m = stats(s);
         m.insert("context".into(), json!(s.context));
@@ -699,10 +700,9 @@ async fn chat_routed(
     let mut options = parse_options(req.options)?;
     st.cap_predict(&mut options);
     let model = loaded(&st, &mut t, &req.keep_alive).await?;
-    let name = reply_name(&t);
     if messages.is_empty() {
         t.slot.refresh();
-        return Ok(Json(json!({"model": name, "created_at": now_rfc3339(), "message": {"role": "assistant", "content": ""}, "done_reason": "load", "done": true})).into_response());
+        return Ok(Json(json!({"model": reply_name(&t), "created_at": now_rfc3339(), "message": {"role": "assistant", "content": ""}, "done_reason": "load", "done": true})).into_response());
     }
     let mut plan = Plan::new(tools, &Choice::Auto);
     if format.is_some() {
@@ -710,6 +710,7 @@ async fn chat_routed(
         // itself): it is not turned into calls.
         plan.parser = None;
     }
+    t.apply_tier_policy(&st, &mut messages, &mut options);
     let text = model.render_chat_with_tools(&messages, plan.specs.as_deref())? + &plan.opening;
     let prompt = model.tokenize(&text)?;
     let extras = Extras {
@@ -717,7 +718,8 @@ async fn chat_routed(
         logprobs: logprobs_of(req.logprobs, req.top_logprobs)?,
     };
     let with_logprobs = extras.logprobs.is_some();
-    let running = st.submit_with(t, prompt, options, extras)?;
+    let running = st.submit_routed(t, prompt, options, extras).await?;
+    let name = reply_name(&running.target);
     let finish = move |name: &str, s: &Summary, content: String, calls: &[ToolCall]| {
         let mut m = stats(s);
         m.insert("model".into(), json!(name));

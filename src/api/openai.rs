@@ -273,6 +273,7 @@ async fn chat_routed(st: Arc<AppState>, req: ChatRequest, mut t: Target) -> Resu
     if format.is_some() && plan.grammar.is_none() {
         plan.parser = None; // JSON content was asked for, not calls
     }
+    t.apply_tier_policy(&st, &mut messages, &mut options);
     let text = model.render_chat_with_tools(&messages, plan.specs.as_deref())? + &plan.opening;
     let prompt = model.tokenize(&text)?;
     let extras = Extras {
@@ -285,8 +286,8 @@ async fn chat_routed(st: Arc<AppState>, req: ChatRequest, mut t: Target) -> Resu
         logprobs: logprobs_of(req.logprobs, req.top_logprobs)?,
     };
     let with_logprobs = extras.logprobs.is_some();
-    let name = t.slot.name.clone();
-    let running = st.submit_with(t, prompt, options, extras)?;
+    let running = st.submit_routed(t, prompt, options, extras).await?;
+    let name = running.target.slot.name.clone();
     let id = completion_id("chatcmpl");
     let created = unix_now();
     let chunk = move |delta: Delta, finish: Option<&str>| {
@@ -392,24 +393,30 @@ async fn completions_routed(
     // As Ollama does: the prompt goes through the chat template, or FIM with a suffix.
     let text = match req.suffix.as_deref().filter(|s| !s.is_empty()) {
         Some(suffix) => fim_prompt(&prompt, suffix),
-        None => model.render_chat(&[Message::new("user", &prompt)])?,
+        None => {
+            let mut messages = vec![Message::new("user", &prompt)];
+            t.apply_tier_policy(&st, &mut messages, &mut options);
+            model.render_chat(&messages)?
+        }
     };
     let tokens = model.tokenize(&text)?;
-    let name = t.slot.name.clone();
     // The legacy API's `logprobs` is the number of alternatives (0 to 5 in OpenAI's).
     let top = match req.logprobs {
         Some(n) => logprobs_of(Some(true), Some(n))?,
         None => None,
     };
-    let running = st.submit_with(
-        t,
-        tokens,
-        options,
-        Extras {
-            logprobs: top,
-            ..Extras::default()
-        },
-    )?;
+    let running = st
+        .submit_routed(
+            t,
+            tokens,
+            options,
+            Extras {
+                logprobs: top,
+                ..Extras::default()
+            },
+        )
+        .await?;
+    let name = running.target.slot.name.clone();
     let id = completion_id("cmpl");
     let created = unix_now();
     // Where the next streamed token starts in the completion's text.
