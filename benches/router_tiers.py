@@ -8,7 +8,7 @@ request at a time. Every answer is checked mechanically: the code block parses a
 carries the docstring / the type hints / the new name / a comment, or the command line
 starts with the expected program.
 
-  benches/router_tiers.py [--url http://127.0.0.1:11434] [--reps 1] [--json]
+  benches/router_tiers.py [--url http://127.0.0.1:11434] [--reps 1] [--one-per-kind] [--json]
 """
 import argparse
 import ast
@@ -114,10 +114,19 @@ def main():
     ap.add_argument("--url", default=os.environ.get("DUET_URL", "http://127.0.0.1:11434"))
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--one-per-kind", action="store_true", help="the first task of each kind only")
+    ap.add_argument("--kinds", help="comma-separated kinds to run (default: all)")
+    ap.add_argument("--ways", default="auto,fast,quality", help="which of auto, fast, quality to run")
     args = ap.parse_args()
+    tasks = TASKS
+    if args.one_per_kind:
+        seen = set()
+        tasks = [t for t in TASKS if not (t[0] in seen or seen.add(t[0]))]
+    if args.kinds:
+        tasks = [t for t in tasks if t[0] in args.kinds.split(",")]
     rows = []
-    ways = [("auto", "auto"), ("fast", FAST), ("quality", QUALITY)]
-    for kind, prompt, check in TASKS:
+    ways = [w for w in [("auto", "auto"), ("fast", FAST), ("quality", QUALITY)] if w[0] in args.ways.split(",")]
+    for kind, prompt, check in tasks:
         row = {"task": kind, "prompt": prompt.splitlines()[0]}
         for way, model in ways:
             times, tokens, ok, why = [], [], True, ""
@@ -134,7 +143,7 @@ def main():
             row[way] = {"s": statistics.median(times), "tokens": statistics.median(tokens), "ok": ok, "why": why}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    if args.json:
+    if args.json or len(ways) < 3:
         return
     print("\n| task | routed | auto (fast + tier policy) s / tokens / check | fast by name s / tokens / check | quality s / tokens / check | quality ÷ auto |")
     print("|---|---|---|---|---|---|")

@@ -116,7 +116,7 @@ impl Head {
                 "weights, bias, mean and scale must be finite (scale positive)".into(),
             ));
         }
-        if h.embedding_dims % VIEWS.len() != 0 {
+        if !h.embedding_dims.is_multiple_of(VIEWS.len()) {
             return Err(err(format!(
                 "embedding_dims must hold the {} views {VIEWS:?} equally",
                 VIEWS.len()
