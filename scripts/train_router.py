@@ -55,7 +55,7 @@ def standardise(X, dims, mean, scale, es):
     regularisation), the signals standardised."""
     Z = X.copy()
     Z[:, :dims] *= es
-    Z[:, dims:] = (Z[:, dims:] - mean) / scale
+    Z[:, dims:] = np.clip((Z[:, dims:] - mean) / scale, -3.0, 3.0)  # as duet clips them
     return Z
 
 

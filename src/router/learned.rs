@@ -9,8 +9,9 @@
 //!   its end (where the ask usually is), which bounds the time per request whatever the
 //!   prompt's size.
 //! - **Signals** ([`SIGNALS`]): attached code size (lines, and `inline code` spans),
-//!   instruction length, chat turns, a system prompt, the client's num_predict. Standardised with the training set's mean
-//!   and scale stored in the head.
+//!   instruction length, chat turns, a system prompt, the client's num_predict.
+//!   Standardised with the training set's mean and scale stored in the head, and clipped
+//!   to ±3.
 //!
 //! The head is a JSON file written by `scripts/train-router` (src/router/head.json is
 //! built into the binary; `[routing] head` names another). Its probabilities give the
@@ -26,6 +27,9 @@ pub const BUILTIN_HEAD: &str = include_str!("head.json");
 
 /// The texts embedded, in the order of the feature vector.
 pub const VIEWS: [&str; 2] = ["instruction", "first clause"];
+
+/// Standardised signals are clipped to this many standard deviations.
+const CLIP: f32 = 3.0;
 
 /// Word pieces of the first clause that are embedded.
 const CLAUSE_TOKENS: usize = 32;
@@ -161,7 +165,9 @@ impl Head {
         x.extend_from_slice(&f.embedding);
         x.resize(self.embedding_dims, 0.0);
         for (i, s) in f.signals.iter().enumerate() {
-            x.push((s - self.signal_mean[i]) / self.signal_scale[i]);
+            // Clipped to ±3 standard deviations: a signal the corpus rarely has (a
+            // client's num_predict, a system prompt) must not outweigh what is asked.
+            x.push(((s - self.signal_mean[i]) / self.signal_scale[i]).clamp(-CLIP, CLIP));
         }
         x
     }
