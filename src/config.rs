@@ -212,6 +212,93 @@ pub struct Routing {
     /// Phrase rules; when a models.toml has none, the built-in ones apply.
     #[serde(default)]
     pub rules: Vec<Rule>,
+    /// Which classifier decides: the learned head over embeddings (default), or the
+    /// phrase rules alone. The learned one falls back to the rules, with a logged
+    /// reason, while its embedding model is loading or unavailable.
+    #[serde(default)]
+    pub classifier: ClassifierKind,
+    /// The learned classifier's head (a JSON file written by scripts/train-router);
+    /// relative to models.toml. Absent: the head built into the binary.
+    #[serde(default)]
+    pub head: Option<PathBuf>,
+    /// The embedding model (a name under [embeddings]) the head reads.
+    #[serde(default = "default_router_embedding")]
+    pub embedding: String,
+    /// Append every routing decision to this JSONL file (relative to the working
+    /// folder; DUET_ROUTING_LOG overrides it).
+    #[serde(default)]
+    pub log: Option<PathBuf>,
+    /// Confidence-driven escalation: unsure decisions are drafted by the fast model.
+    #[serde(default)]
+    pub draft: Option<DraftPolicy>,
+    /// Generation policy per tier for routed requests (a system hint, a num_predict cap).
+    #[serde(default)]
+    pub tiers: TierPolicies,
+}
+
+/// Which classifier routes requests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClassifierKind {
+    #[default]
+    Learned,
+    Rules,
+}
+
+fn default_router_embedding() -> String {
+    "all-minilm".to_string()
+}
+
+/// The signal computed over the fast model's draft that decides whether to keep it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DraftSignal {
+    /// Mean log-probability of the generated tokens (kept when >= threshold).
+    MeanLogprob,
+    /// Lowest log-probability of a generated token (kept when >= threshold).
+    MinLogprob,
+    /// Mean entropy of the top-20 distribution (kept when <= threshold).
+    MeanEntropy,
+}
+
+/// Draft then audit: a routed request whose decision is MODERATE or COMPLEX with a
+/// confidence below `below` is answered by the SIMPLE tier's model first; the answer is
+/// returned when `signal` passes `threshold`, else the request re-runs on its tier's model.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DraftPolicy {
+    pub below: f32,
+    pub signal: DraftSignal,
+    pub threshold: f32,
+}
+
+/// Generation policy of routed requests, per tier.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierPolicies {
+    pub simple: Option<TierPolicy>,
+    pub moderate: Option<TierPolicy>,
+    pub complex: Option<TierPolicy>,
+}
+
+impl TierPolicies {
+    pub fn of(&self, t: Tier) -> Option<&TierPolicy> {
+        match t {
+            Tier::Simple => self.simple.as_ref(),
+            Tier::Moderate => self.moderate.as_ref(),
+            Tier::Complex => self.complex.as_ref(),
+        }
+    }
+}
+
+/// What a routed request of a tier gets when the client did not set it: a system
+/// message (only when the request has none) and a num_predict cap (only when the client
+/// set no num_predict / max_tokens).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierPolicy {
+    pub system: Option<String>,
+    pub num_predict: Option<i32>,
 }
 
 /// The classifier's rules are the routing section itself.
@@ -229,6 +316,12 @@ impl Default for Routing {
             escalate_below: 0.0,
             signals: Signals::default(),
             rules: Vec::new(),
+            classifier: ClassifierKind::default(),
+            head: None,
+            embedding: default_router_embedding(),
+            log: None,
+            draft: None,
+            tiers: TierPolicies::default(),
         }
     }
 }
@@ -278,6 +371,10 @@ pub struct Rule {
     pub tier: Tier,
     pub weight: f32,
     pub phrases: Vec<String>,
+    /// When this rule fires, its tier decides outright, whatever the learned
+    /// classifier says (the operator's override layer).
+    #[serde(default, rename = "override")]
+    pub force: bool,
 }
 
 fn default_layout() -> String {
@@ -335,9 +432,20 @@ impl Config {
         if raw.routing.rules.is_empty() && text != BUILTIN_MODELS_TOML {
             // A deployment that does not write its own rules gets the built-in ones.
             if let Ok(builtin) = toml::from_str::<RawConfig>(BUILTIN_MODELS_TOML) {
-                let aliases = std::mem::take(&mut raw.routing.aliases);
-                raw.routing = builtin.routing;
-                raw.routing.aliases = aliases;
+                let own = std::mem::replace(&mut raw.routing, builtin.routing);
+                let r = &mut raw.routing;
+                r.aliases = own.aliases;
+                r.classifier = own.classifier;
+                r.head = own.head;
+                r.embedding = own.embedding;
+                r.log = own.log;
+                r.draft = own.draft.or(r.draft.take());
+                if own.tiers.simple.is_some()
+                    || own.tiers.moderate.is_some()
+                    || own.tiers.complex.is_some()
+                {
+                    r.tiers = own.tiers;
+                }
             }
         }
         let cfg = Config {
@@ -416,6 +524,24 @@ impl Config {
         let r = &self.routing;
         if !(0.0..=1.0).contains(&r.escalate_below) {
             return Err(self.invalid("routing.escalate_below must be between 0 and 1".into()));
+        }
+        if let Some(d) = &r.draft {
+            if !(0.0..=1.0).contains(&d.below) || !d.threshold.is_finite() {
+                return Err(self.invalid(
+                    "routing.draft: below must be between 0 and 1 and threshold a number".into(),
+                ));
+            }
+        }
+        for (t, p) in [Tier::Simple, Tier::Moderate, Tier::Complex]
+            .into_iter()
+            .filter_map(|t| r.tiers.of(t).map(|p| (t, p)))
+        {
+            if p.num_predict.is_some_and(|n| n <= 0) {
+                return Err(self.invalid(format!(
+                    "routing.tiers.{}: num_predict must be positive",
+                    t.to_string().to_lowercase()
+                )));
+            }
         }
         for rule in &r.rules {
             if rule.name.trim().is_empty() {

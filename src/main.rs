@@ -161,11 +161,22 @@ struct BenchArgs {
 #[derive(clap::Args)]
 struct ClassifyArgs {
     /// The prompt to classify
-    #[arg(required_unless_present = "eval")]
+    #[arg(required_unless_present_any = ["eval", "dump_features"])]
     prompt: Option<String>,
-    /// Score a JSONL file of {"prompt", "tier"} lines: accuracy and confusion matrix
+    /// Score a JSONL file of {"prompt", "tier"} lines (optional "system", "turns",
+    /// "num_predict", or "messages"): accuracy and confusion matrix
     #[arg(long, value_name = "FILE.jsonl")]
     eval: Option<PathBuf>,
+    /// Print the learned classifier's features of each line of a JSONL file (what
+    /// scripts/train-router trains on)
+    #[arg(long, value_name = "FILE.jsonl", conflicts_with = "eval")]
+    dump_features: Option<PathBuf>,
+    /// Use the keyword rules alone (as when the embedding model is unavailable)
+    #[arg(long)]
+    rules: bool,
+    /// Word pieces of the instruction embedded by --dump-features (default: the head's)
+    #[arg(long, requires = "dump_features")]
+    max_tokens: Option<usize>,
     /// Print the decision as one JSON object
     #[arg(long)]
     json: bool,
@@ -635,121 +646,26 @@ fn chains_for(config: &Config, layout: Option<&str>) -> Vec<(duet::config::Tier,
 }
 
 fn classify(config: Config, layout: Option<&str>, args: ClassifyArgs) -> Result<()> {
-    use duet::config::Tier;
-    use duet::router::{Classifier, Request};
     let chains = chains_for(&config, layout);
-    let model_for = |t: Tier| {
+    let model_for = |t: duet::config::Tier| {
         chains
             .iter()
             .find(|(tier, _)| *tier == t)
             .and_then(|(_, c)| c.first().cloned())
             .unwrap_or_default()
     };
-    let classifier = Classifier::new(config.routing.clone())?;
-    if let Some(path) = args.eval {
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        let tiers = [Tier::Simple, Tier::Moderate, Tier::Complex];
-        let mut matrix = [[0usize; 3]; 3];
-        let mut misses = Vec::new();
-        for (n, line) in text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-        {
-            let v: serde_json::Value = serde_json::from_str(line)
-                .with_context(|| format!("{}:{}: not JSON", path.display(), n + 1))?;
-            let prompt = v["prompt"]
-                .as_str()
-                .with_context(|| format!("{}:{}: no \"prompt\"", path.display(), n + 1))?;
-            let want: Tier = serde_json::from_value(serde_json::Value::String(
-                v["tier"].as_str().unwrap_or_default().to_lowercase(),
-            ))
-            .with_context(|| {
-                format!(
-                    "{}:{}: \"tier\" must be SIMPLE, MODERATE or COMPLEX",
-                    path.display(),
-                    n + 1
-                )
-            })?;
-            let d = classifier.classify(&Request {
-                prompt,
-                system: None,
-                turns: 1,
-                num_predict: None,
-            });
-            let (wi, gi) = (
-                tiers.iter().position(|t| *t == want).unwrap_or(0),
-                tiers.iter().position(|t| *t == d.tier).unwrap_or(0),
-            );
-            matrix[wi][gi] += 1;
-            if wi != gi {
-                misses.push(format!(
-                    "  {want} → {}: {}",
-                    d.tier,
-                    prompt.lines().next().unwrap_or_default()
-                ));
-            }
-        }
-        let total: usize = matrix.iter().flatten().sum();
-        let right: usize = (0..3).map(|i| matrix[i][i]).sum();
-        let accuracy = right as f64 / total.max(1) as f64;
-        if args.json {
-            println!(
-                "{}",
-                serde_json::json!({"total": total, "correct": right, "accuracy": accuracy,
-                "confusion": {"rows": "expected", "columns": "predicted", "order": ["SIMPLE", "MODERATE", "COMPLEX"], "matrix": matrix}})
-            );
-            return Ok(());
-        }
-        println!("accuracy: {right}/{total} = {:.1}%", accuracy * 100.0);
-        println!();
-        println!(
-            "{:<20} {:>8} {:>8} {:>8}",
-            "expected \\ predicted", "SIMPLE", "MODERATE", "COMPLEX"
-        );
-        for (i, t) in tiers.iter().enumerate() {
-            println!(
-                "{:<20} {:>8} {:>8} {:>8}",
-                t.to_string(),
-                matrix[i][0],
-                matrix[i][1],
-                matrix[i][2]
-            );
-        }
-        if !misses.is_empty() {
-            println!("\nmisclassified:\n{}", misses.join("\n"));
-        }
-        return Ok(());
-    }
-    let prompt = args.prompt.unwrap_or_default();
-    let d = classifier.classify(&Request {
-        prompt: &prompt,
-        system: args.system.as_deref(),
+    let opts = duet::router::cli::Options {
+        prompt: args.prompt,
+        eval: args.eval,
+        dump_features: args.dump_features,
+        json: args.json,
+        system: args.system,
         turns: args.turns,
         num_predict: args.num_predict,
-    });
-    let model = model_for(d.tier);
-    if args.json {
-        println!(
-            "{}",
-            serde_json::json!({"tier": d.tier.to_string(), "confidence": d.confidence,
-            "reasons": d.reasons, "model": model, "scores": {"simple": d.scores[0], "moderate": d.scores[1], "complex": d.scores[2]}})
-        );
-    } else {
-        println!("tier:       {}", d.tier);
-        println!("confidence: {:.2}", d.confidence);
-        println!("model:      {model}");
-        println!(
-            "scores:     SIMPLE {:.2}  MODERATE {:.2}  COMPLEX {:.2}",
-            d.scores[0], d.scores[1], d.scores[2]
-        );
-        println!("reasons:");
-        for r in &d.reasons {
-            println!("  - {r}");
-        }
-    }
-    Ok(())
+        rules: args.rules,
+        max_tokens: args.max_tokens,
+    };
+    duet::router::cli::run(&config, opts, model_for)
 }
 
 fn device_check(device: &str, json: bool, threads: Option<usize>) -> Result<()> {

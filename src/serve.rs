@@ -126,6 +126,46 @@ fn start_embedders(cfg: &crate::config::Config) -> Vec<Arc<crate::model::embed::
         .collect()
 }
 
+/// The embedding model of the learned router (`[routing] embedding`), as the server
+/// loads it: until it is ready, or when it failed or is not configured, the classifier
+/// routes by the keyword rules and says why.
+fn router_embedder(
+    cfg: &crate::config::Config,
+    embedders: &[Arc<crate::model::embed::EmbedSlot>],
+) -> crate::router::EmbedderSource {
+    let name = cfg.routing.embedding.clone();
+    match embedders.iter().find(|e| e.name == name).cloned() {
+        Some(slot) => Arc::new(move || {
+            slot.get().ok_or_else(|| match slot.failure() {
+                Some(e) => format!("embedding model '{}' failed to load: {e}", slot.name),
+                None => format!("embedding model '{}' is still loading", slot.name),
+            })
+        }),
+        None => {
+            let why = format!("embedding model '{name}' is not available (configured under [embeddings] and in the hf-hub cache?)");
+            if cfg.routing.classifier == crate::config::ClassifierKind::Learned {
+                tracing::warn!("learned router: {why}; routing by the keyword rules");
+            }
+            Arc::new(move || Err(why.clone()))
+        }
+    }
+}
+
+/// The routing decision log: DUET_ROUTING_LOG, else `[routing] log`, else none.
+fn routing_log(cfg: &crate::config::Config) -> Result<Option<crate::router::log::DecisionLog>> {
+    let path = std::env::var_os("DUET_ROUTING_LOG")
+        .filter(|p| !p.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(|| cfg.routing.log.clone());
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let log = crate::router::log::DecisionLog::open(&path)
+        .with_context(|| format!("opening the routing log {}", path.display()))?;
+    tracing::info!(path = %path.display(), "logging routing decisions");
+    Ok(Some(log))
+}
+
 /// Shows loading progress until every model is loaded (or failed).
 async fn report_progress(state: Arc<AppState>) {
     let start = Instant::now();
@@ -356,7 +396,6 @@ pub fn serve(d: Deployment, opts: ServeOptions) -> Result<()> {
     crate::serving::watch::spawn(slots.clone(), crate::serving::watch::WATCH_EVERY);
     tracing::info!(preload = opts.lifecycle.preload, keep_alive = %opts.lifecycle.keep_alive, "model lifecycle");
     let layout = d.layout();
-    let classifier = crate::router::Classifier::new(d.config.routing.clone())?;
     let chains = [Tier::Simple, Tier::Moderate, Tier::Complex]
         .into_iter()
         .map(|t| (t, layout.chain(t)))
@@ -375,11 +414,17 @@ pub fn serve(d: Deployment, opts: ServeOptions) -> Result<()> {
         .flat_map(|(name, aliases)| aliases.iter().map(move |a| (a.clone(), name.clone())))
         .collect();
     let embedders = start_embedders(&d.config);
+    let classifier = crate::router::Classifier::new(d.config.routing.clone())?.with_learned(
+        crate::router::cli::head(&d.config)?,
+        router_embedder(&d.config, &embedders),
+    );
+    let routing_log = routing_log(&d.config)?;
     let state = Arc::new(AppState {
         slots,
         embedders,
         routed_names,
         classifier,
+        routing_log,
         chains,
         aliases,
         limits: opts.limits.clone(),

@@ -7,6 +7,7 @@ pub mod limits;
 pub mod models;
 pub mod ollama;
 pub mod openai;
+mod routing;
 mod stream;
 pub mod tools;
 
@@ -64,6 +65,8 @@ pub struct AppState {
     /// Names that mean "route this request" ("auto" and configured aliases).
     pub routed_names: Vec<String>,
     pub classifier: Classifier,
+    /// Where routing decisions are logged (`[routing] log`, DUET_ROUTING_LOG).
+    pub routing_log: Option<router::log::DecisionLog>,
     /// Tier → models to try in order.
     pub chains: Vec<(Tier, Vec<String>)>,
     /// Alias → canonical name.
@@ -154,6 +157,12 @@ pub struct Route {
     pub decision: Decision,
     pub fallback: bool,
     pub skipped: Vec<String>,
+    /// The fast model that drafts the answer first (`[routing.draft]`), when it does.
+    pub draft: Option<Arc<ModelSlot>>,
+    /// The decision's line in the routing log.
+    pub log_id: Option<u64>,
+    /// The client set a system prompt or num_predict (no tier policy then).
+    pub client_set: bool,
 }
 
 /// A model picked for a request.
@@ -202,6 +211,9 @@ impl Target {
             h("x-duet-model", self.slot.name.clone()),
             h("x-duet-confidence", format!("{:.3}", r.decision.confidence)),
             h("x-duet-fallback", r.fallback.to_string()),
+            r.draft
+                .as_ref()
+                .and_then(|d| h("x-duet-draft", d.name.clone())),
         ]
         .into_iter()
         .flatten()
@@ -360,7 +372,11 @@ impl AppState {
                 load_wait: Default::default(),
             });
         }
-        let decision = self.classifier.classify(&request());
+        let req = request();
+        let mut decision = self.classifier.classify(&req);
+        if let Some(t) = routing::forced_tier() {
+            decision.force(t);
+        }
         let chain = self
             .chains
             .iter()
@@ -377,15 +393,27 @@ impl AppState {
             .routing
             .with_label_values(&[&decision.tier.to_string(), &pick.fallback.to_string()])
             .inc();
+        let draft = self.draft_for(&decision, &pick.slot);
         tracing::info!(
             tier = %decision.tier,
             confidence = decision.confidence,
+            by = ?decision.by,
             model = %pick.slot.name,
             fallback = pick.fallback,
+            draft = ?draft.as_ref().map(|d| &d.name),
             skipped = ?pick.skipped,
             reasons = ?decision.reasons,
             "routed"
         );
+        let log_id = self.routing_log.as_ref().map(|log| {
+            log.decision(
+                &req,
+                &decision,
+                &pick.slot.name,
+                pick.fallback,
+                draft.as_ref().map(|d| d.name.as_str()),
+            )
+        });
         Ok(Target {
             slot: pick.slot,
             requested: name.to_string(),
@@ -394,6 +422,9 @@ impl AppState {
                 decision,
                 fallback: pick.fallback,
                 skipped: pick.skipped,
+                draft,
+                log_id,
+                client_set: req.system.is_some_and(|s| !s.is_empty()) || req.num_predict.is_some(),
             }),
             model: None,
             load_wait: Default::default(),
@@ -664,6 +695,7 @@ pub fn router(state: Arc<AppState>, origins_env: Option<String>, access: guard::
         ))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn_with_state(body, guard::read_body))
+        .layer(axum::middleware::from_fn(routing::read_forced_tier))
         .layer(axum::middleware::from_fn(guard::json_errors))
         .layer(axum::middleware::from_fn_with_state(
             Arc::new(access),

@@ -526,12 +526,10 @@ async fn generate_routed(
     let mut options = parse_options(req.options)?;
     let logprobs = logprobs_of(req.logprobs, req.top_logprobs)?;
     let model: Arc<Model> = loaded(&st, &mut t, &req.keep_alive).await?;
-    st.cap_predict(&mut options, &model);
-    let name = reply_name(&t);
     if empty {
         // Ollama answers an empty prompt by (re)loading the model.
         t.slot.refresh();
-        return Ok(Json(json!({"model": name, "created_at": now_rfc3339(), "response": "", "done": true, "done_reason": "load"})).into_response());
+        return Ok(Json(json!({"model": reply_name(&t), "created_at": now_rfc3339(), "response": "", "done": true, "done_reason": "load"})).into_response());
     }
     if let Some(bad) = req
         .context
@@ -542,6 +540,16 @@ async fn generate_routed(
             "context holds token id {bad}, outside the vocabulary"
         )));
     }
+    // The chat template's messages, with the routed tier's policy applied.
+    let mut messages = Vec::new();
+    if !req.raw && req.suffix.is_empty() {
+        if let Some(sys) = req.system.as_deref().filter(|s| !s.is_empty()) {
+            messages.push(Message::new("system", sys));
+        }
+        messages.push(Message::new("user", &req.prompt));
+        t.apply_tier_policy(&st, &mut messages, &mut options);
+    }
+    st.cap_predict(&mut options, &model);
     let stream = req.stream.unwrap_or(true);
     // Cut to num_ctx, rendered and tokenized off the async threads.
     let budget = limits::budget(&options, &model);
@@ -553,11 +561,6 @@ async fn generate_routed(
             let (prefix, suffix) = limits::cut_fim(&req.prompt, &req.suffix, budget);
             fim_prompt(prefix, suffix)
         } else {
-            let mut messages = Vec::new();
-            if let Some(sys) = req.system.as_deref().filter(|s| !s.is_empty()) {
-                messages.push(Message::new("system", sys));
-            }
-            messages.push(Message::new("user", &req.prompt));
             let text = m.render_chat(&messages)?;
             limits::cut(&text, budget).into_owned()
         };
@@ -572,7 +575,8 @@ async fn generate_routed(
         logprobs,
     };
     let with_logprobs = extras.logprobs.is_some();
-    let running = st.submit_with(t, tokens, options, extras)?;
+    let running = st.submit_routed(t, tokens, options, extras).await?;
+    let name = reply_name(&running.target);
     let final_fields = move |s: &Summary| {
         let mut m = stats(s);
         m.insert("context".into(), json!(s.context));
@@ -717,11 +721,9 @@ async fn chat_routed(
     let mut options = parse_options(req.options)?;
     let logprobs = logprobs_of(req.logprobs, req.top_logprobs)?;
     let model = loaded(&st, &mut t, &req.keep_alive).await?;
-    st.cap_predict(&mut options, &model);
-    let name = reply_name(&t);
     if messages.is_empty() {
         t.slot.refresh();
-        return Ok(Json(json!({"model": name, "created_at": now_rfc3339(), "message": {"role": "assistant", "content": ""}, "done_reason": "load", "done": true})).into_response());
+        return Ok(Json(json!({"model": reply_name(&t), "created_at": now_rfc3339(), "message": {"role": "assistant", "content": ""}, "done_reason": "load", "done": true})).into_response());
     }
     let mut plan = Plan::new(tools, &Choice::Auto);
     if format.is_some() {
@@ -729,6 +731,8 @@ async fn chat_routed(
         // itself): it is not turned into calls.
         plan.parser = None;
     }
+    t.apply_tier_policy(&st, &mut messages, &mut options);
+    st.cap_predict(&mut options, &model);
     let (specs, opening) = (plan.specs.clone(), plan.opening.clone());
     let (prompt, constraint) = limits::prepare_chat(
         &st.metrics,
@@ -745,7 +749,8 @@ async fn chat_routed(
         logprobs,
     };
     let with_logprobs = extras.logprobs.is_some();
-    let running = st.submit_with(t, prompt, options, extras)?;
+    let running = st.submit_routed(t, prompt, options, extras).await?;
+    let name = reply_name(&running.target);
     let finish = move |name: &str, s: &Summary, content: String, calls: &[ToolCall]| {
         let mut m = stats(s);
         m.insert("model".into(), json!(name));

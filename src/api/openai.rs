@@ -273,11 +273,12 @@ async fn chat_routed(st: Arc<AppState>, req: ChatRequest, mut t: Target) -> Resu
     let mut options = req.sampling.options()?;
     let logprobs = logprobs_of(req.logprobs, req.top_logprobs)?;
     let model = loaded(&st, &mut t, &None).await?;
-    st.cap_predict(&mut options, &model);
     let mut plan = Plan::new(tools, &choice);
     if format.is_some() && plan.grammar.is_none() {
         plan.parser = None; // JSON content was asked for, not calls
     }
+    t.apply_tier_policy(&st, &mut messages, &mut options);
+    st.cap_predict(&mut options, &model);
     let (prompt, constraint) = limits::prepare_chat(
         &st.metrics,
         &model,
@@ -293,8 +294,8 @@ async fn chat_routed(st: Arc<AppState>, req: ChatRequest, mut t: Target) -> Resu
         logprobs,
     };
     let with_logprobs = extras.logprobs.is_some();
-    let name = t.slot.name.clone();
-    let running = st.submit_with(t, prompt, options, extras)?;
+    let running = st.submit_routed(t, prompt, options, extras).await?;
+    let name = running.target.slot.name.clone();
     let id = completion_id("chatcmpl");
     let created = unix_now();
     let chunk = move |delta: Delta, finish: Option<&str>| {
@@ -401,9 +402,13 @@ async fn completions_routed(
         None => None,
     };
     let model = loaded(&st, &mut t, &None).await?;
-    st.cap_predict(&mut options, &model);
     // As Ollama does: the prompt goes through the chat template, or FIM with a suffix;
     // cut to num_ctx, rendered and tokenized off the async threads.
+    let mut messages = vec![Message::new("user", &prompt)];
+    if req.suffix.as_deref().is_none_or(str::is_empty) {
+        t.apply_tier_policy(&st, &mut messages, &mut options);
+    }
+    st.cap_predict(&mut options, &model);
     let budget = limits::budget(&options, &model);
     let (m, suffix) = (model.clone(), req.suffix.clone());
     let tokens = limits::blocking(&st.metrics, move || {
@@ -413,23 +418,25 @@ async fn completions_routed(
                 fim_prompt(prefix, suffix)
             }
             None => {
-                let text = m.render_chat(&[Message::new("user", &prompt)])?;
+                let text = m.render_chat(&messages)?;
                 limits::cut(&text, budget).into_owned()
             }
         };
         Ok(m.tokenize(&text)?)
     })
     .await?;
-    let name = t.slot.name.clone();
-    let running = st.submit_with(
-        t,
-        tokens,
-        options,
-        Extras {
-            logprobs: top,
-            ..Extras::default()
-        },
-    )?;
+    let running = st
+        .submit_routed(
+            t,
+            tokens,
+            options,
+            Extras {
+                logprobs: top,
+                ..Extras::default()
+            },
+        )
+        .await?;
+    let name = running.target.slot.name.clone();
     let id = completion_id("cmpl");
     let created = unix_now();
     // Where the next streamed token starts in the completion's text.

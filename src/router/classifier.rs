@@ -17,10 +17,20 @@
 //! The tier with the highest score wins; with no signal at all, the default tier does.
 //! Confidence is the winner's share of the softmax over the three scores. A SIMPLE
 //! decision below `escalate_below` confidence moves up to MODERATE: quality wins ties.
+//!
+//! These rules are the fallback and the override layer of the learned classifier
+//! (learned.rs, the default): it decides unless a rule marked `override = true` fires
+//! (the operator's word wins), and the rules decide alone while the embedding model it
+//! needs is loading or unavailable, which each decision's reasons say.
 
-use crate::config::{RoutingRules, Tier};
+use super::learned::{self, Features, Head};
+use crate::config::{ClassifierKind, RoutingRules, Tier};
+use crate::model::embed::Embedder;
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
 use serde::Serialize;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
 
 /// What the classifier looks at.
 #[derive(Debug, Clone, Default)]
@@ -38,10 +48,54 @@ pub struct Request<'a> {
 pub struct Decision {
     pub tier: Tier,
     pub confidence: f32,
-    /// Which rules and signals fired, with their weights.
+    /// Which rules and signals fired, with their weights (learned: the signals that
+    /// moved the decision most).
     pub reasons: Vec<String>,
-    /// Scores of SIMPLE, MODERATE, COMPLEX.
+    /// Scores of SIMPLE, MODERATE, COMPLEX (learned: the head's logits).
     pub scores: [f32; 3],
+    /// What decided: the learned head, the rules, an override rule, or the client.
+    pub by: DecidedBy,
+    /// The learned head's probabilities of SIMPLE, MODERATE, COMPLEX, when it ran.
+    pub probabilities: Option<[f32; 3]>,
+    /// What the learned head read (for the decision log).
+    #[serde(skip)]
+    pub features: Option<Features>,
+    /// Time spent classifying, microseconds.
+    pub micros: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DecidedBy {
+    Learned,
+    Rules,
+    Override,
+    /// The client's X-Duet-Tier.
+    Client,
+}
+
+impl Decision {
+    /// The client's correction (X-Duet-Tier): its tier wins, the rest is kept for the log.
+    pub fn force(&mut self, tier: Tier) {
+        self.reasons.push(format!(
+            "X-Duet-Tier: {tier} (the classifier said {} at {:.2})",
+            self.tier, self.confidence
+        ));
+        self.tier = tier;
+        self.confidence = 1.0;
+        self.by = DecidedBy::Client;
+    }
+}
+
+/// Where the learned classifier gets its embedding model: the loaded model, or why
+/// there is none (still loading, failed, not configured).
+pub type EmbedderSource = Arc<dyn Fn() -> Result<Arc<Embedder>, String> + Send + Sync>;
+
+struct Learned {
+    head: Head,
+    embedder: EmbedderSource,
+    /// A fallback to the rules has been logged as a warning.
+    warned: AtomicBool,
 }
 
 fn idx(t: Tier) -> usize {
@@ -59,6 +113,7 @@ pub struct Classifier {
     matcher: AhoCorasick,
     /// Pattern index → rule index.
     pattern_rule: Vec<usize>,
+    learned: Option<Learned>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,7 +138,26 @@ impl Classifier {
             rules,
             matcher,
             pattern_rule,
+            learned: None,
         })
+    }
+
+    /// The learned classifier over these rules: `head` over the embeddings of
+    /// `embedder` (unless models.toml says `classifier = "rules"`).
+    pub fn with_learned(mut self, head: Head, embedder: EmbedderSource) -> Self {
+        if self.rules.classifier == ClassifierKind::Learned {
+            self.learned = Some(Learned {
+                head,
+                embedder,
+                warned: AtomicBool::new(false),
+            });
+        }
+        self
+    }
+
+    /// The learned head, when this classifier uses one.
+    pub fn head(&self) -> Option<&Head> {
+        self.learned.as_ref().map(|l| &l.head)
     }
 
     /// Adds the weight of every rule whose phrases occur as whole words in `text`.
@@ -94,6 +168,7 @@ impl Classifier {
         scores: &mut [f32; 3],
         reasons: &mut Vec<String>,
         label: &str,
+        forced: &mut Option<(Tier, f32, String)>,
     ) {
         let bytes = text.as_bytes();
         let mut fired = vec![false; self.rules.rules.len()];
@@ -111,6 +186,14 @@ impl Classifier {
             let rule = &self.rules.rules[r];
             let w = rule.weight * factor;
             scores[idx(rule.tier)] += w;
+            if rule.force && factor >= 1.0 {
+                let stronger = forced
+                    .as_ref()
+                    .is_none_or(|(t, fw, _)| w > *fw || (w == *fw && rule.tier > *t));
+                if stronger {
+                    *forced = Some((rule.tier, w, rule.name.clone()));
+                }
+            }
             reasons.push(format!(
                 "{label}rule {} +{w:.2} {}: \"{}\"",
                 rule.name,
@@ -120,12 +203,93 @@ impl Classifier {
         }
     }
 
+    /// The tier of a request: the learned head's (or an override rule's) when it has
+    /// one, else the rules'.
     pub fn classify(&self, req: &Request) -> Decision {
+        let start = Instant::now();
+        let parts = split_instruction(req.prompt);
+        let (mut d, forced) = self.by_rules(&parts, req);
+        if let Some((tier, w, name)) = forced {
+            d.reasons.insert(
+                0,
+                format!("override rule {name} (+{w:.2} {tier}) decides: {tier}"),
+            );
+            d.tier = tier;
+            d.confidence = 1.0;
+            d.by = DecidedBy::Override;
+        } else if let Some(l) = &self.learned {
+            match (l.embedder)().and_then(|e| {
+                learned::features_of(&e, &parts, req, l.head.max_tokens).map_err(|e| e.to_string())
+            }) {
+                Ok(f) => d = self.by_head(&l.head, f),
+                Err(why) => {
+                    if !l.warned.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            "learned router unavailable, routing by the keyword rules: {why}"
+                        );
+                    }
+                    d.reasons.insert(
+                        0,
+                        format!("learned classifier unavailable ({why}): keyword rules"),
+                    );
+                }
+            }
+        }
+        if d.tier == Tier::Simple
+            && d.confidence < self.rules.escalate_below
+            && d.by != DecidedBy::Override
+        {
+            d.reasons.push(format!(
+                "confidence {:.2} < {:.2}: SIMPLE escalated to MODERATE",
+                d.confidence, self.rules.escalate_below
+            ));
+            d.tier = Tier::Moderate;
+        }
+        d.micros = start.elapsed().as_micros() as u64;
+        d
+    }
+
+    fn by_head(&self, head: &Head, f: Features) -> Decision {
+        let (p, logits) = head.predict(&f);
+        let mut best = 0;
+        for i in 1..3 {
+            if p[i] >= p[best] {
+                best = i;
+            }
+        }
+        let tier = TIERS[best];
+        let reasons = head
+            .contributions(&f, tier)
+            .into_iter()
+            .take(3)
+            .map(|(name, v)| format!("{name}: {v:+.2} toward {tier}"))
+            .collect();
+        Decision {
+            tier,
+            confidence: p[best],
+            reasons,
+            scores: logits,
+            by: DecidedBy::Learned,
+            probabilities: Some(p),
+            features: Some(f),
+            micros: 0,
+        }
+    }
+
+    /// The rules' decision (before escalation), and the override rule that fired.
+    fn by_rules(&self, parts: &Parts, req: &Request) -> (Decision, Option<(Tier, f32, String)>) {
         let s = &self.rules.signals;
         let mut scores = [0f32; 3];
         let mut reasons = Vec::new();
-        let parts = split_instruction(req.prompt);
-        self.score_rules(&parts.instruction, 1.0, &mut scores, &mut reasons, "");
+        let mut forced = None;
+        self.score_rules(
+            &parts.instruction,
+            1.0,
+            &mut scores,
+            &mut reasons,
+            "",
+            &mut forced,
+        );
         if let Some(system) = req.system.filter(|s| !s.is_empty()) {
             let sys = split_instruction(system);
             self.score_rules(
@@ -134,6 +298,7 @@ impl Classifier {
                 &mut scores,
                 &mut reasons,
                 "system ",
+                &mut forced,
             );
         }
         if parts.code_lines >= s.huge_code_lines {
@@ -175,7 +340,7 @@ impl Classifier {
         }
 
         let fired = scores.iter().any(|&x| x > 0.0);
-        let mut tier = if fired {
+        let tier = if fired {
             // Ties go to the larger model: quality first.
             let mut best = 0;
             for i in 1..3 {
@@ -196,19 +361,17 @@ impl Classifier {
         } else {
             1.0 / 3.0
         };
-        if tier == Tier::Simple && confidence < self.rules.escalate_below {
-            reasons.push(format!(
-                "confidence {confidence:.2} < {:.2}: SIMPLE escalated to MODERATE",
-                self.rules.escalate_below
-            ));
-            tier = Tier::Moderate;
-        }
-        Decision {
+        let d = Decision {
             tier,
             confidence,
             reasons,
             scores,
-        }
+            by: DecidedBy::Rules,
+            probabilities: None,
+            features: None,
+            micros: 0,
+        };
+        (d, forced)
     }
 }
 
@@ -227,6 +390,8 @@ fn softmax_share(scores: &[f32; 3], i: usize) -> f32 {
 pub struct Parts {
     pub instruction: String,
     pub code_lines: usize,
+    /// `inline code` spans cut out of the instruction.
+    pub inline_code: usize,
 }
 
 const CODE_STARTS: &[&str] = &[
@@ -296,6 +461,7 @@ fn prose_of_line(line: &str) -> (&str, bool) {
 pub fn split_instruction(prompt: &str) -> Parts {
     let mut instruction = String::with_capacity(prompt.len().min(512));
     let mut code_lines = 0;
+    let mut inline_code = 0;
     let mut in_fence = false;
     for (n, line) in prompt.lines().enumerate() {
         if line.trim_start().starts_with("```") {
@@ -313,6 +479,8 @@ pub fn split_instruction(prompt: &str) -> Parts {
         for part in prose.split('`') {
             if !inside {
                 instruction.push_str(&part.to_lowercase());
+            } else {
+                inline_code += 1;
             }
             inside = !inside;
         }
@@ -321,6 +489,7 @@ pub fn split_instruction(prompt: &str) -> Parts {
     Parts {
         instruction,
         code_lines,
+        inline_code,
     }
 }
 
