@@ -281,19 +281,19 @@ impl ToolParser {
     pub fn finish(&mut self) -> Vec<Piece> {
         let mut out = Vec::new();
         self.drain(&mut out, true);
-        if !self.buf.is_empty() {
-            let rest = std::mem::take(&mut self.buf);
-            match self.state {
-                State::Tag => match self.call_from(&rest) {
-                    Some(c) => out.push(Piece::Call(c)),
-                    None => out.push(Piece::Text(format!("{OPEN}{rest}"))),
-                },
-                State::Bare => match self.bare_call(&rest) {
-                    Some(c) => out.push(Piece::Call(c)),
-                    None => out.push(Piece::Text(rest)),
-                },
-                State::Text { .. } => out.push(Piece::Text(rest)),
-            }
+        let rest = std::mem::take(&mut self.buf);
+        match self.state {
+            // An opened tag is given back even with nothing after it.
+            State::Tag => match self.call_from(&rest) {
+                Some(c) => out.push(Piece::Call(c)),
+                None => out.push(Piece::Text(format!("{OPEN}{rest}"))),
+            },
+            _ if rest.is_empty() => {}
+            State::Bare => match self.bare_call(&rest) {
+                Some(c) => out.push(Piece::Call(c)),
+                None => out.push(Piece::Text(rest)),
+            },
+            State::Text { .. } => out.push(Piece::Text(rest)),
         }
         merge_text(out)
     }
@@ -788,6 +788,23 @@ mod tests {
                 assert!(calls(&p).is_empty(), "{out:?} / {n}");
                 assert_eq!(text(&p), out, "{out:?} / {n}");
             }
+        }
+    }
+
+    /// Found by fuzzing (fuzz/regressions/tool_calls): an answer that ended right after
+    /// `<tool_call>` lost the tag, in whatever pieces it came.
+    #[test]
+    fn an_answer_ending_in_an_open_tag_keeps_it() {
+        for out in ["<tool_call>", "text <tool_call>", "<tool_call>\n"] {
+            for n in [1, 3, 1000] {
+                let p = run(out, n);
+                assert!(calls(&p).is_empty(), "{out:?} / {n}");
+                assert_eq!(text(&p), out, "{out:?} / {n}");
+            }
+            let mut p = ToolParser::new(Vec::new());
+            let mut got = p.push(out);
+            got.extend(p.finish());
+            assert_eq!(text(&got), out);
         }
     }
 
