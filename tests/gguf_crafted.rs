@@ -580,6 +580,43 @@ mod real {
         ));
     }
 
+    /// A file's chat template runs on every request: its work is bounded in proportion
+    /// to the conversation (duet::model::template), and the bounds leave the real
+    /// templates room for long conversations with tools and calls.
+    #[test]
+    fn the_real_chat_templates_render_long_conversations() {
+        use duet::model::template::{ChatTemplate, Message};
+        use serde_json::json;
+        let tools: Vec<serde_json::Value> = (0..32)
+            .map(|i| {
+                json!({"type": "function", "function": {"name": format!("f{i}"),
+                "description": "d", "parameters": {"type": "object",
+                "properties": {"a": {"type": "string"}}}}})
+            })
+            .collect();
+        let messages: Vec<Message> = (0..20_000)
+            .map(|i| {
+                let mut m = Message::new(["user", "assistant", "tool"][i % 3], "hello");
+                if i % 3 == 1 {
+                    m.tool_calls = Some(vec![
+                        json!({"function": {"name": "f1", "arguments": {"a": "x"}}});
+                        3
+                    ]);
+                }
+                m
+            })
+            .collect();
+        for name in [common::SMALL, common::LARGE] {
+            let f = GgufFile::open(&common::weights(name)).unwrap();
+            let source = f.info().unwrap().chat_template.unwrap();
+            let t = ChatTemplate::new(&source).unwrap();
+            let text = t
+                .render_with_tools(&messages, Some(&tools), true)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(text.matches("<tool_call>").count() >= 3 * 6_667, "{name}");
+        }
+    }
+
     #[test]
     fn a_real_header_with_a_crafted_count() {
         let full = real_header(common::SMALL, 64 << 20);
