@@ -231,6 +231,16 @@ fn segment(s: &str) -> String {
         .collect()
 }
 
+/// How long an answer may take (DUET_FUZZ_TIMEOUT seconds, default 120), a little less
+/// than libFuzzer's own timeout so that the message says which request hung.
+fn answer_timeout() -> Duration {
+    let secs: u64 = std::env::var("DUET_FUZZ_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(120);
+    Duration::from_secs(secs.saturating_sub(5).max(5))
+}
+
 /// One request, answered completely: status, content type, body.
 fn send(method: Method, uri: &str, body: Vec<u8>) -> (StatusCode, String, Vec<u8>) {
     let s = server();
@@ -265,11 +275,10 @@ fn send(method: Method, uri: &str, body: Vec<u8>) -> (StatusCode, String, Vec<u8
                 .to_vec();
             (status, ctype, body)
         };
-        // Wall time, generous: a busy machine is not a hang (libFuzzer's own -timeout
-        // catches those that never end).
-        tokio::time::timeout(Duration::from_secs(100), work)
+        // Wall time, as libFuzzer's -timeout (scripts/fuzz passes the same value).
+        tokio::time::timeout(answer_timeout(), work)
             .await
-            .expect("an answer within 100 s")
+            .expect("an answer in time")
     })
 }
 
