@@ -31,9 +31,10 @@ fuzz_target!(|data: &[u8]| {
     }
     pieces.push_str(&stream.flush(codec).expect("the rest"));
     assert_eq!(pieces, back, "the streamed pieces differ from the decode");
-    // The input's bytes as ids (any values, in the vocabulary or not).
+    // The input's first kilobyte as ids (any values, in the vocabulary or not).
     let raw: Vec<u32> = data
         .chunks_exact(4)
+        .take(256)
         .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) % (codec.vocab_size() as u32 + 64))
         .collect();
     let _ = codec.decode(&raw);
