@@ -282,19 +282,19 @@ impl ToolParser {
     pub fn finish(&mut self) -> Vec<Piece> {
         let mut out = Vec::new();
         self.drain(&mut out, true);
-        if !self.buf.is_empty() {
-            let rest = std::mem::take(&mut self.buf);
-            match self.state {
-                State::Tag => match self.call_from(&rest) {
-                    Some(c) => out.push(Piece::Call(c)),
-                    None => out.push(Piece::Text(format!("{OPEN}{rest}"))),
-                },
-                State::Bare => match self.bare_call(&rest) {
-                    Some(c) => out.push(Piece::Call(c)),
-                    None => out.push(Piece::Text(rest)),
-                },
-                State::Text { .. } => out.push(Piece::Text(rest)),
-            }
+        let rest = std::mem::take(&mut self.buf);
+        match self.state {
+            // An opened tag is given back even with nothing after it.
+            State::Tag => match self.call_from(&rest) {
+                Some(c) => out.push(Piece::Call(c)),
+                None => out.push(Piece::Text(format!("{OPEN}{rest}"))),
+            },
+            _ if rest.is_empty() => {}
+            State::Bare => match self.bare_call(&rest) {
+                Some(c) => out.push(Piece::Call(c)),
+                None => out.push(Piece::Text(rest)),
+            },
+            State::Text { .. } => out.push(Piece::Text(rest)),
         }
         merge_text(out)
     }
@@ -326,17 +326,27 @@ impl ToolParser {
                             _ => Some(false),
                         }
                     };
+                    let (tag, maybe_tag) = (rest.starts_with(OPEN), OPEN.starts_with(rest));
+                    let lead = self.buf.len() - rest.len();
                     match bare {
                         None => return,
                         Some(true) => self.state = State::Bare,
-                        Some(false) => self.state = State::Text { fresh: false },
+                        Some(false) => {
+                            if tag {
+                                // Whitespace before a call is not content.
+                                self.buf.drain(..lead);
+                            } else if maybe_tag && !end {
+                                return; // it may still become a tag: wait
+                            }
+                            self.state = State::Text { fresh: false };
+                        }
                     }
                 }
                 State::Text { fresh: false } => {
                     if let Some(at) = self.buf.find(OPEN) {
                         let before: String = self.buf.drain(..at).collect();
                         self.buf.drain(..OPEN.len());
-                        if !before.trim().is_empty() {
+                        if !before.is_empty() {
                             out.push(Piece::Text(before));
                         }
                         self.state = State::Tag;
@@ -790,6 +800,51 @@ mod tests {
                 assert_eq!(text(&p), out, "{out:?} / {n}");
             }
         }
+    }
+
+    /// Found by fuzzing (fuzz/regressions/tool_calls): an answer that ended right after
+    /// `<tool_call>` lost the tag, in whatever pieces it came.
+    #[test]
+    fn an_answer_ending_in_an_open_tag_keeps_it() {
+        for out in ["<tool_call>", "text <tool_call>", "<tool_call>\n"] {
+            for n in [1, 3, 1000] {
+                let p = run(out, n);
+                assert!(calls(&p).is_empty(), "{out:?} / {n}");
+                assert_eq!(text(&p), out, "{out:?} / {n}");
+            }
+            let mut p = ToolParser::new(Vec::new());
+            let mut got = p.push(out);
+            got.extend(p.finish());
+            assert_eq!(text(&got), out);
+        }
+    }
+
+    /// Found by fuzzing (fuzz/regressions/tool_calls): whitespace just before a tag
+    /// was dropped when a piece began with it, and kept when it came with the text
+    /// before, so the streamed answer differed from the whole one.
+    #[test]
+    fn whitespace_before_a_tag_does_not_depend_on_the_pieces() {
+        let whole = |out: &str| {
+            let mut p = ToolParser::new(names());
+            let mut got = p.push(out);
+            got.extend(p.finish());
+            (text(&got), calls(&got))
+        };
+        for out in [
+            "Let me check. <tool_call>{\"name\": \"nope\"}</tool_call>",
+            "Let me check.\n<tool_call>{\"name\": \"get_weather\", \"arguments\": {}}</tool_call>",
+            "  <tool_call>{\"name\": \"get_weather\", \"arguments\": {}}</tool_call> \n",
+            "a <tool",
+        ] {
+            let want = whole(out);
+            for n in 1..=out.len() {
+                let p = run(out, n);
+                assert_eq!((text(&p), calls(&p)), want, "{out:?} / {n}");
+            }
+        }
+        // A call at the start: the whitespace before it is not content.
+        let (content, calls) = whole("\n <tool_call>{\"name\": \"read_file\"}</tool_call>");
+        assert_eq!((content.as_str(), calls.len()), ("", 1));
     }
 
     #[test]

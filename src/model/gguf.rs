@@ -6,7 +6,7 @@ use super::weights::{byte_size, read_owned, TensorBytes, WeightSource};
 use candle_core::quantized::gguf_file::{self, Content, Value};
 use candle_core::quantized::GgmlDType;
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -104,25 +104,43 @@ impl GgufFile {
         let file = File::open(path).map_err(io)?;
         let file_size = file.metadata().map_err(io)?.len();
         let mut reader = BufReader::new(file);
-        // candle's parser checks lengths against the file size, but a hostile header can
-        // still reach arithmetic that panics (e.g. alignment 0): report that as corruption.
+        let corrupt = |message: String| GgufError::Corrupt {
+            path: path.to_path_buf(),
+            message,
+        };
+        // Walk the header first: every count and length it declares must fit in the
+        // file, what it builds must fit in a memory budget the size of the file, and its
+        // alignment must be usable (candle divides by it), before candle's parser builds
+        // anything from it.
+        let declared = walk_header(&mut reader, file_size).map_err(corrupt)?;
+        reader
+            .seek(SeekFrom::Start(0))
+            .map_err(|e| corrupt(e.to_string()))?;
+        // The walk leaves nothing for candle's parser to trip on that we know of; should
+        // it still panic, that is a corrupt file, not a crash.
         let parsed =
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)));
         let content = match parsed {
             Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                return Err(GgufError::Corrupt {
-                    path: path.to_path_buf(),
-                    message: e.to_string(),
-                })
-            }
-            Err(_) => {
-                return Err(GgufError::Corrupt {
-                    path: path.to_path_buf(),
-                    message: "header could not be parsed".into(),
-                })
-            }
+            Ok(Err(e)) => return Err(corrupt(without_backtrace(e))),
+            Err(_) => return Err(corrupt("header could not be parsed".into())),
         };
+        // candle keeps one entry per name: fewer entries than declared means a name came
+        // twice, and which of the two is used would be an accident.
+        if content.tensor_infos.len() as u64 != declared.tensors {
+            return Err(corrupt(format!(
+                "{} tensors declared but only {} distinct names (a tensor name is repeated)",
+                declared.tensors,
+                content.tensor_infos.len()
+            )));
+        }
+        if content.metadata.len() as u64 != declared.keys {
+            return Err(corrupt(format!(
+                "{} metadata keys declared but only {} distinct ones (a key is repeated)",
+                declared.keys,
+                content.metadata.len()
+            )));
+        }
         // SAFETY: the mapping is read-only and lives as long as the tensors borrowing it.
         // As with every mmap-ing engine (llama.cpp, Ollama), rewriting the file while it
         // is served is not supported; replacing it (a new inode, as downloads do) is.
@@ -137,31 +155,44 @@ impl GgufFile {
             file_size,
             map,
         };
-        f.check_tensor_bounds()?;
+        f.check_tensor_bounds(declared.alignment)?;
         Ok(f)
     }
 
-    fn check_tensor_bounds(&self) -> Result<(), GgufError> {
+    /// Every tensor's shape has a size that can be computed, its bytes start aligned and
+    /// lie inside the file, and no two tensors share bytes.
+    fn check_tensor_bounds(&self, alignment: u64) -> Result<(), GgufError> {
+        let mut ranges = Vec::with_capacity(self.content.tensor_infos.len());
         for (name, info) in &self.content.tensor_infos {
             let dims = info.shape.dims();
+            let absurd = || self.corrupt(format!("tensor '{name}' has absurd shape {dims:?}"));
             let elems = dims
                 .iter()
-                .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-                .ok_or_else(|| {
-                    self.corrupt(format!("tensor '{name}' has absurd shape {dims:?}"))
-                })?;
-            let block = info.ggml_dtype.block_size();
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+                .ok_or_else(absurd)?;
+            let block = info.ggml_dtype.block_size() as u64;
             if elems % block != 0 {
                 return Err(self.corrupt(format!(
                     "tensor '{name}' has {elems} elements, not a multiple of its block size {block}"
                 )));
             }
-            let bytes = (elems / block) as u64 * info.ggml_dtype.type_size() as u64;
-            let end = self
+            let bytes = (elems / block)
+                .checked_mul(info.ggml_dtype.type_size() as u64)
+                .filter(|&b| usize::try_from(b).is_ok())
+                .ok_or_else(absurd)?;
+            if info.offset % alignment != 0 {
+                return Err(self.corrupt(format!(
+                    "tensor '{name}' starts at offset {}, not a multiple of the alignment {alignment}",
+                    info.offset
+                )));
+            }
+            let start = self
                 .content
                 .tensor_data_offset
                 .checked_add(info.offset)
-                .and_then(|s| s.checked_add(bytes))
+                .ok_or_else(|| self.corrupt(format!("tensor '{name}' has an absurd offset")))?;
+            let end = start
+                .checked_add(bytes)
                 .ok_or_else(|| self.corrupt(format!("tensor '{name}' has an absurd offset")))?;
             if end > self.file_size {
                 return Err(GgufError::Truncated {
@@ -170,6 +201,18 @@ impl GgufFile {
                     needed: end,
                     have: self.file_size,
                 });
+            }
+            if bytes > 0 {
+                ranges.push((start, end, name));
+            }
+        }
+        ranges.sort_unstable();
+        for pair in ranges.windows(2) {
+            let ((_, end, a), (start, _, b)) = (pair[0], pair[1]);
+            if start < end {
+                return Err(self.corrupt(format!(
+                    "tensors '{a}' and '{b}' overlap (bytes {start}..{end} belong to both)"
+                )));
             }
         }
         Ok(())
@@ -250,7 +293,14 @@ impl GgufFile {
             )));
         }
         let vocab_size = match self.content.tensor_infos.get("token_embd.weight") {
-            Some(t) => t.shape.dims()[0],
+            Some(t) => match t.shape.dims() {
+                [rows, _] => *rows,
+                dims => {
+                    return Err(self.unsupported(format!(
+                        "tensor `token_embd.weight` has shape {dims:?}, not a matrix"
+                    )))
+                }
+            },
             None => return Err(self.unsupported("tensor `token_embd.weight` is missing".into())),
         };
         let parameter_count = self
@@ -338,6 +388,261 @@ impl GgufFile {
             .ok_or_else(|| candle_core::Error::Msg(format!("tensor '{name}' not found")))?;
         let size = byte_size(info.ggml_dtype, info.shape.dims());
         Ok((self.content.tensor_data_offset + info.offset, size))
+    }
+}
+
+/// What a GGUF header declares, as [`walk_header`] found it.
+struct Declared {
+    tensors: u64,
+    keys: u64,
+    /// Where tensor data is aligned (`general.alignment`, else GGUF's 32).
+    alignment: u64,
+}
+
+/// The deepest nesting of arrays accepted (candle's parser allows 64; real files use 1).
+const MAX_DEPTH: usize = 16;
+
+/// What parsing a piece of metadata may allocate, counted generously (candle's parser
+/// grows its vectors by doubling and copies each string once more, three times over
+/// when its bytes are not UTF-8): per array element, per string byte, per key or tensor.
+const VALUE_COST: u64 = 2 * std::mem::size_of::<Value>() as u64;
+const BYTE_COST: u64 = 4;
+const ENTRY_COST: u64 =
+    2 * (std::mem::size_of::<String>() + std::mem::size_of::<Value>() + 16) as u64;
+/// The budget of a small file: what any header may take whatever the file's size.
+const MIN_BUDGET: u64 = 64 << 10;
+const TENSOR_COST: u64 = 2
+    * (std::mem::size_of::<String>() + std::mem::size_of::<gguf_file::TensorInfo>() + 16) as u64
+    + 4 * 8;
+
+/// Reads a GGUF header without building it: every count and length must fit in what is
+/// left of the file (so a crafted count is refused before anything is reserved for it),
+/// what candle's parser will allocate for the metadata and tensor table must fit in a
+/// budget of the file's own size (64 KiB at least; a model's header is a sliver of its file; one made of
+/// millions of one-byte values would take 64 times its size as parsed values), arrays
+/// nest at most [`MAX_DEPTH`] deep, and `general.alignment`, when set, is an integer
+/// power of two (candle divides by it).
+fn walk_header<R: Read + Seek>(
+    reader: &mut BufReader<R>,
+    file_size: u64,
+) -> Result<Declared, String> {
+    let mut w = Walker {
+        reader,
+        pos: 0,
+        size: file_size,
+        v1: false,
+        cost: 0,
+    };
+    let magic = w.u32()?;
+    if magic != 0x4655_4747 && magic != 0x4747_5546 {
+        return Err(format!("unknown magic 0x{magic:08x}"));
+    }
+    w.v1 = match w.u32()? {
+        1 => true,
+        2 | 3 => false,
+        v => return Err(format!("unsupported GGUF version {v}")),
+    };
+    let tensors = w.len()?;
+    let keys = w.len()?;
+    // The smallest key-value pair and tensor entry the format can hold.
+    let min_key = w.prefix() + 4 + 1;
+    let min_tensor = w.prefix() + 4 + 4 + 8;
+    let needed = keys
+        .saturating_mul(min_key)
+        .saturating_add(tensors.saturating_mul(min_tensor));
+    if needed > w.left() {
+        return Err(format!(
+            "header declares {tensors} tensors and {keys} metadata keys, which need at least \
+             {needed} bytes, but only {} are left",
+            w.left()
+        ));
+    }
+    let mut alignment = None;
+    for _ in 0..keys {
+        let key_len = w.len()?;
+        let is_alignment = key_len == "general.alignment".len() as u64;
+        let mut key = [0u8; 17];
+        if is_alignment {
+            w.read(&mut key)?;
+        } else {
+            w.skip(key_len, "a metadata key")?;
+        }
+        w.charge(ENTRY_COST.saturating_add(key_len.saturating_mul(BYTE_COST)))?;
+        let ty = w.u32()?;
+        if is_alignment && &key == b"general.alignment" {
+            let value = match ty {
+                0 => w.read_n::<1>()?[0] as u64,
+                1 => i8::from_le_bytes(w.read_n()?).max(0) as u64,
+                2 => u16::from_le_bytes(w.read_n()?) as u64,
+                3 => i16::from_le_bytes(w.read_n()?).max(0) as u64,
+                4 => u32::from_le_bytes(w.read_n()?) as u64,
+                5 => i32::from_le_bytes(w.read_n()?).max(0) as u64,
+                _ => {
+                    return Err(format!(
+                        "general.alignment has value type {ty}, not an integer"
+                    ))
+                }
+            };
+            if !value.is_power_of_two() {
+                return Err(format!("general.alignment {value} is not a power of two"));
+            }
+            alignment = Some(value);
+        } else {
+            w.value(ty, 0)?;
+        }
+    }
+    for _ in 0..tensors {
+        let name_len = w.len()?;
+        w.skip(name_len, "a tensor name")?;
+        let n_dims = w.u32()? as u64;
+        // candle refuses more than 4; the bytes must be there either way.
+        w.skip(n_dims.saturating_mul(w.prefix()), "a tensor's dimensions")?;
+        w.skip(4 + 8, "a tensor's type and offset")?;
+        w.charge(TENSOR_COST.saturating_add(name_len.saturating_mul(BYTE_COST)))?;
+    }
+    Ok(Declared {
+        tensors,
+        keys,
+        alignment: alignment.unwrap_or(gguf_file::DEFAULT_ALIGNMENT),
+    })
+}
+
+struct Walker<'a, R> {
+    reader: &'a mut BufReader<R>,
+    pos: u64,
+    size: u64,
+    v1: bool,
+    /// What the parsed header will take in memory so far.
+    cost: u64,
+}
+
+impl<R: Read + Seek> Walker<'_, R> {
+    fn left(&self) -> u64 {
+        self.size.saturating_sub(self.pos)
+    }
+
+    /// Bytes of a length (and of a dimension): 4 in GGUF v1, 8 after.
+    fn prefix(&self) -> u64 {
+        if self.v1 {
+            4
+        } else {
+            8
+        }
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> Result<(), String> {
+        if buf.len() as u64 > self.left() {
+            return Err(format!(
+                "the header runs past the end of the file at byte {}",
+                self.pos
+            ));
+        }
+        self.reader.read_exact(buf).map_err(|e| e.to_string())?;
+        self.pos += buf.len() as u64;
+        Ok(())
+    }
+
+    fn read_n<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        let mut b = [0u8; N];
+        self.read(&mut b)?;
+        Ok(b)
+    }
+
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.read_n()?))
+    }
+
+    fn len(&mut self) -> Result<u64, String> {
+        if self.v1 {
+            Ok(self.u32()? as u64)
+        } else {
+            Ok(u64::from_le_bytes(self.read_n()?))
+        }
+    }
+
+    fn skip(&mut self, n: u64, what: &str) -> Result<(), String> {
+        if n > self.left() {
+            return Err(format!(
+                "{what} of {n} bytes at byte {} runs past the end of the file ({} bytes)",
+                self.pos, self.size
+            ));
+        }
+        // Within the buffer when it can (a vocabulary is 150k short strings).
+        self.reader
+            .seek_relative(n as i64)
+            .map_err(|e| e.to_string())?;
+        self.pos += n;
+        Ok(())
+    }
+
+    fn charge(&mut self, bytes: u64) -> Result<(), String> {
+        self.cost = self.cost.saturating_add(bytes);
+        if self.cost > self.size.max(MIN_BUDGET) {
+            return Err(format!(
+                "its header alone would take more memory once parsed than the file's {} \
+                 bytes (the file is cut short, or made to exhaust memory)",
+                self.size
+            ));
+        }
+        Ok(())
+    }
+
+    /// Skips one value of type `ty`, counting what it will cost.
+    fn value(&mut self, ty: u32, depth: usize) -> Result<(), String> {
+        match ty {
+            8 => {
+                let n = self.len()?;
+                self.skip(n, "a string")?;
+                self.charge(n.saturating_mul(BYTE_COST))
+            }
+            9 => {
+                if depth >= MAX_DEPTH {
+                    return Err(format!("arrays nest more than {MAX_DEPTH} deep"));
+                }
+                let elem = self.u32()?;
+                let n = self.len()?;
+                self.charge(n.saturating_mul(VALUE_COST))?;
+                match fixed_size(elem) {
+                    Some(size) => self.skip(n.saturating_mul(size), "an array"),
+                    None => {
+                        // Each string or array takes at least its length prefix.
+                        let min = self.prefix() + if elem == 9 { 4 } else { 0 };
+                        if n.saturating_mul(min) > self.left() {
+                            return Err(format!(
+                                "an array of {n} values at byte {} runs past the end of the file",
+                                self.pos
+                            ));
+                        }
+                        (0..n).try_for_each(|_| self.value(elem, depth + 1))
+                    }
+                }
+            }
+            _ => match fixed_size(ty) {
+                Some(size) => self.skip(size, "a value"),
+                None => Err(format!("unknown metadata value type {ty}")),
+            },
+        }
+    }
+}
+
+/// Bytes of a value of a fixed-size GGUF type; `None` for strings, arrays and unknowns.
+fn fixed_size(ty: u32) -> Option<u64> {
+    match ty {
+        0 | 1 | 7 => Some(1),
+        2 | 3 => Some(2),
+        4..=6 => Some(4),
+        10..=12 => Some(8),
+        _ => None,
+    }
+}
+
+/// A candle error's message without the backtrace it carries when RUST_BACKTRACE is set
+/// (a user needs the reason, and rendering the backtrace reads the binary's debug
+/// information: 150 MB for one corrupt header).
+fn without_backtrace(e: candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => without_backtrace(*inner),
+        e => e.to_string(),
     }
 }
 
