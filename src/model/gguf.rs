@@ -113,6 +113,19 @@ impl GgufFile {
         // alignment must be usable (candle divides by it), before candle's parser builds
         // anything from it.
         let declared = walk_header(&mut reader, file_size).map_err(corrupt)?;
+        if let Some(over) = declared.over_budget {
+            // A header too big for its file is most often a download cut short: say so
+            // when a tensor is declared past the end.
+            return Err(match declared.farthest {
+                Some((needed, tensor)) if needed > file_size => GgufError::Truncated {
+                    path: path.to_path_buf(),
+                    tensor,
+                    needed,
+                    have: file_size,
+                },
+                _ => corrupt(over),
+            });
+        }
         reader
             .seek(SeekFrom::Start(0))
             .map_err(|e| corrupt(e.to_string()))?;
@@ -397,6 +410,12 @@ struct Declared {
     keys: u64,
     /// Where tensor data is aligned (`general.alignment`, else GGUF's 32).
     alignment: u64,
+    /// Why the parsed header would take more memory than the file's size allows, if it
+    /// would: the file must not be handed to candle's parser.
+    over_budget: Option<String>,
+    /// The byte where the farthest tensor's data ends (as far as its type is known),
+    /// and its name.
+    farthest: Option<(u64, String)>,
 }
 
 /// The deepest nesting of arrays accepted (candle's parser allows 64; real files use 1).
@@ -467,7 +486,7 @@ fn walk_header<R: Read + Seek>(
         } else {
             w.skip(key_len, "a metadata key")?;
         }
-        w.charge(ENTRY_COST.saturating_add(key_len.saturating_mul(BYTE_COST)))?;
+        w.charge(ENTRY_COST.saturating_add(key_len.saturating_mul(BYTE_COST)));
         let ty = w.u32()?;
         if is_alignment && &key == b"general.alignment" {
             let value = match ty {
@@ -491,19 +510,76 @@ fn walk_header<R: Read + Seek>(
             w.value(ty, 0)?;
         }
     }
-    for _ in 0..tensors {
+    let alignment = alignment.unwrap_or(gguf_file::DEFAULT_ALIGNMENT);
+    // The tensor whose data ends farthest: (end relative to the data, its name).
+    let mut farthest: Option<(u64, String)> = None;
+    for i in 0..tensors {
         let name_len = w.len()?;
-        w.skip(name_len, "a tensor name")?;
+        // A name longer than a line is not kept (for the error of a file cut short).
+        let mut name = [0u8; 256];
+        let kept = usize::try_from(name_len).ok().filter(|&n| n <= name.len());
+        match kept {
+            Some(n) => w.read(&mut name[..n])?,
+            None => w.skip(name_len, "a tensor name")?,
+        }
         let n_dims = w.u32()? as u64;
         // candle refuses more than 4; the bytes must be there either way.
-        w.skip(n_dims.saturating_mul(w.prefix()), "a tensor's dimensions")?;
-        w.skip(4 + 8, "a tensor's type and offset")?;
-        w.charge(TENSOR_COST.saturating_add(name_len.saturating_mul(BYTE_COST)))?;
+        let mut elements = Some(1u64);
+        if n_dims <= 4 {
+            for _ in 0..n_dims {
+                let d = w.len()?;
+                elements = elements.and_then(|e| e.checked_mul(d));
+            }
+        } else {
+            w.skip(n_dims.saturating_mul(w.prefix()), "a tensor's dimensions")?;
+        }
+        let ty = w.u32()?;
+        let offset = u64::from_le_bytes(w.read_n()?);
+        // The bytes it takes, where its type is known (else only where it starts).
+        let bytes = block_of(ty)
+            .zip(elements)
+            .and_then(|((values, bytes), e)| (e / values).checked_mul(bytes))
+            .unwrap_or(0);
+        let end = offset.saturating_add(bytes);
+        if farthest.as_ref().is_none_or(|(e, _)| end > *e) {
+            let name = match kept {
+                Some(n) => String::from_utf8_lossy(&name[..n]).into_owned(),
+                None => format!("#{i}"),
+            };
+            farthest = Some((end, name));
+        }
+        w.charge(TENSOR_COST.saturating_add(name_len.saturating_mul(BYTE_COST)));
     }
+    let data_start = w.pos.next_multiple_of(alignment);
+    let farthest = farthest.map(|(end, name)| (data_start.saturating_add(end), name));
     Ok(Declared {
         tensors,
         keys,
-        alignment: alignment.unwrap_or(gguf_file::DEFAULT_ALIGNMENT),
+        alignment,
+        over_budget: w.over_budget(),
+        farthest,
+    })
+}
+
+/// Values per block and bytes per block of the ggml types candle reads (what
+/// `GgmlDType` knows, which candle keeps to itself).
+fn block_of(ty: u32) -> Option<(u64, u64)> {
+    Some(match ty {
+        0 => (1, 4),
+        1 | 30 => (1, 2),
+        2 => (32, 18),
+        3 => (32, 20),
+        6 => (32, 22),
+        7 => (32, 24),
+        8 => (32, 34),
+        9 => (32, 36),
+        10 => (256, 84),
+        11 => (256, 110),
+        12 => (256, 144),
+        13 => (256, 176),
+        14 => (256, 210),
+        15 => (256, 292),
+        _ => return None,
     })
 }
 
@@ -575,16 +651,20 @@ impl<R: Read + Seek> Walker<'_, R> {
         Ok(())
     }
 
-    fn charge(&mut self, bytes: u64) -> Result<(), String> {
+    /// Counts what parsing will allocate; [`over_budget`](Self::over_budget) judges it
+    /// once the walk is done (the walk itself allocates nothing).
+    fn charge(&mut self, bytes: u64) {
         self.cost = self.cost.saturating_add(bytes);
-        if self.cost > self.size.max(MIN_BUDGET) {
-            return Err(format!(
+    }
+
+    fn over_budget(&self) -> Option<String> {
+        (self.cost > self.size.max(MIN_BUDGET)).then(|| {
+            format!(
                 "its header alone would take more memory once parsed than the file's {} \
                  bytes (the file is cut short, or made to exhaust memory)",
                 self.size
-            ));
-        }
-        Ok(())
+            )
+        })
     }
 
     /// Skips one value of type `ty`, counting what it will cost.
@@ -593,7 +673,8 @@ impl<R: Read + Seek> Walker<'_, R> {
             8 => {
                 let n = self.len()?;
                 self.skip(n, "a string")?;
-                self.charge(n.saturating_mul(BYTE_COST))
+                self.charge(n.saturating_mul(BYTE_COST));
+                Ok(())
             }
             9 => {
                 if depth >= MAX_DEPTH {
@@ -601,7 +682,7 @@ impl<R: Read + Seek> Walker<'_, R> {
                 }
                 let elem = self.u32()?;
                 let n = self.len()?;
-                self.charge(n.saturating_mul(VALUE_COST))?;
+                self.charge(n.saturating_mul(VALUE_COST));
                 match fixed_size(elem) {
                     Some(size) => self.skip(n.saturating_mul(size), "an array"),
                     None => {
