@@ -138,12 +138,13 @@ fn server() -> &'static Server {
             DeviceSpec::Cpu(0),
             vec![Placement {
                 name: NAME.into(),
-                file: Ok(SlotFile { path, info }),
+                file: Ok(SlotFile::new(path, info)),
                 kv_cache_bytes: Some(8 << 20),
             }],
             Capacity {
                 max_queue: 4,
                 parallel: 2,
+                stall_timeout: worker::DEFAULT_STALL_TIMEOUT,
             },
             Lifecycle {
                 preload: true,
@@ -171,12 +172,15 @@ fn server() -> &'static Server {
             embedders: Vec::new(),
             routed_names: vec!["auto".into()],
             classifier,
+            // Decisions are not logged: nothing to write to disk per input.
+            routing_log: None,
             chains,
             aliases: vec![(format!("{NAME}-instruct"), NAME.to_string())],
             limits: Limits {
                 max_body: 1 << 20,
                 // A few tokens are enough to take every answer through the writers.
                 max_predict: Some(3),
+                ..Limits::default()
             },
             keep_alive: KeepAlive::FOREVER,
             config,
@@ -186,6 +190,7 @@ fn server() -> &'static Server {
         let access = api::guard::Access {
             listen: "127.0.0.1:11434".parse().expect("an address"),
             api_key: None,
+            drain: Default::default(),
         };
         let app = api::router(state, None, access);
         let rt = tokio::runtime::Builder::new_multi_thread()
