@@ -705,6 +705,20 @@ pub fn router(state: Arc<AppState>, origins_env: Option<String>, access: guard::
         .with_state(state)
 }
 
+/// Classifies on this thread, telling tokio first (on its multi-threaded runtime) that
+/// the thread blocks for a while, so the other tasks queued on it move to another worker
+/// rather than wait: a classification reads the whole prompt (a tokenizer and a table
+/// look-up; the keyword rules), and a prompt can be megabytes.
+fn classify_off_the_reactor(c: &router::Classifier, req: &router::Request) -> router::Decision {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| c.classify(req))
+        }
+        _ => c.classify(req),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -737,19 +751,5 @@ mod tests {
         let e = parse_body::<serde_json::Value>(b"{nope").unwrap_err();
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
         assert!(e.message.starts_with("invalid JSON body"), "{}", e.message);
-    }
-}
-
-/// Classifies on this thread, telling tokio first (on its multi-threaded runtime) that
-/// the thread blocks for a while, so the other tasks queued on it move to another worker
-/// rather than wait: a classification reads the whole prompt (a tokenizer and a table
-/// look-up; the keyword rules), and a prompt can be megabytes.
-fn classify_off_the_reactor(c: &router::Classifier, req: &router::Request) -> router::Decision {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    match Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(|| c.classify(req))
-        }
-        _ => c.classify(req),
     }
 }

@@ -147,6 +147,26 @@ impl Embedder {
         if ids.is_empty() {
             return Ok(vec![0.0; self.dims]);
         }
+        // On the CPU, a plain loop over the table: candle's ops would wake its thread pool
+        // for a few hundred rows, which costs more than the sums under load.
+        let (storage, layout) = self.word_embeddings.storage_and_layout();
+        if let (candle_core::Storage::Cpu(cpu), Some((start, _))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            let table = &cpu.as_slice::<f32>()?[start..];
+            let d = self.dims;
+            let mut mean = vec![0f32; d];
+            for &t in ids {
+                let row = &table[t as usize * d..(t as usize + 1) * d];
+                let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+                for (m, x) in mean.iter_mut().zip(row) {
+                    *m += x / norm;
+                }
+            }
+            let n = ids.len() as f32;
+            return Ok(mean.into_iter().map(|m| m / n).collect());
+        }
+        drop(storage);
         let ids = Tensor::from_slice(ids, ids.len(), &self.device)?;
         let rows = self.word_embeddings.index_select(&ids, 0)?;
         let norms = rows.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f32::MAX)?;
