@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Trains the router's learned head (scripts/train-router runs this; see it for usage).
 
-Input: JSONL features from `duet classify --dump-features` (the all-minilm embedding of
-each prompt's instruction and the request signals, computed by duet itself, so training
+Input: JSONL features from `duet classify --dump-features` (the static all-minilm
+embeddings of each prompt's instruction and its first clause, and the request signals, computed by duet itself, so training
 and serving read the same numbers), plus optionally duet decision logs, whose lines with
 a `label` (a client's X-Duet-Tier) are used as extra examples.
 
@@ -128,7 +128,7 @@ def main():
         print(f"\n{name}: {acc:.3f} ({(pe == ye).sum()}/{len(ye)})\n{matrix_text(results[name]['confusion'])}")
 
     head = {
-        "version": 1,
+        "version": 2,  # static (input) embeddings: duet refuses other versions
         "embedding_model": "sentence-transformers/all-MiniLM-L6-v2",
         "embedding_dims": int(dims),
         "max_tokens": args.max_tokens,

@@ -373,7 +373,7 @@ impl AppState {
             });
         }
         let req = request();
-        let mut decision = self.classifier.classify(&req);
+        let mut decision = classify_off_the_reactor(&self.classifier, &req);
         if let Some(t) = routing::forced_tier() {
             decision.force(t);
         }
@@ -703,6 +703,20 @@ pub fn router(state: Arc<AppState>, origins_env: Option<String>, access: guard::
         ))
         .layer(cors(origins_env))
         .with_state(state)
+}
+
+/// Classifies on this thread, telling tokio first (on its multi-threaded runtime) that
+/// the thread blocks for a while, so the other tasks queued on it move to another worker
+/// rather than wait: a classification reads the whole prompt (a tokenizer and a table
+/// look-up; the keyword rules), and a prompt can be megabytes.
+fn classify_off_the_reactor(c: &router::Classifier, req: &router::Request) -> router::Decision {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| c.classify(req))
+        }
+        _ => c.classify(req),
+    }
 }
 
 #[cfg(test)]

@@ -48,6 +48,9 @@ pub struct Embedder {
     pub load_duration: Duration,
     cls: u32,
     sep: u32,
+    /// The model's input word-piece embeddings (vocabulary × dims), the same storage
+    /// the encoder reads (not a copy): what [`Embedder::static_mean`] averages.
+    word_embeddings: Tensor,
 }
 
 /// What one request's inputs became.
@@ -89,8 +92,28 @@ impl Embedder {
             .len();
         let data = std::fs::read(&weights).map_err(|e| err(format!("model.safetensors: {e}")))?;
         let parameter_count = weights_summary(&weights).1;
-        let vb = VarBuilder::from_buffered_safetensors(data, DType::F32, device)
+        let tensors = candle_core::safetensors::load_buffer(&data, device)
             .map_err(|e| err(format!("model.safetensors: {e}")))?;
+        drop(data);
+        // Some exports prefix every name with "bert." (candle's loader accepts both).
+        let word_embeddings = [
+            "embeddings.word_embeddings.weight",
+            "bert.embeddings.word_embeddings.weight",
+        ]
+        .iter()
+        .find_map(|k| tensors.get(*k).cloned())
+        .ok_or_else(|| err("model.safetensors has no embeddings.word_embeddings.weight".into()))?
+        .to_dtype(DType::F32)
+        .map_err(|e| err(e.to_string()))?;
+        if word_embeddings.dims() != [config.vocab_size, config.hidden_size] {
+            return Err(err(format!(
+                "word embeddings are {:?}, not {} × {}",
+                word_embeddings.dims(),
+                config.vocab_size,
+                config.hidden_size
+            )));
+        }
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
         let model = BertModel::load(vb, &config).map_err(|e| err(e.to_string()))?;
         let max_tokens = DEFAULT_MAX_TOKENS.min(config.max_position_embeddings);
         Ok(Self {
@@ -105,7 +128,62 @@ impl Embedder {
             load_duration: start.elapsed(),
             cls,
             sep,
+            word_embeddings,
         })
+    }
+
+    /// The mean of the model's input embeddings of `ids`, each scaled to unit length
+    /// first (no encoder pass: a table look-up, microseconds), unnormalised; zeros for
+    /// no ids. A static sentence vector for callers that cannot afford the encoder (the
+    /// router).
+    pub fn static_mean(&self, ids: &[u32]) -> Result<Vec<f32>, EmbedError> {
+        let vocab = self.word_embeddings.dim(0)? as u32;
+        if let Some(bad) = ids.iter().find(|&&t| t >= vocab) {
+            return Err(EmbedError::Tokenize {
+                index: 0,
+                message: format!("token id {bad} is outside the vocabulary of {vocab}"),
+            });
+        }
+        if ids.is_empty() {
+            return Ok(vec![0.0; self.dims]);
+        }
+        // On the CPU, a plain loop over the table: candle's ops would wake its thread pool
+        // for a few hundred rows, which costs more than the sums under load.
+        let (storage, layout) = self.word_embeddings.storage_and_layout();
+        if let (candle_core::Storage::Cpu(cpu), Some((start, _))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            let table = &cpu.as_slice::<f32>()?[start..];
+            let d = self.dims;
+            let mut mean = vec![0f32; d];
+            for &t in ids {
+                let row = &table[t as usize * d..(t as usize + 1) * d];
+                let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+                for (m, x) in mean.iter_mut().zip(row) {
+                    *m += x / norm;
+                }
+            }
+            let n = ids.len() as f32;
+            return Ok(mean.into_iter().map(|m| m / n).collect());
+        }
+        drop(storage);
+        let ids = Tensor::from_slice(ids, ids.len(), &self.device)?;
+        let rows = self.word_embeddings.index_select(&ids, 0)?;
+        let norms = rows.sqr()?.sum_keepdim(1)?.sqrt()?.clamp(1e-12, f32::MAX)?;
+        let mean = rows.broadcast_div(&norms)?.mean(0)?;
+        Ok(mean.to_vec1()?)
+    }
+
+    /// Token ids of `text` without [CLS] and [SEP].
+    pub fn word_piece_ids(&self, text: &str) -> Result<Vec<u32>, EmbedError> {
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| EmbedError::Tokenize {
+                index: 0,
+                message: e.to_string(),
+            })?;
+        Ok(enc.get_ids().to_vec())
     }
 
     /// Token ids of each input ([CLS] … [SEP]); too long ones cut to `max_tokens`

@@ -299,9 +299,12 @@ fn dump_features(config: &Config, path: &Path, max_tokens: Option<usize>) -> Res
     use std::io::Write;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     for r in &rows {
-        let f = learned::features(&embedder, &r.request(), max_tokens)?;
+        let req = r.request();
+        let parts = super::classifier::split_instruction(req.prompt);
+        let f = learned::features_of(&embedder, &parts, &req, max_tokens)?;
         let v = serde_json::json!({
             "tier": r.tier.map(|t| t.to_string()),
+            "instruction": parts.instruction.trim(),
             "embedding": f.embedding,
             "signals": f.signals,
         });

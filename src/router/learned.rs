@@ -1,13 +1,16 @@
-//! The learned tier classifier: a multinomial logistic regression (the *head*) over the
-//! all-minilm sentence embedding of what is asked plus a few request signals.
+//! The learned tier classifier: a multinomial logistic regression (the *head*) over
+//! static all-minilm embeddings of what is asked plus a few request signals.
 //!
 //! - **Embeddings** ([`VIEWS`]): the instruction of the request (its prose, with attached
-//!   code set apart by [`split_instruction`]) and its first clause (the ask itself, up to
-//!   the first sentence end), encoded together by the embedding model named in
-//!   `[routing] embedding` (all-minilm: mean-pooled, unit length) and concatenated. A long
-//!   instruction is cut to the head's `max_tokens` word pieces, keeping its beginning and
-//!   its end (where the ask usually is), which bounds the time per request whatever the
-//!   prompt's size.
+//!   code set apart by [`split_instruction`]: code size is a signal of its own) and its
+//!   first clause (the ask itself, up to the first sentence end), each the mean of the
+//!   embedding model's *input* word-piece vectors (unit length each; the mean scaled to
+//!   unit length), concatenated. No encoder pass: the all-minilm forward pass cost
+//!   11 ms for a short ask and 111 ms for 128 word pieces on one core, where this look-up
+//!   costs microseconds. A long instruction is cut to the head's `max_tokens` word
+//!   pieces, keeping its beginning and its end (where the ask usually is), and its text
+//!   to [`BYTES_PER_TOKEN`] bytes per word piece before tokenizing, which bounds the time
+//!   per request whatever the prompt's size.
 //! - **Signals** ([`SIGNALS`]): attached code size (lines, and `inline code` spans),
 //!   instruction length, chat turns, a system prompt, the client's num_predict.
 //!   Standardised with the training set's mean and scale stored in the head, and clipped
@@ -34,6 +37,14 @@ const CLIP: f32 = 3.0;
 /// Word pieces of the first clause that are embedded.
 const CLAUSE_TOKENS: usize = 32;
 
+/// Bytes of text kept per word piece embedded, at each end of a long instruction, before
+/// it is tokenized (a word piece is 1 to ~10 bytes of English; the cut to `max_tokens`
+/// pieces follows).
+pub const BYTES_PER_TOKEN: usize = 16;
+
+/// The head layout this duet computes: 2 = static (input) embeddings.
+pub const HEAD_VERSION: u32 = 2;
+
 /// Names of the request signals, in the order of the feature vector (after the
 /// embedding). The head file lists the ones it was trained with; they must match.
 pub const SIGNALS: [&str; 8] = [
@@ -56,7 +67,7 @@ pub struct Head {
     pub embedding_model: String,
     /// Length of the embeddings of all [`VIEWS`] together.
     pub embedding_dims: usize,
-    /// Word pieces of the instruction that are embedded ([CLS] and [SEP] included).
+    /// Word pieces of the instruction that are averaged.
     pub max_tokens: usize,
     /// Class order of `weights` and `bias`: SIMPLE, MODERATE, COMPLEX.
     pub classes: Vec<String>,
@@ -85,6 +96,12 @@ impl Head {
             message,
         };
         let h: Head = serde_json::from_str(text).map_err(|e| err(e.to_string()))?;
+        if h.version != HEAD_VERSION {
+            return Err(err(format!(
+                "head version {} was trained on other features than this duet's (version {HEAD_VERSION}, static embeddings); retrain with scripts/train-router",
+                h.version
+            )));
+        }
         let want: Vec<String> = ["SIMPLE", "MODERATE", "COMPLEX"].map(String::from).into();
         if h.classes != want {
             return Err(err(format!(
@@ -260,23 +277,47 @@ pub fn signals(parts: &Parts, req: &Request) -> Vec<f32> {
     ]
 }
 
-/// Word pieces of `text` for the embedding model: at most `max` ([CLS] and [SEP]
-/// included), the beginning and the end of a longer text kept.
+/// The ends of a long `text`: at most `max_bytes`, half from its beginning and half from
+/// its end (cut at character boundaries), joined by a line break.
+pub fn text_ends(text: &str, max_bytes: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max_bytes {
+        return text.into();
+    }
+    let mut head = max_bytes / 2;
+    while !text.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = text.len() - (max_bytes - max_bytes / 2);
+    while !text.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!("{}\n{}", &text[..head], &text[tail..]).into()
+}
+
+/// Word pieces of `text` for the static embedding: at most `max`, the beginning and the
+/// end of a longer text kept (its text cut first to [`BYTES_PER_TOKEN`] bytes a piece).
 pub fn embedding_ids(embedder: &Embedder, text: &str, max: usize) -> Result<Vec<u32>, EmbedError> {
-    let mut ids = embedder.token_ids(text)?;
-    let max = max.min(embedder.max_tokens).max(2);
+    let max = max.max(1);
+    let text = text_ends(text, max.saturating_mul(BYTES_PER_TOKEN));
+    let mut ids = embedder.word_piece_ids(&text)?;
     if ids.len() > max {
-        // [CLS] + first half + last half (the last of which is [SEP]).
-        let keep = max - 1;
-        let head = keep / 2;
-        let tail = keep - head;
-        let mut cut = Vec::with_capacity(max);
-        cut.push(ids[0]);
-        cut.extend_from_slice(&ids[1..1 + head]);
-        cut.extend_from_slice(&ids[ids.len() - tail..]);
-        ids = cut;
+        let head = max / 2;
+        let tail = max - head;
+        ids.drain(head..ids.len() - tail);
     }
     Ok(ids)
+}
+
+/// The static embedding of `ids`: the mean of their unit-length input vectors, scaled to
+/// unit length (zeros for none).
+fn static_embedding(embedder: &Embedder, ids: &[u32]) -> Result<Vec<f32>, EmbedError> {
+    let v = embedder.static_mean(ids)?;
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    Ok(if norm > 0.0 {
+        v.into_iter().map(|x| x / norm).collect()
+    } else {
+        v
+    })
 }
 
 /// The first clause of an instruction: its first line with text, up to the first
@@ -298,7 +339,7 @@ pub fn first_clause(instruction: &str) -> &str {
 }
 
 /// The features of a request: its instruction and first clause embedded (cut to
-/// `max_tokens`) and its signals.
+/// `max_tokens` word pieces) and its signals.
 pub fn features(
     embedder: &Embedder,
     req: &Request,
@@ -315,11 +356,9 @@ pub fn features_of(
     max_tokens: usize,
 ) -> Result<Features, EmbedError> {
     let text = parts.instruction.trim();
-    let ids = vec![
-        embedding_ids(embedder, text, max_tokens)?,
-        embedding_ids(embedder, first_clause(text), CLAUSE_TOKENS.min(max_tokens))?,
-    ];
-    let embedding = embedder.embed_ids(ids, true)?.vectors.concat();
+    let mut embedding = static_embedding(embedder, &embedding_ids(embedder, text, max_tokens)?)?;
+    let clause = embedding_ids(embedder, first_clause(text), CLAUSE_TOKENS.min(max_tokens))?;
+    embedding.extend(static_embedding(embedder, &clause)?);
     Ok(Features {
         embedding,
         signals: signals(parts, req),
@@ -337,7 +376,7 @@ mod tests {
         weights[2][0] = 4.0;
         weights[0][dims + 1] = 1.0;
         Head {
-            version: 1,
+            version: HEAD_VERSION,
             embedding_model: "test".into(),
             embedding_dims: dims,
             max_tokens: 16,
@@ -394,6 +433,23 @@ mod tests {
         h.signal_scale[3] = 0.0;
         assert!(Head::parse(&serde_json::to_string(&h).unwrap(), "t").is_err());
         assert!(Head::parse("{", "t").is_err());
+    }
+
+    #[test]
+    fn long_texts_keep_both_ends() {
+        assert_eq!(text_ends("short", 10), "short");
+        assert_eq!(text_ends("abcdefghij", 4), "ab\nij");
+        // Never inside a character: é is 2 bytes.
+        let t = "éééééé";
+        let cut = text_ends(t, 5);
+        assert!(
+            cut.starts_with('é') && cut.ends_with('é') && cut.len() <= 6,
+            "{cut}"
+        );
+        let mut h = head(2);
+        h.version = 1;
+        let e = Head::parse(&serde_json::to_string(&h).unwrap(), "t").unwrap_err();
+        assert!(e.to_string().contains("retrain"), "{e}");
     }
 
     #[test]
