@@ -376,6 +376,13 @@ impl ModelSlot {
 
     /// Restarts the keep-alive of a loaded model from now (a request that only loads).
     pub fn refresh(&self) {
+        // Set here as well as by the worker, so that /api/ps right after the answer shows
+        // the new deadline even while the worker is busy with its step.
+        // (A keep-alive of zero is the worker's to apply, with its grace after a load.)
+        let k = self.keep_alive();
+        if self.is_ready() && !k.is_zero() {
+            self.set_expiry(k.deadline(Instant::now()));
+        }
         let _ = self.jobs.send(Msg::Load(self.name.clone()));
     }
 
