@@ -45,6 +45,24 @@ pub trait Sequence {
     }
 }
 
+/// Positions before it up to which a prompt chunk may take the whole step budget. Each
+/// row of a chunk attends to every position before it, so late in a long prompt a chunk
+/// of the full budget costs many times one near its start (at 4,096 positions, a 256-row
+/// chunk took seconds on 2 cores), and a request arriving meanwhile waits for that step.
+/// Past this context a chunk shrinks so that rows × positions stays what a full chunk
+/// costs here: every step, and so every newcomer's wait, stays about as short.
+const ATTENTION_CONTEXT: usize = 512;
+/// The smallest chunk a prompt is read in, however long its context.
+const MIN_CHUNK: usize = 16;
+
+/// The largest chunk at `computed` whose rows × positions (`c × (computed + c)`) stays
+/// within `pairs`, at least [`MIN_CHUNK`].
+fn chunk_within(computed: usize, pairs: usize) -> usize {
+    let (c, p) = (computed as f64, pairs as f64);
+    let chunk = ((c * c + 4.0 * p).sqrt() - c) / 2.0;
+    (chunk as usize).max(MIN_CHUNK)
+}
+
 /// How a scheduler packs its steps.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -251,12 +269,19 @@ impl<S: Sequence> Scheduler<S> {
             })
             .collect();
         reading.sort_by_key(|&i| (self.running[i].tokens.len() - self.running[i].computed, i));
+        let pairs = self.limits.step_tokens.saturating_mul(ATTENTION_CONTEXT);
         for i in reading {
             if budget == 0 {
                 break;
             }
             let e = &self.running[i];
-            let end = e.tokens.len().min(e.computed + budget);
+            let mut take = budget.min(chunk_within(e.computed, pairs));
+            if !plan.is_empty() && e.tokens.len() - e.computed > take {
+                // Part of a long prompt beside others (decodes, a newcomer's prompt): a
+                // smaller part, so that their next token is not held behind it.
+                take = take.min((self.limits.step_tokens / 4).max(MIN_CHUNK));
+            }
+            let end = e.tokens.len().min(e.computed + take);
             budget -= end - e.computed;
             plan.push((i, e.computed, end));
         }
@@ -528,6 +553,49 @@ mod tests {
         s.step(|c| m.forward(c)).unwrap();
         assert_eq!(m.batches[2], vec![(3, 1), (13, 7)]);
         run_all(&mut s, &mut m);
+        assert_eq!(s.pool().free_blocks(), 64);
+    }
+
+    #[test]
+    fn chunks_of_a_long_prompt_shrink_so_each_step_costs_about_the_same() {
+        let log: Log = Default::default();
+        let (budget, len) = (256, 4096);
+        let mut s = Scheduler::new(BlockPool::new(300, 16), limits(4, budget));
+        let mut m = FakeModel::new(300, 16);
+        s.add((0..len as u32).collect(), seq(1, 1, &log)).unwrap();
+        run_all(&mut s, &mut m);
+        let chunks: Vec<(usize, usize)> = m.batches.iter().map(|b| b[0]).collect();
+        // Whole budgets while the context is short (a 512-token prompt reads as before)...
+        assert_eq!(chunks[..2], [(0, 256), (256, 256)]);
+        // ...then smaller chunks, each within the attention work of a full one there.
+        let pairs = budget * ATTENTION_CONTEXT;
+        for &(start, n) in &chunks {
+            assert!(
+                n * (start + n) <= pairs || n == MIN_CHUNK,
+                "{n} rows at {start}"
+            );
+        }
+        assert!(chunks.iter().any(|&(start, n)| start > 3000 && n < 64));
+        assert_eq!(chunks.iter().map(|c| c.1).sum::<usize>(), len);
+    }
+
+    #[test]
+    fn a_long_prompt_takes_a_quarter_of_a_step_it_shares() {
+        let log: Log = Default::default();
+        let mut s = Scheduler::new(BlockPool::new(64, 16), limits(4, 256));
+        let mut m = FakeModel::new(64, 16);
+        s.add((0..600).collect(), seq(1, 1, &log)).unwrap();
+        s.step(|c| m.forward(c)).unwrap();
+        assert_eq!(m.batches[0], vec![(0, 256)]);
+        // A newcomer's whole prompt, and 64 more of the long one beside it.
+        s.add((1000..1030).collect(), seq(2, 3, &log)).unwrap();
+        s.step(|c| m.forward(c)).unwrap();
+        assert_eq!(m.batches[1], vec![(0, 30), (256, 64)]);
+        // Beside the newcomer's decodes too; alone again, the whole budget.
+        s.step(|c| m.forward(c)).unwrap();
+        assert_eq!(m.batches[2], vec![(30, 1), (320, 64)]);
+        run_all(&mut s, &mut m);
+        assert!(m.batches.iter().any(|b| b.len() == 1 && b[0].1 > 64));
         assert_eq!(s.pool().free_blocks(), 64);
     }
 
