@@ -276,9 +276,11 @@ impl<S: Sequence> Scheduler<S> {
             }
             let e = &self.running[i];
             let mut take = budget.min(chunk_within(e.computed, pairs));
-            if !plan.is_empty() && e.tokens.len() - e.computed > take {
-                // Part of a long prompt beside others (decodes, a newcomer's prompt): a
-                // smaller part, so that their next token is not held behind it.
+            let rest = e.tokens.len() - e.computed;
+            if !plan.is_empty() && rest > take && rest > self.limits.step_tokens {
+                // Part of a prompt longer than a step, beside others (decodes, a
+                // newcomer's prompt): a smaller part, so that their next token is not
+                // held behind it. (Prompts of a burst, each shorter, go as before.)
                 take = take.min((self.limits.step_tokens / 4).max(MIN_CHUNK));
             }
             let end = e.tokens.len().min(e.computed + take);
