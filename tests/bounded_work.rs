@@ -104,11 +104,12 @@ fn a_4mb_single_word_is_cut_fast_and_does_not_hold_up_other_clients() {
         "the 4 MB prompt took {accepted:.2} s to be taken in"
     );
     // The other client is not held behind the long prompt: its first token comes while
-    // the 4095 positions are still being read (16 steps of 256; it waits for at most
-    // the step under way). Relative, so it holds on a loaded machine; the absolute
-    // delay is printed above (RELIABILITY.md has the measurements).
+    // the 4095 positions are still being read (in steps paced to about 0.4 s; it waits
+    // for at most the step under way, then shares the next). Relative, so it holds on a
+    // loaded machine; the absolute delay is printed above (RELIABILITY.md has the
+    // measurements).
     assert!(
-        meanwhile < answered / 3.0,
+        meanwhile < answered / 10.0,
         "the other client waited {meanwhile:.2} s for its first token ({alone:.2} s alone), \
          the long prompt's answer took {answered:.2} s"
     );

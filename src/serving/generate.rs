@@ -63,7 +63,8 @@ pub fn step_checked<S: Sequence>(
     kv: &mut PagedKv,
     check: impl FnOnce() -> Result<(), EngineError>,
 ) -> Result<(Vec<S>, super::scheduler::StepReport), EngineError> {
-    sched.step(|batch| -> Result<Vec<Vec<f32>>, EngineError> {
+    let started = std::time::Instant::now();
+    let result = sched.step(|batch| -> Result<Vec<Vec<f32>>, EngineError> {
         let logits = model.weights.forward_batch(batch, kv)?;
         check()?;
         let rows = logits.dim(0)?;
@@ -71,7 +72,20 @@ pub fn step_checked<S: Sequence>(
         (0..rows)
             .map(|r| Ok(host.get(r)?.to_vec1::<f32>()?))
             .collect()
-    })
+    });
+    if let Ok((_, report)) = &result {
+        sched.pace(report, started.elapsed());
+        tracing::debug!(
+            model = %model.name,
+            sequences = report.sequences,
+            decodes = report.decodes,
+            rows = report.tokens,
+            budget = sched.budget(),
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "step"
+        );
+    }
+    result
 }
 
 pub struct Generation<'m> {
@@ -106,6 +120,7 @@ impl<'m> Generation<'m> {
             Limits {
                 max_running: 1,
                 step_tokens: PREFILL_CHUNK,
+                step_time: None,
             },
         );
         let alone = Alone {

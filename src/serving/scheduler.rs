@@ -63,13 +63,26 @@ fn chunk_within(computed: usize, pairs: usize) -> usize {
     (chunk as usize).max(MIN_CHUNK)
 }
 
+/// The budget a paced scheduler starts from before it has timed a full step: small
+/// enough that the first step of a long prompt on a slow device is short.
+const PACED_START: usize = 64;
+/// The smallest budget pacing goes down to: below it the matrices run far from full
+/// speed and a long prompt would crawl.
+const PACED_FLOOR: usize = 32;
+
 /// How a scheduler packs its steps.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     /// Sequences running at once (`--parallel`).
     pub max_running: usize,
-    /// Tokens per step, prompt chunks and decodes together (decodes always run).
+    /// Tokens per step at most, prompt chunks and decodes together (decodes always run).
     pub step_tokens: usize,
+    /// The time a step that reads prompts should take. When set, the step's token budget
+    /// follows the measured times of such steps (see [`Scheduler::pace`]), so that a
+    /// request arriving during a long prompt waits about this long for its turn, on a
+    /// slow CPU as on a GPU; when not (one generation alone), every step may use
+    /// `step_tokens`.
+    pub step_time: Option<std::time::Duration>,
 }
 
 struct Entry<S> {
@@ -92,6 +105,9 @@ pub struct StepReport {
     pub prefix_hit_tokens: usize,
     /// Sequences preempted to free blocks.
     pub preempted: usize,
+    /// A prompt chunk was as large as the budget allowed (a step whose time tells what
+    /// the budget costs); false when the step had room to spare or gave way to others.
+    pub budget_bound: bool,
 }
 
 /// Why a sequence cannot be added.
@@ -106,17 +122,25 @@ pub enum AddError {
 pub struct Scheduler<S> {
     pool: BlockPool,
     limits: Limits,
+    /// Tokens the next step may take (`limits.step_tokens` unless paced).
+    budget: usize,
     waiting: VecDeque<Entry<S>>,
     running: Vec<Entry<S>>,
 }
 
 impl<S: Sequence> Scheduler<S> {
     pub fn new(pool: BlockPool, limits: Limits) -> Self {
+        let step_tokens = limits.step_tokens.max(1);
         Self {
             pool,
             limits: Limits {
                 max_running: limits.max_running.max(1),
-                step_tokens: limits.step_tokens.max(1),
+                step_tokens,
+                ..limits
+            },
+            budget: match limits.step_time {
+                Some(_) => PACED_START.min(step_tokens),
+                None => step_tokens,
             },
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -130,6 +154,30 @@ impl<S: Sequence> Scheduler<S> {
 
     pub fn pool(&self) -> &BlockPool {
         &self.pool
+    }
+
+    /// Tokens the next step may take.
+    pub fn budget(&self) -> usize {
+        self.budget
+    }
+
+    /// Tells a paced scheduler how long a step took. After a step that the budget bound,
+    /// the budget moves toward the one that takes `step_time`: by the square root of
+    /// the ratio (a damped step, as the cost is not quite proportional to the rows),
+    /// within [`PACED_FLOOR`] and `step_tokens`.
+    pub fn pace(&mut self, report: &StepReport, took: std::time::Duration) {
+        let Some(target) = self.limits.step_time else {
+            return;
+        };
+        if !report.budget_bound || took.is_zero() {
+            return;
+        }
+        let factor = (target.as_secs_f64() / took.as_secs_f64())
+            .sqrt()
+            .clamp(0.5, 2.0);
+        let floor = PACED_FLOOR.min(self.limits.step_tokens);
+        self.budget =
+            ((self.budget as f64 * factor).round() as usize).clamp(floor, self.limits.step_tokens);
     }
 
     /// Queues a sequence whose context so far is `tokens` (or gives it back, refused).
@@ -210,7 +258,7 @@ impl<S: Sequence> Scheduler<S> {
 
     /// Plans a step: (index into `running`, first position, end) per chunk.
     fn plan(&mut self, report: &mut StepReport) -> Vec<(usize, usize, usize)> {
-        let mut budget = self.limits.step_tokens;
+        let mut budget = self.budget;
         let mut plan = Vec::new();
         // Decodes first: each running sequence that has computed all but its last
         // token needs a slot for it, preempting the newest sequences if the pool is dry.
@@ -269,24 +317,29 @@ impl<S: Sequence> Scheduler<S> {
             })
             .collect();
         reading.sort_by_key(|&i| (self.running[i].tokens.len() - self.running[i].computed, i));
-        let pairs = self.limits.step_tokens.saturating_mul(ATTENTION_CONTEXT);
+        let pairs = self.budget.saturating_mul(ATTENTION_CONTEXT);
+        let mut gave_way = false;
         for i in reading {
             if budget == 0 {
+                report.budget_bound = true;
                 break;
             }
             let e = &self.running[i];
             let mut take = budget.min(chunk_within(e.computed, pairs));
             let rest = e.tokens.len() - e.computed;
-            if !plan.is_empty() && rest > take && rest > self.limits.step_tokens {
+            if !plan.is_empty() && rest > take && rest > self.budget {
                 // Part of a prompt longer than a step, beside others (decodes, a
                 // newcomer's prompt): a smaller part, so that their next token is not
                 // held behind it. (Prompts of a burst, each shorter, go as before.)
-                take = take.min((self.limits.step_tokens / 4).max(MIN_CHUNK));
+                take = take.min((self.budget / 4).max(MIN_CHUNK));
+                gave_way = true;
             }
+            report.budget_bound |= rest > take;
             let end = e.tokens.len().min(e.computed + take);
             budget -= end - e.computed;
             plan.push((i, e.computed, end));
         }
+        report.budget_bound &= !gave_way;
         plan
     }
 
@@ -490,6 +543,7 @@ mod tests {
         Limits {
             max_running,
             step_tokens,
+            step_time: None,
         }
     }
 
@@ -599,6 +653,93 @@ mod tests {
         run_all(&mut s, &mut m);
         assert!(m.batches.iter().any(|b| b.len() == 1 && b[0].1 > 64));
         assert_eq!(s.pool().free_blocks(), 64);
+    }
+
+    /// A paced scheduler's steps on a device whose step costs `fixed` + `per_row` × rows
+    /// (ms), plus attention: a row at 512 positions costs as much again. The budget after
+    /// each step, and each step's cost.
+    fn paced_run(
+        s: &mut Scheduler<Counting>,
+        m: &mut FakeModel,
+        fixed: f64,
+        per_row: f64,
+    ) -> Vec<(usize, f64)> {
+        let mut out = vec![];
+        while !s.is_empty() {
+            let (_, r) = s.step(|c| m.forward(c)).unwrap();
+            let pairs: usize = m
+                .batches
+                .last()
+                .unwrap()
+                .iter()
+                .map(|&(at, n)| n * (at + n))
+                .sum();
+            let ms = fixed + per_row * (r.tokens as f64 + pairs as f64 / 512.0);
+            s.pace(&r, std::time::Duration::from_secs_f64(ms / 1e3));
+            out.push((s.budget(), ms));
+        }
+        out
+    }
+
+    fn paced(step_tokens: usize, ms: u64) -> Limits {
+        Limits {
+            step_time: Some(std::time::Duration::from_millis(ms)),
+            ..limits(4, step_tokens)
+        }
+    }
+
+    #[test]
+    fn a_paced_budget_settles_where_a_step_takes_the_target_time() {
+        let log: Log = Default::default();
+        // A slow device: 20 ms a step and 4 ms a row, and attention that grows with the
+        // context.
+        let mut s = Scheduler::new(BlockPool::new(128, 16), paced(256, 400));
+        let mut m = FakeModel::new(128, 16);
+        assert_eq!(s.budget(), PACED_START);
+        s.add((0..1500).collect(), seq(1, 1, &log)).unwrap();
+        let steps = paced_run(&mut s, &mut m, 20.0, 4.0);
+        // The first step is short; then every step takes about the target, however
+        // deep in the prompt (unpaced, a step of 256 rows here takes 1.2 s and more).
+        let (first, last) = (steps[0].1, steps.last().unwrap().1);
+        assert!(first < 400.0 && last < 400.0, "{steps:?}");
+        let rest = &steps[1..steps.len() - 1];
+        assert!(
+            rest.iter().all(|&(_, ms)| (350.0..=480.0).contains(&ms)),
+            "{steps:?}"
+        );
+        // A fast device: the budget grows to the most a step may take.
+        let mut s = Scheduler::new(BlockPool::new(128, 16), paced(256, 400));
+        s.add((0..1500).collect(), seq(1, 1, &log)).unwrap();
+        let steps = paced_run(&mut s, &mut FakeModel::new(128, 16), 5.0, 0.1);
+        assert_eq!(steps.last().unwrap().0, 256, "{steps:?}");
+        // Unpaced, the budget is the whole step, and times change nothing.
+        let mut s = Scheduler::new(BlockPool::new(128, 16), limits(4, 256));
+        s.add((0..600).collect(), seq(1, 1, &log)).unwrap();
+        let steps = paced_run(&mut s, &mut FakeModel::new(128, 16), 20.0, 40.0);
+        assert!(steps.iter().all(|&(b, _)| b == 256), "{steps:?}");
+    }
+
+    #[test]
+    fn steps_that_leave_room_or_give_way_do_not_move_the_budget() {
+        let log: Log = Default::default();
+        let mut s = Scheduler::new(BlockPool::new(128, 16), paced(256, 400));
+        let mut m = FakeModel::new(128, 16);
+        // Short prompts and their decodes: never bound by the budget.
+        for n in 0..3 {
+            s.add((n * 100..n * 100 + 20).collect(), seq(n, 3, &log))
+                .unwrap();
+        }
+        let steps = paced_run(&mut s, &mut m, 20.0, 100.0);
+        assert!(steps.iter().all(|&(b, _)| b == PACED_START), "{steps:?}");
+        // A long prompt beside a decoding sequence takes a smaller part (giving way):
+        // cheap steps that say nothing of what the budget costs.
+        s.add((0..20).collect(), seq(7, 40, &log)).unwrap();
+        s.add((1000..1600).collect(), seq(8, 1, &log)).unwrap();
+        s.step(|c| m.forward(c)).unwrap();
+        let (_, r) = s.step(|c| m.forward(c)).unwrap();
+        assert!(!r.budget_bound && r.decodes == 1, "{r:?}");
+        s.pace(&r, std::time::Duration::from_millis(1));
+        assert_eq!(s.budget(), PACED_START);
     }
 
     #[test]

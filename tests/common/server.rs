@@ -38,7 +38,11 @@ fn spawn_child(
         .args(&serve)
         .current_dir(super::repo_root())
         .env("HF_HUB_OFFLINE", "1")
-        .env("RUST_LOG", "warn")
+        // DUET_TEST_RUST_LOG shows more of the servers' logs (e.g. each step's timing).
+        .env(
+            "RUST_LOG",
+            std::env::var("DUET_TEST_RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
