@@ -72,26 +72,112 @@ pub fn paged(q: &[f32], rows: &[Row], k: &[f16], v: &[f16], shape: Paged, out: &
     }
     let group = heads / kv_heads;
     let out_at = out.as_mut_ptr() as usize;
-    // One item per (row, key/value head): its keys and values are read once for all
-    // the query heads that share them.
-    candle_core::utils::barrier_pool().execute_chunked(rows.len() * kv_heads, |range| {
-        let mut scores = Vec::new();
+    let tiles = tiles(rows, if tile_kernel(hd) { TILE_ROWS } else { 1 });
+    // One item per (tile of rows, key/value head): its keys and values are read once
+    // for all the query heads that share them, and for all the rows of the tile.
+    candle_core::utils::barrier_pool().execute_chunked(tiles.len() * kv_heads, |range| {
+        let (mut scores, mut scratch) = (Vec::new(), Vec::new());
         for item in range {
-            let (r, g) = (item / kv_heads, item % kv_heads);
-            let row = rows[r];
-            let nb = row.len.div_ceil(bs);
-            let starts = (0..nb).map(|b| shape.offset(row.blocks, g, b * bs));
+            let (tile, g) = (tiles[item / kv_heads].clone(), item % kv_heads);
+            let last = rows[tile.end - 1];
+            let nb = last.len.div_ceil(bs);
+            let starts = (0..nb).map(|b| shape.offset(last.blocks, g, b * bs));
             let keys: Vec<&[f16]> = starts.clone().map(|at| &k[at..at + bs * hd]).collect();
             let values: Vec<&[f16]> = starts.map(|at| &v[at..at + bs * hd]).collect();
-            let at = (r * heads + g * group) * hd;
-            let qg = &q[at..at + group * hd];
-            scores.resize(group * row.len, 0.0);
+            let at = |r: usize| (r * heads + g * group) * hd;
             // SAFETY: each (row, group)'s output values are written by exactly one item.
-            let og =
-                unsafe { std::slice::from_raw_parts_mut((out_at as *mut f32).add(at), group * hd) };
-            attend_group(qg, &keys, &values, hd, row.len, &mut scores, og);
+            let out_of = |r: usize| unsafe {
+                std::slice::from_raw_parts_mut((out_at as *mut f32).add(at(r)), group * hd)
+            };
+            if tile.len() == 1 {
+                let r = tile.start;
+                let len = rows[r].len;
+                scores.resize(group * len, 0.0);
+                attend_group(
+                    &q[at(r)..][..group * hd],
+                    &keys,
+                    &values,
+                    hd,
+                    len,
+                    &mut scores,
+                    out_of(r),
+                );
+                continue;
+            }
+            let tile_rows: Vec<TileRow> = tile
+                .map(|r| TileRow {
+                    q: &q[at(r)..][..group * hd],
+                    len: rows[r].len,
+                    out: out_of(r),
+                })
+                .collect();
+            attend_tile(tile_rows, &keys, &values, hd, &mut scores, &mut scratch);
         }
     });
+}
+
+/// Rows a tile of one sequence's consecutive positions holds at most.
+const TILE_ROWS: usize = 8;
+
+/// Whether [`attend_tile`] has a kernel for this head width on this CPU.
+fn tile_kernel(hd: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        return matches!(hd, 64 | 128);
+    }
+    let _ = hd;
+    false
+}
+
+/// `rows` cut into tiles of up to `most` rows that [`attend_tile`] can take together:
+/// consecutive positions of one sequence (a prompt chunk's rows). Other rows (decodes)
+/// are tiles of one.
+fn tiles(rows: &[Row], most: usize) -> Vec<std::ops::Range<usize>> {
+    let mut tiles: Vec<std::ops::Range<usize>> = Vec::new();
+    for (r, row) in rows.iter().enumerate() {
+        if let Some(t) = tiles.last_mut() {
+            let prev = rows[r - 1];
+            let same = std::ptr::eq(prev.blocks, row.blocks) && prev.len + 1 == row.len;
+            if same && t.len() < most {
+                t.end = r + 1;
+                continue;
+            }
+        }
+        tiles.push(r..r + 1);
+    }
+    tiles
+}
+
+/// One row of a tile: its query heads that share a key/value head, the positions it
+/// attends over, and where its output goes.
+struct TileRow<'a> {
+    q: &'a [f32],
+    len: usize,
+    out: &'a mut [f32],
+}
+
+/// [`attend_group`] for the rows of a tile (lengths increasing), each block of keys and
+/// of values turned into f32 once for them all. Each row gets the very float operations
+/// [`attend_group`] would do for it alone (the same sums, in the same order), so its
+/// output does not depend on how a prompt was cut into chunks.
+fn attend_tile(
+    rows: Vec<TileRow>,
+    keys: &[&[f16]],
+    values: &[&[f16]],
+    hd: usize,
+    scores: &mut Vec<f32>,
+    scratch: &mut Vec<f32>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512 F; the slices have the lengths the kernel reads.
+        match hd {
+            64 => return unsafe { avx512::tile::<4>(rows, keys, values, scores, scratch) },
+            128 => return unsafe { avx512::tile::<8>(rows, keys, values, scores, scratch) },
+            _ => {}
+        }
+    }
+    unreachable!("tiles of several rows are only formed where a kernel takes them")
 }
 
 /// The query heads `q` (group × hd) of one key/value head over its `len` positions,
@@ -152,12 +238,37 @@ fn attend_group(
 
 /// e^(s - max s) for each score, in place; returns their sum.
 fn softmax_unnormalized(s: &mut [f32]) -> f32 {
-    let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    // The max and the sum in 16 independent lanes (so that they vectorize, not a chain
+    // of dependent scalar operations), then across the lanes.
+    const L: usize = 16;
+    let mut max = [f32::NEG_INFINITY; L];
+    let chunks = s.chunks_exact(L);
+    let mut tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    for c in chunks {
+        for (m, &x) in max.iter_mut().zip(c) {
+            *m = if x > *m { x } else { *m };
+        }
+    }
+    for m in max {
+        tail = if m > tail { m } else { tail };
+    }
+    let max = tail;
     for x in s.iter_mut() {
         *x -= max;
     }
     super::ops::exp_in_place(s);
-    s.iter().sum()
+    let mut sum = [0f32; L];
+    let chunks = s.chunks_exact(L);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for (a, &x) in sum.iter_mut().zip(c) {
+            *a += x;
+        }
+    }
+    sum.iter().sum::<f32>() + tail
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -262,6 +373,187 @@ mod avx512 {
             let inv = 1.0 / sums[h];
             for o in &mut out[h * hd..(h + 1) * hd] {
                 *o *= inv;
+            }
+        }
+    }
+
+    /// [`super::attend_tile`] for head_dim = 16·C: [`group`]'s operations for each row,
+    /// with each block of keys and of values turned into f32 once for all the rows.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn tile<const C: usize>(
+        mut rows: Vec<super::TileRow>,
+        keys: &[&[f16]],
+        values: &[&[f16]],
+        scores: &mut Vec<f32>,
+        scratch: &mut Vec<f32>,
+    ) {
+        let hd = 16 * C;
+        let heads = rows[0].q.len() / hd;
+        let bs = keys[0].len() / hd;
+        let longest = rows.iter().map(|r| r.len).max().unwrap_or(0);
+        assert!(bs.is_multiple_of(4) && keys.len() * bs >= longest && values.len() * bs >= longest);
+        assert!(keys.iter().chain(values).all(|b| b.len() == bs * hd));
+        assert!(rows
+            .iter()
+            .all(|r| r.q.len() == heads * hd && r.out.len() == heads * hd && r.len > 0));
+        let scale = _mm512_set1_ps(1.0 / (hd as f32).sqrt());
+        // Each row's scores at `base[i]`: heads × its length, as `group` lays them out.
+        let mut base = Vec::with_capacity(rows.len());
+        let mut total = 0;
+        for r in &rows {
+            base.push(total);
+            total += heads * r.len;
+        }
+        scores.resize(total, 0.0);
+        scratch.resize(bs * hd, 0.0);
+        let convert = |blk: &[f16], to: &mut [f32], n: usize| {
+            for i in (0..n * hd).step_by(16) {
+                let x = unsafe {
+                    _mm512_cvtph_ps(_mm256_loadu_si256(blk.as_ptr().add(i) as *const __m256i))
+                };
+                unsafe { _mm512_storeu_ps(to.as_mut_ptr().add(i), x) };
+            }
+        };
+        // Scores, a block of keys at a time, four keys at a time within it.
+        for (b, blk) in keys.iter().enumerate() {
+            let t0 = b * bs;
+            if t0 >= longest {
+                break;
+            }
+            let t1 = longest.min(t0 + bs);
+            convert(blk, scratch, t1 - t0);
+            let kf = &scratch[..];
+            for (r, &at) in rows.iter().zip(&base) {
+                let mut t = t0;
+                while t < r.len.min(t1) {
+                    let n = (r.len - t).min(4);
+                    let off = (t - t0) * hd;
+                    let mut h = 0;
+                    // Two heads at a time (each key loaded once for both), then the last.
+                    while h + 2 <= heads {
+                        let four = qk::<C, 2>(r.q, h, kf, off);
+                        for (i, four) in four.iter().enumerate() {
+                            let s = at + (h + i) * r.len + t;
+                            scores[s..s + n].copy_from_slice(&four[..n]);
+                        }
+                        h += 2;
+                    }
+                    if h < heads {
+                        let [four] = qk::<C, 1>(r.q, h, kf, off);
+                        let s = at + h * r.len + t;
+                        scores[s..s + n].copy_from_slice(&four[..n]);
+                    }
+                    t += n;
+                }
+            }
+        }
+        let mut sums = vec![0f32; rows.len() * heads];
+        for (i, (r, &at)) in rows.iter().zip(&base).enumerate() {
+            for h in 0..heads {
+                let s = &mut scores[at + h * r.len..at + (h + 1) * r.len];
+                for x in s.iter_mut() {
+                    *x *= _mm512_cvtss_f32(scale);
+                }
+                sums[i * heads + h] = super::softmax_unnormalized(s);
+            }
+        }
+        // Values: a block at a time, each row's heads' outputs in registers.
+        for r in rows.iter_mut() {
+            r.out.fill(0.0);
+        }
+        for (b, blk) in values.iter().enumerate() {
+            let t0 = b * bs;
+            if t0 >= longest {
+                break;
+            }
+            let t1 = longest.min(t0 + bs);
+            convert(blk, scratch, t1 - t0);
+            let vf = &scratch[..];
+            for (r, &at) in rows.iter_mut().zip(&base) {
+                let t1 = r.len.min(t1);
+                if t0 >= t1 {
+                    continue;
+                }
+                let mut h = 0;
+                while h + 2 <= heads {
+                    pv::<C, 2>(r, &scores[at..], h, vf, t0..t1);
+                    h += 2;
+                }
+                if h < heads {
+                    pv::<C, 1>(r, &scores[at..], h, vf, t0..t1);
+                }
+            }
+        }
+        for (i, r) in rows.iter_mut().enumerate() {
+            for h in 0..heads {
+                let inv = 1.0 / sums[i * heads + h];
+                for o in &mut r.out[h * hd..(h + 1) * hd] {
+                    *o *= inv;
+                }
+            }
+        }
+    }
+
+    /// The scores of keys `off / hd ..` + 4 (f32 rows of `kf`) for query heads `h..h + H`
+    /// of `q`, each exactly as [`group`] forms it (C sums of 16 lanes, then across lanes).
+    #[target_feature(enable = "avx512f")]
+    unsafe fn qk<const C: usize, const H: usize>(
+        q: &[f32],
+        h: usize,
+        kf: &[f32],
+        off: usize,
+    ) -> [[f32; 4]; H] {
+        let hd = 16 * C;
+        assert!(q.len() >= (h + H) * hd && kf.len() >= off + 4 * hd);
+        let load = |p: &[f32], at: usize| unsafe { _mm512_loadu_ps(p.as_ptr().add(at)) };
+        let mut acc = [[_mm512_setzero_ps(); 4]; H];
+        for c in 0..C {
+            let k: [__m512; 4] = std::array::from_fn(|j| load(kf, off + j * hd + 16 * c));
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let qc = load(q, (h + i) * hd + 16 * c);
+                for (a, &k) in acc.iter_mut().zip(&k) {
+                    *a = _mm512_fmadd_ps(qc, k, *a);
+                }
+            }
+        }
+        acc.map(|a| {
+            let mut four = [0f32; 4];
+            unsafe { _mm_storeu_ps(four.as_mut_ptr(), hsum4x16(a)) };
+            four
+        })
+    }
+
+    /// Adds Σ p·v over positions `ts` (value rows of `vf` from `ts.start`) to the outputs
+    /// of heads `h..h + H` of `r`, as [`group`] does it (position by position, from the
+    /// output so far). `scores` holds the row's probabilities, heads × its length.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn pv<const C: usize, const H: usize>(
+        r: &mut super::TileRow,
+        scores: &[f32],
+        h: usize,
+        vf: &[f32],
+        ts: std::ops::Range<usize>,
+    ) {
+        let hd = 16 * C;
+        let t0 = ts.start;
+        assert!(r.out.len() >= (h + H) * hd && vf.len() >= (ts.end - t0) * hd);
+        assert!(scores.len() >= (h + H) * r.len && ts.end <= r.len);
+        let load = |p: &[f32], at: usize| unsafe { _mm512_loadu_ps(p.as_ptr().add(at)) };
+        let mut o: [[__m512; C]; H] =
+            std::array::from_fn(|i| std::array::from_fn(|c| load(r.out, (h + i) * hd + 16 * c)));
+        for t in ts {
+            let p: [__m512; H] =
+                std::array::from_fn(|i| _mm512_set1_ps(scores[(h + i) * r.len + t]));
+            for c in 0..C {
+                let v = load(vf, (t - t0) * hd + 16 * c);
+                for (o, &p) in o.iter_mut().zip(&p) {
+                    o[c] = _mm512_fmadd_ps(p, v, o[c]);
+                }
+            }
+        }
+        for (i, o) in o.iter().enumerate() {
+            for (c, o) in o.iter().enumerate() {
+                unsafe { _mm512_storeu_ps(r.out.as_mut_ptr().add((h + i) * hd + 16 * c), *o) };
             }
         }
     }
@@ -472,6 +764,51 @@ mod tests {
             let want = reference(&q, &rows, &k, &v, s);
             for (i, (a, b)) in out.iter().zip(&want).enumerate() {
                 assert!((a - b).abs() <= 1e-4, "{s:?} [{i}]: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn rows_of_a_prompt_chunk_get_what_each_would_get_alone() {
+        for (heads, kv_heads, head_dim) in [(12, 2, 128), (14, 2, 64), (4, 4, 40)] {
+            let s = Paged {
+                heads,
+                kv_heads,
+                head_dim,
+                block_size: 8,
+            };
+            let n_blocks = 50;
+            let half = |v: Vec<f32>| v.into_iter().map(f16::from_f32).collect::<Vec<_>>();
+            let k = half(values(n_blocks * s.block_len(), 5));
+            let v = half(values(n_blocks * s.block_len(), 6));
+            let a: Vec<u32> = (0..40).rev().collect();
+            let b: Vec<u32> = vec![41, 45, 43, 40];
+            // A decode row, a chunk of 21 positions (three tiles, lengths across block
+            // ends), a chunk of 3 of another sequence, a lone row of the first.
+            let mut rows = vec![Row {
+                len: 29,
+                blocks: &b,
+            }];
+            rows.extend((280..301).map(|len| Row { len, blocks: &a }));
+            rows.extend((5..8).map(|len| Row { len, blocks: &b }));
+            rows.push(Row { len: 9, blocks: &a });
+            assert_eq!(
+                tiles(&rows, TILE_ROWS),
+                [0..1, 1..9, 9..17, 17..22, 22..25, 25..26]
+            );
+            let w = heads * head_dim;
+            let q = values(rows.len() * w, 7);
+            let mut out = vec![f32::NAN; q.len()];
+            paged(&q, &rows, &k, &v, s, &mut out);
+            let want = reference(&q, &rows, &k, &v, s);
+            for (i, (x, y)) in out.iter().zip(&want).enumerate() {
+                assert!((x - y).abs() <= 1e-4, "{s:?} [{i}]: {x} vs {y}");
+            }
+            // Bit for bit what each row gets alone (as a decode row).
+            for (r, row) in rows.iter().enumerate() {
+                let mut alone = vec![f32::NAN; w];
+                paged(&q[r * w..][..w], &[*row], &k, &v, s, &mut alone);
+                assert_eq!(alone, out[r * w..][..w], "{s:?} row {r}");
             }
         }
     }

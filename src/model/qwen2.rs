@@ -244,6 +244,23 @@ impl PagedKv {
         self.n_blocks = n_blocks;
         Ok(())
     }
+
+    /// Makes a host cache resident now (one write per page): a server claims its whole KV
+    /// budget at start, as llama.cpp does, so its memory stays flat however the blocks
+    /// are later used, and a budget too large for the machine shows at start, not hours
+    /// into serving. (A device cache is allocated whole already.)
+    pub fn make_resident(&mut self) {
+        if let KvStore::Cpu(layers) = &mut self.store {
+            const PAGE: usize = 4096 / std::mem::size_of::<half::f16>();
+            for buf in layers.iter_mut().flat_map(|(k, v)| [k, v]) {
+                for x in buf.iter_mut().step_by(PAGE) {
+                    // SAFETY: a valid, aligned place in the buffer; volatile so the
+                    // write of the value it already holds is not elided.
+                    unsafe { std::ptr::write_volatile(x, half::f16::ZERO) };
+                }
+            }
+        }
+    }
 }
 
 /// One sequence's part of a batched forward pass.

@@ -632,7 +632,8 @@ impl Batcher {
         let min_blocks =
             super::sampling::DEFAULT_NUM_CTX.div_ceil(crate::model::qwen2::KV_BLOCK) + 1;
         let n_blocks = ((bytes / per_block) as usize).max(min_blocks);
-        let kv = model.weights.new_paged_kv(n_blocks)?;
+        let mut kv = model.weights.new_paged_kv(n_blocks)?;
+        kv.make_resident();
         tracing::info!(
             model = %slot.name,
             blocks = n_blocks,
