@@ -268,42 +268,11 @@ fn sigterm_drains_in_flight_requests_refuses_new_ones_then_exits() {
     }
 }
 
-/// Serves the 0.5B on cpu:0 and the 1.5B from `large_path` on `large_device`, with
-/// COMPLEX routed to the 1.5B first.
-fn serve_pair(large_path: &str, large_device: &str) -> (tempfile::TempDir, Server) {
-    let dir = tempfile::tempdir().unwrap();
-    let toml = format!(
-        "[models.\"{SMALL}\"]\npath = \"{}\"\n[models.\"{LARGE}\"]\npath = \"{large_path}\"\n\
-         [layouts.two.route]\nsimple = [\"{SMALL}\", \"{LARGE}\"]\ncomplex = [\"{LARGE}\", \"{SMALL}\"]\nmoderate = [\"{LARGE}\", \"{SMALL}\"]\n\
-         [[layouts.two.place]]\nmodel = \"{SMALL}\"\ndevice = \"cpu:0\"\n[[layouts.two.place]]\nmodel = \"{LARGE}\"\ndevice = \"{large_device}\"\n",
-        weights(SMALL).display()
-    );
-    let cfg = dir.path().join("models.toml");
-    std::fs::write(&cfg, toml).unwrap();
-    let srv = server::start_with(&["--config", cfg.to_str().unwrap(), "--layout", "two"], &[]);
-    (dir, srv)
-}
-
-/// A COMPLEX request is answered by the 0.5B, marked as a fallback.
-fn assert_complex_falls_back(srv: &Server) {
-    let r = client()
-        .post(format!("{}/api/generate", srv.base))
-        .json(&json!({"model": "auto", "prompt": "Design and implement a distributed rate limiter.", "stream": false, "options": {"num_predict": 2}}))
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(r.headers()["x-duet-tier"], "COMPLEX");
-    assert_eq!(r.headers()["x-duet-model"], SMALL);
-    assert_eq!(r.headers()["x-duet-fallback"], "true");
-    let v: Value = r.json().unwrap();
-    assert_eq!(v["model"], SMALL);
-}
-
 #[test]
 fn complex_requests_fall_back_when_the_quality_model_is_unavailable() {
     // The layout places the 1.5B, but its weights are missing: it cannot load.
-    let (_dir, srv) = serve_pair("/nonexistent/large.gguf", "cpu:1");
-    assert_complex_falls_back(&srv);
+    let (_dir, srv) = server::start_pair("/nonexistent/large.gguf".as_ref(), "cpu:1");
+    server::assert_complex_falls_back(&srv);
     // Naming the missing model is a clear 404, not a hang.
     let r = client()
         .post(format!("{}/api/generate", srv.base))
@@ -317,7 +286,7 @@ fn complex_requests_fall_back_when_the_quality_model_is_unavailable() {
 fn a_model_on_a_missing_gpu_is_unavailable_and_the_router_falls_back() {
     // The 1.5B is placed on cuda:1, which this machine (or this build) does not have.
     let large = weights(LARGE);
-    let (_dir, srv) = serve_pair(large.to_str().unwrap(), "cuda:1");
+    let (_dir, srv) = server::start_pair(&large, "cuda:1");
     // Ready once the 0.5B is warm and the 1.5B has failed; /ready says which and why.
     let ready = ready(&srv);
     let failed = ready["models"]
@@ -328,7 +297,7 @@ fn a_model_on_a_missing_gpu_is_unavailable_and_the_router_falls_back() {
         .unwrap();
     assert_eq!(failed["state"], "failed");
     assert_eq!(failed["device"], "cuda:1");
-    assert_complex_falls_back(&srv);
+    server::assert_complex_falls_back(&srv);
     // Asking for the model by name says why it cannot answer.
     let r = client()
         .post(format!("{}/api/generate", srv.base))

@@ -150,35 +150,6 @@ fn a_panic_fails_only_its_request_and_a_panicking_worker_restarts() {
     gauges_settle(&srv);
 }
 
-/// A layout of the 0.5B as SMALL and a file at `large` as LARGE (the quality model
-/// COMPLEX requests go to first), both on cpu:0's worker.
-fn serve_pair(large: &Path) -> (tempfile::TempDir, Server) {
-    let dir = tempfile::tempdir().unwrap();
-    let toml = format!(
-        "[models.\"{SMALL}\"]\npath = \"{}\"\n[models.\"{LARGE}\"]\npath = \"{}\"\n\
-         [layouts.two.route]\nsimple = [\"{SMALL}\", \"{LARGE}\"]\ncomplex = [\"{LARGE}\", \"{SMALL}\"]\nmoderate = [\"{LARGE}\", \"{SMALL}\"]\n\
-         [[layouts.two.place]]\nmodel = \"{SMALL}\"\ndevice = \"cpu:0\"\n[[layouts.two.place]]\nmodel = \"{LARGE}\"\ndevice = \"cpu:1\"\n",
-        weights(SMALL).display(),
-        large.display()
-    );
-    let cfg = dir.path().join("models.toml");
-    std::fs::write(&cfg, toml).unwrap();
-    let srv = server::start_with(&["--config", cfg.to_str().unwrap(), "--layout", "two"], &[]);
-    (dir, srv)
-}
-
-/// A COMPLEX request is answered by SMALL, marked as a fallback.
-fn complex_falls_back(srv: &Server) {
-    let r = client()
-        .post(format!("{}/api/generate", srv.base))
-        .json(&json!({"model": "auto", "prompt": "Design and implement a distributed rate limiter.", "stream": false, "options": {"num_predict": 2}}))
-        .send()
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(r.headers()["x-duet-model"], SMALL);
-    assert_eq!(r.headers()["x-duet-fallback"], "true");
-}
-
 /// LARGE answers a short request by name.
 fn large_answers(srv: &Server) {
     let (status, v) = srv.post(
@@ -219,7 +190,7 @@ fn blob_copy(dir: &Path) -> PathBuf {
 fn a_model_file_corrupted_or_cut_short_while_served_fails_that_model_only() {
     let files = tempfile::tempdir().unwrap();
     let large = blob_copy(files.path());
-    let (_dir, srv) = serve_pair(&large);
+    let (_dir, srv) = server::start_pair(&large, "cpu:1");
     large_answers(&srv);
 
     // Corrupt in place: bytes in the middle of the tensor data change, the size does
@@ -239,7 +210,7 @@ fn a_model_file_corrupted_or_cut_short_while_served_fails_that_model_only() {
     wait_for("the corrupt file to be noticed", 60, || {
         failed_with(&srv, &["sha256", "corrupt"])
     });
-    complex_falls_back(&srv);
+    server::assert_complex_falls_back(&srv);
     let (status, v) = srv.post(
         "/api/generate",
         json!({"model": LARGE, "prompt": "hi", "stream": false}),
@@ -287,7 +258,7 @@ fn a_model_file_corrupted_or_cut_short_while_served_fails_that_model_only() {
     wait_for("the model to be failed", 30, || {
         model_state(&srv, LARGE)["state"] == "failed"
     });
-    complex_falls_back(&srv);
+    server::assert_complex_falls_back(&srv);
     assert_eq!(model_state(&srv, SMALL)["state"], "ready");
     gauges_settle(&srv);
 }
@@ -300,7 +271,7 @@ fn a_model_file_replaced_by_junk_is_unavailable_until_a_good_one_returns() {
     let large = files.path().join("large.gguf");
     let real = std::fs::canonicalize(weights(SMALL)).unwrap();
     std::fs::hard_link(&real, &large).unwrap();
-    let (_dir, srv) = serve_pair(&large);
+    let (_dir, srv) = server::start_pair(&large, "cpu:1");
     large_answers(&srv);
 
     let junk = files.path().join("junk.tmp");
@@ -313,7 +284,7 @@ fn a_model_file_replaced_by_junk_is_unavailable_until_a_good_one_returns() {
     wait_for("the junk to be noticed", 30, || {
         failed_with(&srv, &["cannot be used"])
     });
-    complex_falls_back(&srv);
+    server::assert_complex_falls_back(&srv);
     let (status, v) = srv.post(
         "/api/generate",
         json!({"model": LARGE, "prompt": "hi", "stream": false}),

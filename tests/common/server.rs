@@ -181,3 +181,39 @@ pub fn client() -> reqwest::blocking::Client {
         .build()
         .unwrap()
 }
+
+/// A server of the `two` layout: the 0.5B on cpu:0, the 1.5B from `large_path` on
+/// `large_device`, each tier falling back to the other model. The folder holds its
+/// models.toml.
+pub fn start_pair(large_path: &std::path::Path, large_device: &str) -> (tempfile::TempDir, Server) {
+    use super::{weights, LARGE, SMALL};
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "[models.\"{SMALL}\"]\npath = \"{}\"\n[models.\"{LARGE}\"]\npath = \"{}\"\n\
+         [layouts.two.route]\nsimple = [\"{SMALL}\", \"{LARGE}\"]\ncomplex = [\"{LARGE}\", \"{SMALL}\"]\nmoderate = [\"{LARGE}\", \"{SMALL}\"]\n\
+         [[layouts.two.place]]\nmodel = \"{SMALL}\"\ndevice = \"cpu:0\"\n[[layouts.two.place]]\nmodel = \"{LARGE}\"\ndevice = \"{large_device}\"\n",
+        weights(SMALL).display(),
+        large_path.display()
+    );
+    let cfg = dir.path().join("models.toml");
+    std::fs::write(&cfg, toml).unwrap();
+    let srv = start_with(&["--config", cfg.to_str().unwrap(), "--layout", "two"], &[]);
+    (dir, srv)
+}
+
+/// On a [`start_pair`] server: a COMPLEX request is answered by the 0.5B, marked as a
+/// fallback.
+pub fn assert_complex_falls_back(srv: &Server) {
+    use super::SMALL;
+    let r = client()
+        .post(format!("{}/api/generate", srv.base))
+        .json(&serde_json::json!({"model": "auto", "prompt": "Design and implement a distributed rate limiter.", "stream": false, "options": {"num_predict": 2}}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-duet-tier"], "COMPLEX");
+    assert_eq!(r.headers()["x-duet-model"], SMALL);
+    assert_eq!(r.headers()["x-duet-fallback"], "true");
+    let v: serde_json::Value = r.json().unwrap();
+    assert_eq!(v["model"], SMALL);
+}
