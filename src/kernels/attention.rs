@@ -728,20 +728,39 @@ mod tests {
             .collect()
     }
 
+    /// A cache of 50 blocks of 8 positions for (heads, kv heads, head width), its keys
+    /// and values pseudo-random from `seed`.
+    fn cache(
+        (heads, kv_heads, head_dim): (usize, usize, usize),
+        seed: u64,
+    ) -> (Paged, Vec<f16>, Vec<f16>) {
+        let s = Paged {
+            heads,
+            kv_heads,
+            head_dim,
+            block_size: 8,
+        };
+        let half = |v: Vec<f32>| v.into_iter().map(f16::from_f32).collect::<Vec<_>>();
+        let n = 50 * s.block_len();
+        (s, half(values(n, seed)), half(values(n, seed + 1)))
+    }
+
+    /// [`paged`]'s output, checked against the formula.
+    fn checked(q: &[f32], rows: &[Row], k: &[f16], v: &[f16], s: Paged) -> Vec<f32> {
+        let mut out = vec![f32::NAN; q.len()];
+        paged(q, rows, k, v, s, &mut out);
+        let want = reference(q, rows, k, v, s);
+        for (i, (x, y)) in out.iter().zip(&want).enumerate() {
+            assert!((x - y).abs() <= 1e-4, "{s:?} [{i}]: {x} vs {y}");
+        }
+        out
+    }
+
     #[test]
     fn matches_the_formula_over_scattered_blocks_for_grouped_heads_and_odd_widths() {
         // The 1.5B's heads, the 0.5B's, a width that is not a multiple of 16, one head.
-        for (heads, kv_heads, head_dim) in [(12, 2, 128), (14, 2, 64), (4, 4, 40), (1, 1, 8)] {
-            let s = Paged {
-                heads,
-                kv_heads,
-                head_dim,
-                block_size: 8,
-            };
-            let n_blocks = 50;
-            let half = |v: Vec<f32>| v.into_iter().map(f16::from_f32).collect::<Vec<_>>();
-            let k = half(values(n_blocks * s.block_len(), 2));
-            let v = half(values(n_blocks * s.block_len(), 3));
+        for heads in [(12, 2, 128), (14, 2, 64), (4, 4, 40), (1, 1, 8)] {
+            let (s, k, v) = cache(heads, 2);
             // Two sequences in blocks out of order; rows of one prefill chunk (causal)
             // and a decode row of the other.
             let a: Vec<u32> = (0..40).rev().collect();
@@ -758,29 +777,15 @@ mod tests {
                     blocks: &b,
                 },
             ];
-            let q = values(rows.len() * heads * head_dim, 1);
-            let mut out = vec![f32::NAN; q.len()];
-            paged(&q, &rows, &k, &v, s, &mut out);
-            let want = reference(&q, &rows, &k, &v, s);
-            for (i, (a, b)) in out.iter().zip(&want).enumerate() {
-                assert!((a - b).abs() <= 1e-4, "{s:?} [{i}]: {a} vs {b}");
-            }
+            let q = values(rows.len() * s.heads * s.head_dim, 1);
+            checked(&q, &rows, &k, &v, s);
         }
     }
 
     #[test]
     fn rows_of_a_prompt_chunk_get_what_each_would_get_alone() {
-        for (heads, kv_heads, head_dim) in [(12, 2, 128), (14, 2, 64), (4, 4, 40)] {
-            let s = Paged {
-                heads,
-                kv_heads,
-                head_dim,
-                block_size: 8,
-            };
-            let n_blocks = 50;
-            let half = |v: Vec<f32>| v.into_iter().map(f16::from_f32).collect::<Vec<_>>();
-            let k = half(values(n_blocks * s.block_len(), 5));
-            let v = half(values(n_blocks * s.block_len(), 6));
+        for heads in [(12, 2, 128), (14, 2, 64), (4, 4, 40)] {
+            let (s, k, v) = cache(heads, 5);
             let a: Vec<u32> = (0..40).rev().collect();
             let b: Vec<u32> = vec![41, 45, 43, 40];
             // A decode row, a chunk of 21 positions (three tiles, lengths across block
@@ -796,14 +801,9 @@ mod tests {
                 tiles(&rows, TILE_ROWS),
                 [0..1, 1..9, 9..17, 17..22, 22..25, 25..26]
             );
-            let w = heads * head_dim;
+            let w = s.heads * s.head_dim;
             let q = values(rows.len() * w, 7);
-            let mut out = vec![f32::NAN; q.len()];
-            paged(&q, &rows, &k, &v, s, &mut out);
-            let want = reference(&q, &rows, &k, &v, s);
-            for (i, (x, y)) in out.iter().zip(&want).enumerate() {
-                assert!((x - y).abs() <= 1e-4, "{s:?} [{i}]: {x} vs {y}");
-            }
+            let out = checked(&q, &rows, &k, &v, s);
             // Bit for bit what each row gets alone (as a decode row).
             for (r, row) in rows.iter().enumerate() {
                 let mut alone = vec![f32::NAN; w];
