@@ -45,12 +45,13 @@ pub trait Sequence {
     }
 }
 
-/// Positions before it up to which a prompt chunk may take the whole step budget. Each
-/// row of a chunk attends to every position before it, so late in a long prompt a chunk
-/// of the full budget costs many times one near its start (at 4,096 positions, a 256-row
-/// chunk took seconds on 2 cores), and a request arriving meanwhile waits for that step.
-/// Past this context a chunk shrinks so that rows × positions stays what a full chunk
-/// costs here: every step, and so every newcomer's wait, stays about as short.
+/// Positions before it up to which a prompt chunk of a paced scheduler may take the
+/// whole step budget. Each row of a chunk attends to every position before it, so late in
+/// a long prompt a chunk of the full budget costs many times one near its start (at 4,096
+/// positions, a 256-row chunk took seconds on 2 cores), and a request arriving meanwhile
+/// waits for that step. Past this context a chunk shrinks so that rows × positions stays
+/// what a full chunk costs here, down to [`MIN_CHUNK`], below the budget's floor: deep in
+/// a long prompt a step stays short even where the floor's rows would take too long.
 const ATTENTION_CONTEXT: usize = 512;
 /// The smallest chunk a prompt is read in, however long its context.
 const MIN_CHUNK: usize = 16;
@@ -325,7 +326,12 @@ impl<S: Sequence> Scheduler<S> {
                 break;
             }
             let e = &self.running[i];
-            let mut take = budget.min(chunk_within(e.computed, pairs));
+            let mut take = match self.limits.step_time {
+                Some(_) => budget.min(chunk_within(e.computed, pairs)),
+                // Nobody waits for a step of an unpaced scheduler (one generation
+                // alone): whole budgets, the fewest steps.
+                None => budget,
+            };
             let rest = e.tokens.len() - e.computed;
             if !plan.is_empty() && rest > take && rest > self.budget {
                 // Part of a prompt longer than a step, beside others (decodes, a
@@ -615,24 +621,36 @@ mod tests {
     #[test]
     fn chunks_of_a_long_prompt_shrink_so_each_step_costs_about_the_same() {
         let log: Log = Default::default();
-        let (budget, len) = (256, 4096);
-        let mut s = Scheduler::new(BlockPool::new(300, 16), limits(4, budget));
+        let len = 4096;
+        // Paced (here never told a time: the budget stays where it starts).
+        let mut s = Scheduler::new(BlockPool::new(300, 16), paced(256, 400));
         let mut m = FakeModel::new(300, 16);
         s.add((0..len as u32).collect(), seq(1, 1, &log)).unwrap();
         run_all(&mut s, &mut m);
         let chunks: Vec<(usize, usize)> = m.batches.iter().map(|b| b[0]).collect();
-        // Whole budgets while the context is short (a 512-token prompt reads as before)...
-        assert_eq!(chunks[..2], [(0, 256), (256, 256)]);
+        // Whole budgets while the context is short...
+        assert_eq!(chunks[..2], [(0, PACED_START), (PACED_START, PACED_START)]);
         // ...then smaller chunks, each within the attention work of a full one there.
-        let pairs = budget * ATTENTION_CONTEXT;
+        let pairs = PACED_START * ATTENTION_CONTEXT;
         for &(start, n) in &chunks {
             assert!(
                 n * (start + n) <= pairs || n == MIN_CHUNK,
                 "{n} rows at {start}"
             );
         }
-        assert!(chunks.iter().any(|&(start, n)| start > 3000 && n < 64));
+        assert!(chunks
+            .iter()
+            .any(|&(start, n)| start > 3000 && n == MIN_CHUNK));
         assert_eq!(chunks.iter().map(|c| c.1).sum::<usize>(), len);
+        // Unpaced (one generation alone, nobody waiting): whole budgets throughout.
+        let mut s = Scheduler::new(BlockPool::new(300, 16), limits(4, 256));
+        let mut m = FakeModel::new(300, 16);
+        s.add((0..len as u32).collect(), seq(1, 1, &log)).unwrap();
+        run_all(&mut s, &mut m);
+        assert!(m
+            .batches
+            .iter()
+            .all(|b| b[0].1 == 256 || b[0].0 + b[0].1 == len));
     }
 
     #[test]
