@@ -377,8 +377,11 @@ impl ActBlock {
 
 /// Activation rows in one [`ActTile`].
 const TILE_ROWS: usize = 16;
-/// From this many activation rows on, the AVX-512 kernel works on tiles.
-const TILES_FROM: usize = 8;
+/// From this many activation rows on, the AVX-512 kernel works on tiles. A tile pays for
+/// 16 rows however few it holds: on Zen 4, 8 decoding sequences of the 1.5B made 37–39
+/// tok/s in one 16-row tile and 53 in two passes of four rows, the 0.5B 191 and 207; at 12
+/// sequences the two ways were even (53 and 55 tok/s).
+const TILES_FROM: usize = 12;
 
 /// One 256-value block of 16 activation rows, interleaved so that one `vpdpbusd`
 /// multiplies 4 weights (broadcast) with 4 values of each of the 16 rows.
