@@ -34,6 +34,10 @@ device = "cpu:0"
 tiers = ["simple", "moderate", "complex"]
 TOML
 wait_up() { for _ in $(seq 600); do curl -sf "$1" >/dev/null && return 0; sleep 0.5; done; return 1; }
+# A server left running (a client that failed ends the script) would take the cores from
+# every later measurement: stop whichever runs on any exit.
+pid=
+trap '[ -n "$pid" ] && kill $pid 2>/dev/null; rm -rf "$cfg"' EXIT
 
 echo "## duet serve --parallel $np"
 # duet serve uses every core of the machine; run on a machine of THREADS cores (or use
