@@ -222,25 +222,6 @@ impl Embedder {
             .collect()
     }
 
-    /// Token ids of `text` with [CLS] and [SEP], however long (the router cuts them).
-    pub fn token_ids(&self, text: &str) -> Result<Vec<u32>, EmbedError> {
-        let enc = self
-            .tokenizer
-            .encode(text, true)
-            .map_err(|e| EmbedError::Tokenize {
-                index: 0,
-                message: e.to_string(),
-            })?;
-        let mut ids = enc.get_ids().to_vec();
-        if ids.first() != Some(&self.cls) {
-            ids.insert(0, self.cls);
-        }
-        if ids.last() != Some(&self.sep) {
-            ids.push(self.sep);
-        }
-        Ok(ids)
-    }
-
     /// Embeds `inputs` (several per forward pass, padded to the longest of each batch
     /// and masked), each a unit vector.
     pub fn embed(&self, inputs: &[String], truncate: bool) -> Result<Embedded, EmbedError> {
