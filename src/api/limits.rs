@@ -9,6 +9,7 @@
 //!   [`Options::validate`](crate::serving::Options::validate)'s.
 
 use super::ApiError;
+use crate::model::tokenizer::{ceil_boundary, floor_boundary, head_and_tail};
 use axum::http::StatusCode;
 use serde_json::Value;
 use std::borrow::Cow;
@@ -53,39 +54,13 @@ impl Budget {
     }
 }
 
-/// The largest char boundary of `s` at or below `at`.
-fn floor_boundary(s: &str, at: usize) -> usize {
-    let mut at = at.min(s.len());
-    while !s.is_char_boundary(at) {
-        at -= 1;
-    }
-    at
-}
-
-/// The smallest char boundary of `s` at or above `at`.
-fn ceil_boundary(s: &str, at: usize) -> usize {
-    let mut at = at.min(s.len());
-    while !s.is_char_boundary(at) {
-        at += 1;
-    }
-    at
-}
-
 /// `text`, or its first `budget.head` and last `budget.bytes - budget.head` bytes when
 /// it is longer than `budget.bytes` (cut at character boundaries).
 pub fn cut(text: &str, budget: Budget) -> Cow<'_, str> {
-    if text.len() <= budget.bytes {
-        return Cow::Borrowed(text);
+    match head_and_tail(text, budget.bytes, budget.head) {
+        None => Cow::Borrowed(text),
+        Some((head, tail)) => Cow::Owned([head, tail].concat()),
     }
-    let head = floor_boundary(text, budget.head);
-    let tail = ceil_boundary(
-        text,
-        text.len() - (budget.bytes - budget.head.min(budget.bytes)),
-    );
-    let mut out = String::with_capacity(head + text.len() - tail);
-    out.push_str(&text[..head]);
-    out.push_str(&text[tail.max(head)..]);
-    Cow::Owned(out)
 }
 
 /// A fill-in-the-middle request's prefix and suffix cut to `budget.bytes` together:

@@ -13,6 +13,35 @@ pub enum TokenizerError {
     Codec(String),
 }
 
+/// The largest char boundary of `s` at or below `at`.
+pub fn floor_boundary(s: &str, at: usize) -> usize {
+    let mut at = at.min(s.len());
+    while !s.is_char_boundary(at) {
+        at -= 1;
+    }
+    at
+}
+
+/// The smallest char boundary of `s` at or above `at`.
+pub fn ceil_boundary(s: &str, at: usize) -> usize {
+    let mut at = at.min(s.len());
+    while !s.is_char_boundary(at) {
+        at += 1;
+    }
+    at
+}
+
+/// What is kept of a `text` longer than `bytes` before it is tokenized: its first `head`
+/// and its last `bytes - head` bytes, cut at character boundaries (None when it fits).
+pub fn head_and_tail(text: &str, bytes: usize, head: usize) -> Option<(&str, &str)> {
+    if text.len() <= bytes {
+        return None;
+    }
+    let h = floor_boundary(text, head);
+    let t = ceil_boundary(text, text.len() - (bytes - head.min(bytes)));
+    Some((&text[..h], &text[t.max(h)..]))
+}
+
 /// The tokenizer plus the token ids that end a generation.
 pub struct TextCodec {
     tokenizer: Tokenizer,

@@ -280,18 +280,10 @@ pub fn signals(parts: &Parts, req: &Request) -> Vec<f32> {
 /// The ends of a long `text`: at most `max_bytes`, half from its beginning and half from
 /// its end (cut at character boundaries), joined by a line break.
 pub fn text_ends(text: &str, max_bytes: usize) -> std::borrow::Cow<'_, str> {
-    if text.len() <= max_bytes {
-        return text.into();
+    match crate::model::tokenizer::head_and_tail(text, max_bytes, max_bytes / 2) {
+        None => text.into(),
+        Some((head, tail)) => format!("{head}\n{tail}").into(),
     }
-    let mut head = max_bytes / 2;
-    while !text.is_char_boundary(head) {
-        head -= 1;
-    }
-    let mut tail = text.len() - (max_bytes - max_bytes / 2);
-    while !text.is_char_boundary(tail) {
-        tail += 1;
-    }
-    format!("{}\n{}", &text[..head], &text[tail..]).into()
 }
 
 /// Word pieces of `text` for the static embedding: at most `max`, the beginning and the
