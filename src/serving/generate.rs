@@ -74,14 +74,15 @@ pub fn step_checked<S: Sequence>(
             .collect()
     });
     if let Ok((_, report)) = &result {
-        sched.pace(report, started.elapsed());
+        let took = started.elapsed();
+        sched.pace(report, took);
         tracing::debug!(
             model = %model.name,
             sequences = report.sequences,
             decodes = report.decodes,
             rows = report.tokens,
             budget = sched.budget(),
-            ms = started.elapsed().as_secs_f64() * 1e3,
+            ms = took.as_secs_f64() * 1e3,
             "step"
         );
     }
