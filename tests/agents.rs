@@ -420,6 +420,73 @@ fn check_logprobs(l: &[Value], top: usize) {
 }
 
 #[test]
+fn legacy_completions_echo_scores_a_text_as_the_model_generated_it() {
+    // A greedy continuation and its log probabilities as they were generated...
+    let prompt = "def fibonacci(n):\n";
+    let (status, v) = post(
+        "/api/generate",
+        json!({"model": SMALL, "prompt": prompt, "raw": true, "stream": false,
+               "logprobs": true, "options": {"temperature": 0, "num_predict": 8}}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let generated = v["logprobs"].as_array().unwrap().clone();
+    let text = format!("{prompt}{}", v["response"].as_str().unwrap());
+    // ...are what scoring the whole text gives its last tokens, read in one pass.
+    let (status, v) = post(
+        "/v1/completions",
+        json!({"model": SMALL, "prompt": text, "echo": true, "max_tokens": 0, "logprobs": 2}),
+    );
+    assert_eq!(status, 200, "{v}");
+    let c = &v["choices"][0];
+    assert_eq!(c["text"], text.as_str());
+    let l = &c["logprobs"];
+    let tokens: Vec<&str> = l["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(tokens.concat(), text);
+    assert_eq!(v["usage"]["prompt_tokens"], tokens.len());
+    assert_eq!(v["usage"]["completion_tokens"], 0);
+    assert_eq!(
+        l["token_logprobs"][0],
+        Value::Null,
+        "nothing comes before the first"
+    );
+    let n = tokens.len();
+    for (i, g) in generated.iter().enumerate() {
+        let at = n - generated.len() + i;
+        assert_eq!(tokens[at], g["token"], "{v}");
+        let (scored, then) = (
+            l["token_logprobs"][at].as_f64().unwrap(),
+            g["logprob"].as_f64().unwrap(),
+        );
+        assert!(
+            (scored - then).abs() < 1e-3,
+            "token {at}: {scored} vs {then}"
+        );
+        // Greedy tokens: each is the model's top pick there.
+        let top = l["top_logprobs"][at].as_object().unwrap();
+        assert_eq!(top.len(), 2);
+        assert!(
+            top.values().all(|p| p.as_f64().unwrap() <= scored + 1e-6),
+            "{top:?}"
+        );
+    }
+    // Echo scores; it does not generate.
+    for bad in [
+        json!({"model": SMALL, "prompt": text, "echo": true, "max_tokens": 4}),
+        json!({"model": SMALL, "prompt": text, "echo": true, "max_tokens": 0, "stream": true}),
+    ] {
+        let (status, v) = post("/v1/completions", bad);
+        assert_eq!(status, 400, "{v}");
+        let message = v["error"].as_str().or(v["error"]["message"].as_str());
+        assert!(message.unwrap().contains("echo"), "{v}");
+    }
+}
+
+#[test]
 fn logprobs_on_generate_chat_and_v1() {
     // Greedy: the chosen token is the most likely one, with the same log probability.
     let (status, v) = post(

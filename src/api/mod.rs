@@ -470,6 +470,8 @@ pub struct Extras {
     pub constraint: Option<crate::model::grammar::Constraint>,
     /// Report each token's log probability with this many alternatives.
     pub logprobs: Option<usize>,
+    /// Score the prompt from this position instead of generating (see `Job::score_from`).
+    pub score_from: Option<usize>,
 }
 
 /// `logprobs` / `top_logprobs` as Ollama and OpenAI's chat take them: off unless
@@ -542,6 +544,7 @@ impl AppState {
             load_wait: target.load_wait,
             logprobs: extras.logprobs,
             ignore_stop: false,
+            score_from: extras.score_from,
         })?;
         let recorder = crate::metrics::Recorder::new(
             self.metrics.clone(),

@@ -573,6 +573,7 @@ async fn generate_routed(
     let extras = Extras {
         constraint,
         logprobs,
+        score_from: None,
     };
     let with_logprobs = extras.logprobs.is_some();
     let running = st.submit_routed(t, tokens, options, extras).await?;
@@ -747,6 +748,7 @@ async fn chat_routed(
     let extras = Extras {
         constraint,
         logprobs,
+        score_from: None,
     };
     let with_logprobs = extras.logprobs.is_some();
     let running = st.submit_routed(t, prompt, options, extras).await?;

@@ -292,6 +292,7 @@ async fn chat_routed(st: Arc<AppState>, req: ChatRequest, mut t: Target) -> Resu
     let extras = Extras {
         constraint,
         logprobs,
+        score_from: None,
     };
     let with_logprobs = extras.logprobs.is_some();
     let running = st.submit_routed(t, prompt, options, extras).await?;
@@ -357,6 +358,8 @@ struct CompletionRequest {
     stream_options: Option<StreamOptions>,
     /// The legacy API's number of alternatives per token (its log probabilities).
     logprobs: Option<i64>,
+    /// With `max_tokens` 0: the prompt back with each token's log probability.
+    echo: bool,
     #[serde(flatten)]
     sampling: Sampling,
 }
@@ -401,6 +404,20 @@ async fn completions_routed(
         Some(n) => logprobs_of(Some(true), Some(n))?,
         None => None,
     };
+    if req.echo {
+        let max_tokens = req
+            .sampling
+            .max_completion_tokens
+            .or(req.sampling.max_tokens);
+        if max_tokens != Some(0) || req.stream || req.suffix.is_some() {
+            return Err(ApiError::bad_request(
+                "echo is supported with max_tokens 0 and without stream or suffix: it scores the prompt and generates nothing",
+            )
+            .into());
+        }
+        let model = loaded(&st, &mut t, &None).await?;
+        return echo_scores(&st, t, model, prompt, options, top).await;
+    }
     let model = loaded(&st, &mut t, &None).await?;
     // As Ollama does: the prompt goes through the chat template, or FIM with a suffix;
     // cut to num_ctx, rendered and tokenized off the async threads.
@@ -474,6 +491,64 @@ async fn completions_routed(
         "choices": [{"text": c.text, "index": 0, "finish_reason": finish_reason(&c.summary),
                      "logprobs": if top.is_some() { legacy_logprobs(&c.logprobs, 0) } else { Value::Null }}],
         "usage": usage(&c.summary),
+    }))
+    .into_response())
+}
+
+/// `echo` with `max_tokens` 0: the prompt, taken as raw text (no chat template), with
+/// the log probability of each of its tokens under the model (the first has none), as
+/// evaluation harnesses ask for a text's likelihood.
+async fn echo_scores(
+    st: &Arc<AppState>,
+    t: Target,
+    model: Arc<crate::model::Model>,
+    prompt: String,
+    mut options: Options,
+    top: Option<usize>,
+) -> Result<Response> {
+    let (m, text) = (model.clone(), prompt.clone());
+    let tokens = limits::blocking(&st.metrics, move || Ok(m.tokenize(&text)?)).await?;
+    let Some(&first) = tokens.first() else {
+        return Err(ApiError::bad_request("echo needs a prompt to score").into());
+    };
+    // Every token is scored: the context holds the whole text (or the request fails).
+    options.num_ctx = options.num_ctx.max(tokens.len() + 1);
+    let (prompt_tokens, cached, scored) = if tokens.len() < 2 {
+        (tokens.len(), 0, vec![])
+    } else {
+        let extras = Extras {
+            logprobs: Some(top.unwrap_or(0)),
+            score_from: Some(1),
+            constraint: None,
+        };
+        let c = collect(st.submit_with(t, tokens, options, extras)?.events).await?;
+        let s = c.summary;
+        (s.prompt_eval_count, s.cached_tokens, c.logprobs)
+    };
+    let first = crate::serving::Logprob {
+        token: crate::serving::TokenLogprob {
+            token: String::from_utf8_lossy(&model.codec.token_bytes(first)).into_owned(),
+            logprob: f32::NAN,
+            bytes: vec![],
+        },
+        top_logprobs: vec![],
+    };
+    let mut logprobs = legacy_logprobs(&[&[first][..], &scored].concat(), 0);
+    // The first token has no log probability (nothing comes before it), as in OpenAI's.
+    logprobs["token_logprobs"][0] = Value::Null;
+    logprobs["top_logprobs"][0] = Value::Null;
+    if top.is_none() {
+        logprobs["top_logprobs"] = Value::Null;
+    }
+    Ok(Json(json!({
+        "id": completion_id("cmpl"),
+        "object": "text_completion",
+        "created": unix_now(),
+        "model": model.name,
+        "system_fingerprint": "fp_ollama",
+        "choices": [{"text": prompt, "index": 0, "finish_reason": "length", "logprobs": logprobs}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens,
+                  "prompt_tokens_details": {"cached_tokens": cached}},
     }))
     .into_response())
 }

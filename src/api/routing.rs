@@ -128,6 +128,7 @@ impl AppState {
             Extras {
                 constraint: None,
                 logprobs: Some(top),
+                score_from: None,
             },
         )?;
         let mut events = Vec::new();

@@ -90,6 +90,7 @@ fn submit(
         load_wait: Duration::ZERO,
         logprobs: None,
         ignore_stop: fixed_length,
+        score_from: None,
     })
     .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(std::thread::spawn(move || {
@@ -168,6 +169,7 @@ fn multi_turn(slot: &Arc<ModelSlot>, opts: &ConcurrencyOptions) -> Result<MultiT
         load_wait: Duration::ZERO,
         logprobs: None,
         ignore_stop: true,
+        score_from: None,
     })
     .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut context = None;

@@ -43,6 +43,26 @@ pub trait Sequence {
     fn cancelled(&self) -> bool {
         false
     }
+    /// A sequence that scores its prompt (the log-probability of each given token, as
+    /// when a draft is audited) names the first position it scores: the logits of every
+    /// row from the one before it go to [`observe`](Self::observe), and the prefix cache
+    /// never skips those rows.
+    fn scores_from(&self) -> Option<usize> {
+        None
+    }
+    /// The logits of position `at` of `tokens`, a prompt row before the last, for a
+    /// sequence that scores.
+    fn observe(&mut self, _tokens: &[u32], _at: usize, _logits: &[f32]) {}
+}
+
+/// How many of the last rows of `tokens[from..to]` need logits: the last position's,
+/// and every row a scoring sequence observes.
+fn rows_wanted(scores_from: Option<usize>, from: usize, to: usize, len: usize) -> usize {
+    let last = usize::from(to == len);
+    match scores_from {
+        Some(s) => to.saturating_sub(from.max(s.saturating_sub(1))).max(last),
+        None => last,
+    }
 }
 
 /// Positions before it up to which a prompt chunk of a paced scheduler may take the
@@ -296,8 +316,13 @@ impl<S: Sequence> Scheduler<S> {
             let Some(mut e) = self.waiting.pop_front() else {
                 break;
             };
-            let (table, cached) =
-                BlockTable::with_prefix(&mut self.pool, &e.tokens, e.tokens.len() - 1);
+            // At least the last position runs (its logits), and every row a scoring
+            // sequence observes.
+            let reuse = match e.seq.scores_from() {
+                Some(s) => s.saturating_sub(1),
+                None => e.tokens.len() - 1,
+            };
+            let (table, cached) = BlockTable::with_prefix(&mut self.pool, &e.tokens, reuse);
             e.table = table;
             if !e.table.reserve(&mut self.pool, e.tokens.len()) {
                 e.table.release(&mut self.pool);
@@ -370,7 +395,7 @@ impl<S: Sequence> Scheduler<S> {
                     tokens: &e.tokens[from..to],
                     start: from,
                     blocks: &e.table.blocks,
-                    logits: usize::from(to == e.tokens.len()),
+                    logits: rows_wanted(e.seq.scores_from(), from, to, e.tokens.len()),
                 }
             })
             .collect();
@@ -380,16 +405,26 @@ impl<S: Sequence> Scheduler<S> {
             .filter(|&&(_, f, t)| t - f == 1 && f > 0)
             .count();
         report.tokens = chunks.iter().map(|c| c.tokens.len()).sum();
-        let wanted = chunks.iter().filter(|c| c.logits > 0).count();
+        let wanted: Vec<usize> = chunks.iter().map(|c| c.logits).collect();
         let logits = forward(&chunks)?;
-        assert_eq!(logits.len(), wanted, "the forward pass returned other rows");
+        assert_eq!(
+            logits.len(),
+            wanted.iter().sum::<usize>(),
+            "the forward pass returned other rows"
+        );
         let mut logits = logits.into_iter();
         let mut finished = vec![];
         let mut shifted = vec![];
-        for &(i, _, to) in &plan {
+        for (&(i, _, to), &rows) in plan.iter().zip(&wanted) {
             let e = &mut self.running[i];
             e.computed = to;
             e.table.seal_full(&mut self.pool, &e.tokens, e.computed);
+            // Rows before the last position: a scoring sequence's observations.
+            let observed = rows - usize::from(to == e.tokens.len());
+            for at in to - rows..to - rows + observed {
+                let l = logits.next().expect("counted");
+                e.seq.observe(&e.tokens, at, &l);
+            }
             if to < e.tokens.len() {
                 continue;
             }
@@ -445,9 +480,19 @@ mod tests {
         name: u32,
         cancel: Rc<RefCell<bool>>,
         shift_at: Option<usize>,
+        /// Scores its prompt from this position: the rows it observed, in order.
+        scores_from: Option<usize>,
+        observed: Vec<usize>,
     }
 
     impl Sequence for Counting {
+        fn scores_from(&self) -> Option<usize> {
+            self.scores_from
+        }
+        fn observe(&mut self, tokens: &[u32], at: usize, logits: &[f32]) {
+            assert_eq!(logits, [tokens[at] as f32, (at + 1) as f32]);
+            self.observed.push(at);
+        }
         fn admitted(&mut self, cached: usize) {
             self.cached.push(cached);
         }
@@ -493,6 +538,8 @@ mod tests {
             name,
             cancel: Rc::new(RefCell::new(false)),
             shift_at: None,
+            scores_from: None,
+            observed: vec![],
         }
     }
 
@@ -527,9 +574,10 @@ mod tests {
                 for (i, &t) in c.tokens.iter().enumerate() {
                     self.store[slot(c.start + i)] = Some(t);
                 }
-                if c.logits == 1 {
-                    let end = c.start + c.tokens.len();
-                    out.push(vec![*c.tokens.last().unwrap() as f32, end as f32]);
+                // Row r's logits: [its token, positions up to it].
+                let end = c.start + c.tokens.len();
+                for r in end - c.logits..end {
+                    out.push(vec![c.tokens[r - c.start] as f32, (r + 1) as f32]);
                 }
             }
             Ok(out)
@@ -590,6 +638,36 @@ mod tests {
         };
         assert_eq!(of(1).last().unwrap()[8..], [108, 109, 110, 111]);
         assert_eq!(of(2).last().unwrap(), &vec![200, 201, 202, 203, 204]);
+        assert_eq!(s.pool().free_blocks(), 16);
+    }
+
+    #[test]
+    fn a_scoring_sequence_sees_every_row_it_scores_once_however_chunked_or_cached() {
+        let log: Log = Default::default();
+        let mut s = Scheduler::new(BlockPool::new(16, 4), limits(4, 8));
+        let mut m = FakeModel::new(16, 4);
+        // A 14-token context is computed once: its full blocks stay in the prefix cache.
+        let context: Vec<u32> = (100..114).collect();
+        s.add(context.clone(), seq(1, 1, &log)).unwrap();
+        run_all(&mut s, &mut m);
+        // Scoring tokens 6.. of the same context: rows 5..13 run again although blocks
+        // of 12 positions are cached, in chunks of the budget of 8, each seen once, the
+        // last position's through `advance`.
+        let mut scoring = seq(2, 1, &log);
+        scoring.scores_from = Some(6);
+        s.add(context.clone(), scoring).unwrap();
+        let mut done = vec![];
+        while !s.is_empty() {
+            let (d, _) = s.step(|c| m.forward(c)).unwrap();
+            done.extend(d);
+        }
+        assert_eq!(
+            m.batches[m.batches.len() - 2..],
+            [vec![(4, 8)], vec![(12, 2)]]
+        );
+        assert_eq!(done[0].cached, vec![4]);
+        assert_eq!(done[0].observed, (5..13).collect::<Vec<_>>());
+        assert_eq!(log.borrow().last().unwrap(), &(2, context));
         assert_eq!(s.pool().free_blocks(), 16);
     }
 

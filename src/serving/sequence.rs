@@ -227,6 +227,9 @@ pub struct Decoding {
     logprobs: Option<usize>,
     /// Ends the generation when it only repeats itself.
     loops: LoopGuard,
+    /// Scoring the prompt instead of generating: the first position scored, and each
+    /// scored token's log probability once its row has run.
+    scoring: Option<(usize, Vec<Option<Logprob>>)>,
 }
 
 impl Decoding {
@@ -277,6 +280,7 @@ impl Decoding {
             constraint: None,
             logprobs: None,
             loops: LoopGuard::default(),
+            scoring: None,
             opts,
         };
         Ok((d, tokens))
@@ -292,6 +296,55 @@ impl Decoding {
     pub fn with_constraint(mut self, constraint: grammar::Constraint) -> Self {
         self.constraint = Some(constraint);
         self
+    }
+
+    /// Scores the prompt instead of generating: the log probability of each of its
+    /// tokens from position `from` on (with the alternatives asked for by
+    /// [`with_logprobs`](Self::with_logprobs)), as when the quality model audits a draft.
+    /// Nothing is generated. A prompt cut to num_ctx cannot be scored.
+    pub fn scoring(mut self, from: usize) -> Result<Self, EngineError> {
+        if self.truncated {
+            return Err(EngineError::Option(format!(
+                "the text to score is longer than num_ctx ({})",
+                self.opts.num_ctx
+            )));
+        }
+        if from == 0 || from >= self.prompt_len {
+            return Err(EngineError::Option(format!(
+                "nothing to score: position {from} of a {}-token text (the first token has no log probability)",
+                self.prompt_len
+            )));
+        }
+        self.opts.num_predict = 0;
+        self.scoring = Some((from, vec![None; self.prompt_len - from]));
+        Ok(self)
+    }
+
+    /// The first position scored, for a scoring sequence.
+    pub fn scores_from(&self) -> Option<usize> {
+        self.scoring.as_ref().map(|s| s.0)
+    }
+
+    /// The logits of position `at` of `tokens`: the log probability of the token after
+    /// it, when that token is scored (a row run twice, after a preemption, counts once).
+    pub fn observe(&mut self, codec: &TextCodec, tokens: &[u32], at: usize, logits: &[f32]) {
+        let top = self.logprobs.unwrap_or(0);
+        let Some((from, scores)) = self.scoring.as_mut() else {
+            return;
+        };
+        let (Some(i), Some(&next)) = ((at + 1).checked_sub(*from), tokens.get(at + 1)) else {
+            return;
+        };
+        if let Some(slot) = scores.get_mut(i).filter(|s| s.is_none()) {
+            *slot = Some(logprob_of(codec, logits, next, top));
+        }
+    }
+
+    /// The scored tokens' log probabilities, in order (once, when all have run).
+    pub fn take_scores(&mut self) -> Option<Vec<Logprob>> {
+        let (_, scores) = self.scoring.as_mut()?;
+        let all: Option<Vec<Logprob>> = std::mem::take(scores).into_iter().collect();
+        all
     }
 
     /// Keeps generating past end-of-turn tokens (for fixed-length benchmarks).

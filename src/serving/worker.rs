@@ -58,6 +58,9 @@ pub struct Job {
     pub logprobs: Option<usize>,
     /// Keep generating past end-of-turn tokens (fixed-length benchmarks).
     pub ignore_stop: bool,
+    /// Score the prompt instead of generating: the log-probability of each of its tokens
+    /// from this position on comes back as one `Logprobs` event before `Done`.
+    pub score_from: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -1075,8 +1078,7 @@ impl Worker {
         let poison = inject()
             .and_then(|i| i.request_panic.as_deref())
             .is_some_and(|m| model.codec.decode(&job.prompt).is_ok_and(|t| t.contains(m)));
-        let (decoding, tokens) = match Decoding::new(job.prompt, &job.options, max_ctx, &model.name)
-        {
+        let prepared = match Decoding::new(job.prompt, &job.options, max_ctx, &model.name) {
             Ok((d, tokens)) => {
                 let d = match job.constraint {
                     Some(c) => d.with_constraint(c),
@@ -1091,8 +1093,15 @@ impl Worker {
                 } else {
                     d
                 };
-                (d, tokens)
+                match job.score_from {
+                    Some(from) => d.scoring(from).map(|d| (d, tokens)),
+                    None => Ok((d, tokens)),
+                }
             }
+            Err(e) => Err(e),
+        };
+        let (decoding, tokens) = match prepared {
+            Ok(r) => r,
             Err(e) => {
                 let events = job.events;
                 return self.refuse(&slot, &events, ticket, Some(e.to_string()));
@@ -1243,6 +1252,9 @@ impl Sequence for JobSeq {
             return finish;
         }
         if advance.then == Then::Finish {
+            if let Some(scores) = self.decoding.take_scores() {
+                self.send(Event::Logprobs(scores));
+            }
             if !self.logprobs.is_empty() {
                 let l = std::mem::take(&mut self.logprobs);
                 self.send(Event::Logprobs(l));
@@ -1256,6 +1268,14 @@ impl Sequence for JobSeq {
 
     fn cancelled(&self) -> bool {
         self.gone || self.events.is_closed() || self.stalled()
+    }
+
+    fn scores_from(&self) -> Option<usize> {
+        self.decoding.scores_from()
+    }
+
+    fn observe(&mut self, tokens: &[u32], at: usize, logits: &[f32]) {
+        self.decoding.observe(&self.model.codec, tokens, at, logits);
     }
 }
 
