@@ -43,6 +43,10 @@ use std::marker::PhantomData;
 pub const QK_K: usize = 256;
 /// Activation rows one pass over a weight block multiplies.
 const ROWS: usize = 4;
+/// The same with AVX-512, which unpacks a weight block once for two sets of [`ROWS`]
+/// (its 32 registers hold the unpacked block and two rows' accumulators): 8 sequences
+/// decoding together pay for one unpacking, not two.
+const WIDE_ROWS: usize = 2 * ROWS;
 /// Weight rows per work item.
 const GROUP: usize = 16;
 
@@ -604,7 +608,12 @@ impl<F: KFormat> KMatrix<F> {
         // rows, chunk after chunk, so that a thread's consecutive items share their
         // activations (a 512-token prompt's do not fit in L2: each group of 16 weight
         // rows read them all from L3).
-        let chunk = super::act_chunk_rows(kb * std::mem::size_of::<ActBlock>(), m, ROWS);
+        let per_pass = if kernel == Kernel::Avx512 {
+            WIDE_ROWS
+        } else {
+            ROWS
+        };
+        let chunk = super::act_chunk_rows(kb * std::mem::size_of::<ActBlock>(), m, per_pass);
         let n_items = self.items.len();
         candle_core::utils::barrier_pool().execute_chunked(m.div_ceil(chunk) * n_items, |range| {
             for at in range {
@@ -645,13 +654,13 @@ impl<F: KFormat> KMatrix<F> {
                     };
                     first = 4 * groups;
                 }
-                for r0 in rows_of_chunk.clone().step_by(ROWS) {
-                    let rows = (rows_of_chunk.end - r0).min(ROWS);
+                for r0 in rows_of_chunk.clone().step_by(per_pass) {
+                    let rows = (rows_of_chunk.end - r0).min(per_pass);
                     let x = &xq[r0 * kb..(r0 + rows) * kb];
                     for j in first..item.rows {
                         let at = (item.local + j) * row_bytes;
                         let w = &part[at..at + row_bytes];
-                        let mut acc = [0f32; ROWS];
+                        let mut acc = [0f32; WIDE_ROWS];
                         match kernel {
                             #[cfg(target_arch = "x86_64")]
                             // SAFETY: new() checked the kernel is available; `w` holds kb
@@ -662,7 +671,8 @@ impl<F: KFormat> KMatrix<F> {
                             #[cfg(target_arch = "x86_64")]
                             // SAFETY: as above.
                             Kernel::Avx2 => unsafe {
-                                avx2::rows::<F>(w.as_ptr(), kb, x, rows, &mut acc)
+                                let acc = (&mut acc[..ROWS]).try_into().expect("ROWS");
+                                avx2::rows::<F>(w.as_ptr(), kb, x, rows, acc)
                             },
                             _ => {
                                 for (r, acc) in acc.iter_mut().enumerate().take(rows) {

@@ -1,6 +1,6 @@
 //! The AVX-512 VNNI kernels of [`super`] (decode, short inputs, prompt tiles).
 
-use super::{ActBlock, ActTile, KFormat, GROUP, Q4K, Q6K, QK_K, ROWS, TILE_ROWS};
+use super::{ActBlock, ActTile, KFormat, GROUP, Q4K, Q6K, QK_K, ROWS, TILE_ROWS, WIDE_ROWS};
 use candle_core::quantized::GgmlDType;
 use core::arch::x86_64::*;
 
@@ -657,58 +657,68 @@ unsafe fn sums32(a: &ActBlock) -> __m128i {
     unsafe { _mm_loadu_si128(a.sums32.as_ptr() as *const __m128i) }
 }
 
-/// One weight row times up to 4 activation rows.
+/// One weight row times up to 8 activation rows.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,fma,f16c")]
 unsafe fn rows_of<T: Simd>(
     w: *const u8,
     kb: usize,
     x: &[ActBlock],
     rows: usize,
-    out: &mut [f32; ROWS],
+    out: &mut [f32; WIDE_ROWS],
 ) {
     unsafe {
         let acc = match rows {
             1 => rows_n::<T, 1>(w, kb, x),
             2 => rows_n::<T, 2>(w, kb, x),
             3 => rows_n::<T, 3>(w, kb, x),
-            _ => rows_n::<T, 4>(w, kb, x),
+            4 => rows_n::<T, 4>(w, kb, x),
+            5 => rows_n::<T, 5>(w, kb, x),
+            6 => rows_n::<T, 6>(w, kb, x),
+            7 => rows_n::<T, 7>(w, kb, x),
+            _ => rows_n::<T, 8>(w, kb, x),
         };
-        let mut sums = [0f32; ROWS];
-        _mm_storeu_ps(sums.as_mut_ptr(), acc);
+        let mut sums = [0f32; WIDE_ROWS];
+        _mm_storeu_ps(sums.as_mut_ptr(), acc[0]);
+        _mm_storeu_ps(sums.as_mut_ptr().add(ROWS), acc[1]);
         out[..rows].copy_from_slice(&sums[..rows]);
     }
 }
 
-/// [`rows_of`] for R rows: lane r of the result is row r's output.
+/// [`rows_of`] for R rows (at most 8): lane r of `acc[r / 4]` is row r's output. Each
+/// weight block is unpacked once for all R rows; each set of four is reduced as alone.
 #[inline(always)]
-unsafe fn rows_n<T: Simd, const R: usize>(w: *const u8, kb: usize, x: &[ActBlock]) -> __m128 {
+unsafe fn rows_n<T: Simd, const R: usize>(w: *const u8, kb: usize, x: &[ActBlock]) -> [__m128; 2] {
     unsafe {
         let idx = scale_idx(T::SCALE_IDX);
-        let mut acc = _mm_setzero_ps();
+        let mut acc = [_mm_setzero_ps(); 2];
         for b in 0..kb {
             let blk = w.add(b * T::BLOCK_BYTES);
             let u = T::unpack(blk, &idx);
-            let a: [&ActBlock; ROWS] =
-                std::array::from_fn(|r| x.get_unchecked(r.min(R - 1) * kb + b));
-            let dots = std::array::from_fn(|r| {
-                if r < R {
-                    T::dot(&u, a[r], &act_regs(a[r]))
-                } else {
-                    _mm512_setzero_si512()
-                }
-            });
-            let mins = if T::MINS {
-                let mn = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(u.mn as i64));
-                _mm512_madd_epi16(_mm512_broadcast_i32x4(mn), lanes4(a.map(|a| sums32(a))))
-            } else {
-                _mm512_setzero_si512()
-            };
-            // [d, dmin] of the block times each row's a.d (rows past R: any).
+            // [d, dmin] of the block.
             let wd = _mm_cvtph_ps(_mm_cvtsi32_si128(T::d_bits(blk) as i32));
             let wd = _mm256_set_m128(_mm_permute_ps::<0b01_01_01_01>(wd), _mm_permute_ps::<0>(wd));
-            let ad = _mm_setr_ps(a[0].d, a[1].d, a[2].d, a[3].d);
-            let dd = _mm256_mul_ps(wd, _mm256_set_m128(ad, ad));
-            acc = add_block4::<T>(dots, mins, dd, acc);
+            for (h, acc) in acc.iter_mut().enumerate().take(R.div_ceil(ROWS)) {
+                let first = h * ROWS;
+                let a: [&ActBlock; ROWS] =
+                    std::array::from_fn(|r| x.get_unchecked((first + r).min(R - 1) * kb + b));
+                let dots = std::array::from_fn(|r| {
+                    if first + r < R {
+                        T::dot(&u, a[r], &act_regs(a[r]))
+                    } else {
+                        _mm512_setzero_si512()
+                    }
+                });
+                let mins = if T::MINS {
+                    let mn = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(u.mn as i64));
+                    _mm512_madd_epi16(_mm512_broadcast_i32x4(mn), lanes4(a.map(|a| sums32(a))))
+                } else {
+                    _mm512_setzero_si512()
+                };
+                // Times each row's a.d (rows past R: any).
+                let ad = _mm_setr_ps(a[0].d, a[1].d, a[2].d, a[3].d);
+                let dd = _mm256_mul_ps(wd, _mm256_set_m128(ad, ad));
+                *acc = add_block4::<T>(dots, mins, dd, *acc);
+            }
         }
         acc
     }
@@ -780,8 +790,8 @@ macro_rules! by_format {
     };
 }
 
-/// One weight row (`w`: `kb` blocks) times `rows` activation rows (`x`: `kb` blocks
-/// each, row after row), into `out[..rows]`.
+/// One weight row (`w`: `kb` blocks) times `rows` activation rows (at most 8; `x`: `kb`
+/// blocks each, row after row), into `out[..rows]`.
 ///
 /// # Safety
 /// The CPU must have what [`super::supported`] checks; `w` must point at `kb` blocks.
@@ -790,7 +800,7 @@ pub(super) unsafe fn rows<F: KFormat>(
     kb: usize,
     x: &[ActBlock],
     rows: usize,
-    out: &mut [f32; ROWS],
+    out: &mut [f32; WIDE_ROWS],
 ) {
     unsafe { by_format!(F, rows_of, w, kb, x, rows, out) }
 }
