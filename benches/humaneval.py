@@ -83,6 +83,19 @@ def token_signals(logprobs):
     return lps, ents
 
 
+def post_json(url, path, body):
+    """POSTs `body` to the server; its JSON answer and the seconds it took."""
+    req = urllib.request.Request(
+        url.rstrip("/") + path,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    t0 = time.time()
+    with urllib.request.urlopen(req, timeout=3600) as r:
+        v = json.load(r)
+    return v, time.time() - t0
+
+
 def generate(args):
     probs = problems()
     done = load_cache(args.cache)
@@ -102,15 +115,7 @@ def generate(args):
                 "logprobs": True,
                 "top_logprobs": 20,
             }
-            req = urllib.request.Request(
-                args.url.rstrip("/") + "/api/generate",
-                data=json.dumps(body).encode(),
-                headers={"Content-Type": "application/json"},
-            )
-            t0 = time.time()
-            with urllib.request.urlopen(req, timeout=3600) as r:
-                v = json.load(r)
-            wall = time.time() - t0
+            v, wall = post_json(args.url, "/api/generate", body)
             answer = v["response"]
             lps, ents = token_signals(v.get("logprobs") or [])
             row = {
@@ -199,21 +204,14 @@ def audit(args):
             if d.get("done_reason") == "stop":
                 text += "```"
             body = {"model": args.model, "prompt": text, "max_tokens": 0, "echo": True, "logprobs": 0}
-            req = urllib.request.Request(
-                args.url.rstrip("/") + "/v1/completions",
-                data=json.dumps(body).encode(),
-                headers={"Content-Type": "application/json"},
-            )
-            t0 = time.time()
-            with urllib.request.urlopen(req, timeout=3600) as r:
-                v = json.load(r)
+            v, wall = post_json(args.url, "/v1/completions", body)
             lps = v["choices"][0]["logprobs"]["token_logprobs"]
             # The draft's tokens: those after the prompt's (as many as the draft saw).
             row = {
                 "task_id": task_id,
                 "model": args.model,
                 "logprobs": [round(x, 5) for x in lps[d["prompt_tokens"]:]],
-                "wall_s": round(time.time() - t0, 3),
+                "wall_s": round(wall, 3),
             }
             out.write(json.dumps(row) + "\n")
             out.flush()
