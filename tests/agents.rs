@@ -474,6 +474,15 @@ fn legacy_completions_echo_scores_a_text_as_the_model_generated_it() {
             "{top:?}"
         );
     }
+    // A text longer than the model's context cannot be scored: a clear 400.
+    let long = "word ".repeat(40_000);
+    let (status, v) = post(
+        "/v1/completions",
+        json!({"model": SMALL, "prompt": long, "echo": true, "max_tokens": 0}),
+    );
+    assert_eq!(status, 400, "{v}");
+    let message = v["error"].as_str().or(v["error"]["message"].as_str());
+    assert!(message.unwrap().contains("longer than the context"), "{v}");
     // Echo scores; it does not generate.
     for bad in [
         json!({"model": SMALL, "prompt": text, "echo": true, "max_tokens": 4}),

@@ -521,7 +521,14 @@ async fn echo_scores(
             score_from: Some(1),
             constraint: None,
         };
-        let c = collect(st.submit_with(t, tokens, options, extras)?.events).await?;
+        let c = match collect(st.submit_with(t, tokens, options, extras)?.events).await {
+            Ok(c) => c,
+            // The text itself cannot be scored (longer than the context): the client's.
+            Err(e) if e.message.contains("to score") => {
+                return Err(ApiError::bad_request(e.message).into())
+            }
+            Err(e) => return Err(e.into()),
+        };
         let s = c.summary;
         (s.prompt_eval_count, s.cached_tokens, c.logprobs)
     };

@@ -305,7 +305,7 @@ impl Decoding {
     pub fn scoring(mut self, from: usize) -> Result<Self, EngineError> {
         if self.truncated {
             return Err(EngineError::Option(format!(
-                "the text to score is longer than num_ctx ({})",
+                "the text to score is longer than the context this model has here ({} tokens)",
                 self.opts.num_ctx
             )));
         }
