@@ -286,6 +286,8 @@ pub struct Recorder {
     pub larger: Option<(String, f64)>,
     first_text: bool,
     finished: bool,
+    /// Records nothing (work that is not a request of its own: a draft's audit).
+    silent: bool,
 }
 
 impl Recorder {
@@ -303,11 +305,21 @@ impl Recorder {
             larger,
             first_text: false,
             finished: false,
+            silent: false,
         }
+    }
+
+    /// Records nothing from now on: the job is part of another request (a draft's audit),
+    /// not a generation of its own, and its scoring pass would skew the model's rates.
+    pub fn silence(&mut self) {
+        self.silent = true;
     }
 
     pub fn observe(&mut self, ev: &crate::serving::worker::Event) {
         use crate::serving::worker::Event;
+        if self.silent {
+            return;
+        }
         let m = &self.metrics;
         let model = self.model.as_str();
         match ev {
@@ -373,7 +385,7 @@ impl Recorder {
 
 impl Drop for Recorder {
     fn drop(&mut self) {
-        if !self.finished {
+        if !self.finished && !self.silent {
             self.metrics
                 .generations
                 .with_label_values(&[&self.model, "cancelled"])

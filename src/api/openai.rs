@@ -524,7 +524,10 @@ async fn echo_scores(
         let c = match collect(st.submit_with(t, tokens, options, extras)?.events).await {
             Ok(c) => c,
             // The text itself cannot be scored (longer than the context): the client's.
-            Err(e) if e.message.contains("to score") => {
+            Err(e)
+                if e.message
+                    .starts_with(crate::serving::sequence::TOO_LONG_TO_SCORE) =>
+            {
                 return Err(ApiError::bad_request(e.message).into())
             }
             Err(e) => return Err(e.into()),

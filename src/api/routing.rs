@@ -219,7 +219,8 @@ impl AppState {
         let audit = Target {
             slot: target.slot.clone(),
             requested: target.requested.clone(),
-            routed: target.routed,
+            // Not a routed answer of its own: no time saved is credited to it.
+            routed: false,
             route: None,
             model: target.model.clone(),
             load_wait: Default::default(),
@@ -231,13 +232,15 @@ impl AppState {
             logprobs: Some(0),
             score_from: Some(prompt.len()),
         };
-        let running = match self.submit_with(audit, context.clone(), options, extras) {
+        let mut running = match self.submit_with(audit, context.clone(), options, extras) {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(model = %target.slot.name, error = %e.message, "the draft's audit could not start: escalated");
                 return Vec::new();
             }
         };
+        // Its work shows in the scheduler's metrics; it is not a generation of its own.
+        running.events.recorder.silence();
         match super::stream::collect(running.events).await {
             Ok(c) => c.logprobs,
             Err(e) => {

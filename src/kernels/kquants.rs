@@ -598,7 +598,8 @@ impl<F: KFormat> KMatrix<F> {
         });
     }
 
-    /// Decode and short inputs: each weight row against up to four activation rows.
+    /// Decode and short inputs: each weight row against up to four activation rows at a
+    /// time (eight with AVX-512).
     fn multiply_rows(&self, xq: &[ActBlock], m: usize, out: &mut [f32]) {
         let (n, kb) = (self.n, self.k / QK_K);
         let row_bytes = kb * F::BLOCK_BYTES;
@@ -839,7 +840,7 @@ mod tests {
 
     /// Activation row counts of the invariance tests: decode, short inputs with full and
     /// partial passes of four, tiles of 16 full and partial.
-    const BATCHES: [usize; 11] = [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 33];
+    const BATCHES: [usize; 14] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 16, 17, 33];
 
     /// Each (weight row, activation row) output has the same bits whatever else shares
     /// the call: rows 0..m of the same activations, for each m of [`BATCHES`], against

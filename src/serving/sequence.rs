@@ -199,6 +199,11 @@ impl LoopGuard {
     }
 }
 
+/// How a scoring request longer than the model's context is refused (the API answers
+/// it with a 400).
+pub const TOO_LONG_TO_SCORE: &str =
+    "the text to score is longer than the context this model has here";
+
 /// The decoding state of one request.
 pub struct Decoding {
     opts: Options,
@@ -305,7 +310,7 @@ impl Decoding {
     pub fn scoring(mut self, from: usize) -> Result<Self, EngineError> {
         if self.truncated {
             return Err(EngineError::Option(format!(
-                "the text to score is longer than the context this model has here ({} tokens)",
+                "{TOO_LONG_TO_SCORE} ({} tokens)",
                 self.opts.num_ctx
             )));
         }

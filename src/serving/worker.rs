@@ -1252,8 +1252,14 @@ impl Sequence for JobSeq {
             return finish;
         }
         if advance.then == Then::Finish {
-            if let Some(scores) = self.decoding.take_scores() {
-                self.send(Event::Logprobs(scores));
+            if self.decoding.scores_from().is_some() {
+                match self.decoding.take_scores() {
+                    Some(scores) => self.send(Event::Logprobs(scores)),
+                    None => {
+                        self.fail("internal error: the text was not scored completely");
+                        return advance;
+                    }
+                }
             }
             if !self.logprobs.is_empty() {
                 let l = std::mem::take(&mut self.logprobs);
