@@ -389,5 +389,55 @@ fn a_draft_audited_by_the_quality_model_is_kept_or_escalated_with_its_prompt_cac
         let signal = draft["signal"].as_f64().unwrap();
         assert!(signal <= 0.0, "a log probability: {text}");
         assert_eq!(draft["escalated"], answered_by == LARGE, "{text}");
+        if answered_by == SMALL {
+            audit_scores_the_drafts_own_tokens(&s, &log, moderate);
+        }
     }
+}
+
+/// The audit's signal is the quality model's lowest log-probability over exactly the
+/// draft's tokens: a raw prompt drafted and kept, then the same prompt and draft scored
+/// through `/v1/completions` echo on the quality model.
+fn audit_scores_the_drafts_own_tokens(s: &server::Server, log: &std::path::Path, ask: &str) {
+    let raw = format!("<|im_start|>user\n{ask}<|im_end|>\n<|im_start|>assistant\n");
+    let r = client()
+        .post(format!("{}/api/generate", s.base))
+        .json(
+            &json!({"model": "auto", "prompt": raw, "raw": true, "stream": false,
+                      "options": {"temperature": 0, "num_predict": 6}}),
+        )
+        .send()
+        .unwrap();
+    assert_eq!(r.headers()["x-duet-draft"], SMALL);
+    let v: Value = r.json().unwrap();
+    assert_eq!(v["model"], SMALL, "{v}");
+    let draft = v["response"].as_str().unwrap();
+    let text = std::fs::read_to_string(log).unwrap();
+    let signal = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .rfind(|l| l["event"] == "draft")
+        .unwrap()["signal"]
+        .as_f64()
+        .unwrap();
+    let (status, e) = s.post(
+        "/v1/completions",
+        json!({"model": LARGE, "prompt": format!("{raw}{draft}"), "echo": true, "max_tokens": 0}),
+    );
+    assert_eq!(status, 200, "{e}");
+    let l = &e["choices"][0]["logprobs"];
+    let tokens: Vec<&str> = l["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    let n = tokens.len();
+    // The draft's 6 tokens are the text's last 6 (no token spans the boundary here).
+    assert_eq!(tokens[n - 6..].concat(), draft, "{e}");
+    let min = l["token_logprobs"].as_array().unwrap()[n - 6..]
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .fold(f64::INFINITY, f64::min);
+    assert!((min - signal).abs() < 1e-3, "audit {signal} vs echo {min}");
 }
