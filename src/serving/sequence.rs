@@ -348,8 +348,7 @@ impl Decoding {
     /// The scored tokens' log probabilities, in order (once, when all have run).
     pub fn take_scores(&mut self) -> Option<Vec<Logprob>> {
         let (_, scores) = self.scoring.as_mut()?;
-        let all: Option<Vec<Logprob>> = std::mem::take(scores).into_iter().collect();
-        all
+        std::mem::take(scores).into_iter().collect()
     }
 
     /// Keeps generating past end-of-turn tokens (for fixed-length benchmarks).

@@ -1078,8 +1078,8 @@ impl Worker {
         let poison = inject()
             .and_then(|i| i.request_panic.as_deref())
             .is_some_and(|m| model.codec.decode(&job.prompt).is_ok_and(|t| t.contains(m)));
-        let prepared = match Decoding::new(job.prompt, &job.options, max_ctx, &model.name) {
-            Ok((d, tokens)) => {
+        let prepared = Decoding::new(job.prompt, &job.options, max_ctx, &model.name).and_then(
+            |(d, tokens)| {
                 let d = match job.constraint {
                     Some(c) => d.with_constraint(c),
                     None => d,
@@ -1097,9 +1097,8 @@ impl Worker {
                     Some(from) => d.scoring(from).map(|d| (d, tokens)),
                     None => Ok((d, tokens)),
                 }
-            }
-            Err(e) => Err(e),
-        };
+            },
+        );
         let (decoding, tokens) = match prepared {
             Ok(r) => r,
             Err(e) => {
