@@ -201,12 +201,7 @@ fn show_reports_tools_insert_and_the_go_template_clients_read() {
     for model in [SMALL, LARGE] {
         let (s, v) = post("/api/show", json!({"name": model}));
         assert_eq!(s, 200, "{v}");
-        let caps: Vec<&str> = v["capabilities"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|c| c.as_str().unwrap())
-            .collect();
+        let caps = strs(&v["capabilities"]);
         assert_eq!(caps, vec!["completion", "tools", "insert"], "{model}");
         let template = v["template"].as_str().unwrap();
         assert!(
@@ -440,12 +435,7 @@ fn legacy_completions_echo_scores_a_text_as_the_model_generated_it() {
     let c = &v["choices"][0];
     assert_eq!(c["text"], text.as_str());
     let l = &c["logprobs"];
-    let tokens: Vec<&str> = l["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
+    let tokens = strs(&l["tokens"]);
     assert_eq!(tokens.concat(), text);
     assert_eq!(v["usage"]["prompt_tokens"], tokens.len());
     assert_eq!(v["usage"]["completion_tokens"], 0);

@@ -149,12 +149,7 @@ fn classify_prints_the_decision_with_reasons() {
     assert_eq!(v["model"], LARGE);
     let c = v["confidence"].as_f64().unwrap();
     assert!(c > 0.0 && c <= 1.0);
-    let reasons: Vec<&str> = v["reasons"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r.as_str().unwrap())
-        .collect();
+    let reasons = strs(&v["reasons"]);
     assert!(
         reasons.iter().any(|r| r.contains("whole package")),
         "{reasons:?}"

@@ -15,7 +15,6 @@ use serde_json::{json, Value};
 use server::{client, Server};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 fn ready(srv: &Server) -> Value {
     client()
@@ -36,14 +35,6 @@ fn model_state(srv: &Server, name: &str) -> Value {
         .unwrap()
 }
 
-fn wait_for(what: &str, secs: u64, mut pred: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !pred() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn stream(srv: &Server, model: &str, prompt: &str, n: u32) -> reqwest::blocking::Response {
     let r = client()
         .post(format!("{}/api/generate", srv.base))
@@ -55,7 +46,7 @@ fn stream(srv: &Server, model: &str, prompt: &str, n: u32) -> reqwest::blocking:
 }
 
 fn gauges_settle(srv: &Server) {
-    wait_for("the queue and in-flight gauges to return to 0", 60, || {
+    wait_until("the queue and in-flight gauges to return to 0", 60, || {
         srv.metric("duet_in_flight_requests", &[]) == 0.0
             && srv.metric("duet_queue_depth", &[]) == 0.0
     });
@@ -108,7 +99,7 @@ fn a_panic_fails_only_its_request_and_a_panicking_worker_restarts() {
         json!({"model": SMALL, "prompt": "CRASH-91be", "stream": false, "options": {"num_predict": 8}}),
     );
     assert_eq!(status, 500, "{v}");
-    wait_for("the restart to be counted", 30, || {
+    wait_until("the restart to be counted", 30, || {
         srv.metric("duet_worker_restarts_total", &["device=\"cpu:0\""]) == 1.0
     });
     let (status, v) = srv.post(
@@ -137,7 +128,7 @@ fn a_panic_fails_only_its_request_and_a_panicking_worker_restarts() {
         );
         assert!(status == 500 || status == 503, "{status} {v}");
     }
-    wait_for("the model to be failed", 30, || {
+    wait_until("the model to be failed", 30, || {
         model_state(&srv, SMALL)["state"] == "failed"
     });
     let why = model_state(&srv, SMALL)["error"].to_string();
@@ -207,7 +198,7 @@ fn a_model_file_corrupted_or_cut_short_while_served_fails_that_model_only() {
     f.seek(SeekFrom::Start(at)).unwrap();
     f.write_all(&vec![0x5a; 4096]).unwrap();
     f.sync_all().unwrap();
-    wait_for("the corrupt file to be noticed", 60, || {
+    wait_until("the corrupt file to be noticed", 60, || {
         failed_with(&srv, &["sha256", "corrupt"])
     });
     server::assert_complex_falls_back(&srv);
@@ -223,7 +214,7 @@ fn a_model_file_corrupted_or_cut_short_while_served_fails_that_model_only() {
     f.write_all(&original).unwrap();
     f.sync_all().unwrap();
     drop(f);
-    wait_for("the repaired file to be taken back", 60, || {
+    wait_until("the repaired file to be taken back", 60, || {
         model_state(&srv, LARGE)["state"] != "failed"
     });
     large_answers(&srv);
@@ -255,7 +246,7 @@ fn a_model_file_corrupted_or_cut_short_while_served_fails_that_model_only() {
             .is_some_and(|e| e.contains("cut short") || e.contains("cannot be used")),
         "{last}"
     );
-    wait_for("the model to be failed", 30, || {
+    wait_until("the model to be failed", 30, || {
         model_state(&srv, LARGE)["state"] == "failed"
     });
     server::assert_complex_falls_back(&srv);
@@ -281,7 +272,7 @@ fn a_model_file_replaced_by_junk_is_unavailable_until_a_good_one_returns() {
     )
     .unwrap();
     std::fs::rename(&junk, &large).unwrap();
-    wait_for("the junk to be noticed", 30, || {
+    wait_until("the junk to be noticed", 30, || {
         failed_with(&srv, &["cannot be used"])
     });
     server::assert_complex_falls_back(&srv);
@@ -296,7 +287,7 @@ fn a_model_file_replaced_by_junk_is_unavailable_until_a_good_one_returns() {
     let good = files.path().join("good.tmp");
     std::fs::hard_link(&real, &good).unwrap();
     std::fs::rename(&good, &large).unwrap();
-    wait_for("the good file to be taken back", 30, || {
+    wait_until("the good file to be taken back", 30, || {
         model_state(&srv, LARGE)["state"] != "failed"
     });
     large_answers(&srv);

@@ -9,7 +9,6 @@ mod server;
 use common::*;
 use serde_json::{json, Value};
 use server::{client, Server};
-use std::time::{Duration, Instant};
 
 fn post(srv: &Server, path: &str, body: Value) -> (u16, Value) {
     let r = client()
@@ -33,14 +32,6 @@ fn ps(srv: &Server) -> Vec<Value> {
 
 fn loaded(srv: &Server) -> bool {
     ps(srv).iter().any(|m| m["model"] == SMALL)
-}
-
-fn wait_until(what: &str, mut pred: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !pred() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn generate(srv: &Server, extra: Value) -> (u16, Value) {
@@ -90,7 +81,7 @@ fn keep_alive_zero_unloads_and_the_next_request_loads_again() {
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["done_reason"], "unload");
     assert_eq!(v["done"], true);
-    wait_until("the unload", || !loaded(&srv));
+    wait_until("the unload", 60, || !loaded(&srv));
 
     // The next request loads it again and answers the same.
     let (status, v) = generate(&srv, json!({}));
@@ -102,7 +93,7 @@ fn keep_alive_zero_unloads_and_the_next_request_loads_again() {
     let (status, v) = generate(&srv, json!({"keep_alive": "0s"}));
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["response"], first["response"]);
-    wait_until("the unload after the request", || !loaded(&srv));
+    wait_until("the unload after the request", 60, || !loaded(&srv));
 
     // An empty prompt without keep_alive 0 loads the model (done_reason "load"); chat's
     // empty messages do the same.
@@ -116,7 +107,7 @@ fn keep_alive_zero_unloads_and_the_next_request_loads_again() {
     );
     assert_eq!(v["done_reason"], "unload", "{v}");
     assert_eq!(v["message"]["content"], "");
-    wait_until("the chat unload", || !loaded(&srv));
+    wait_until("the chat unload", 60, || !loaded(&srv));
     let (_, v) = post(&srv, "/api/chat", json!({"model": SMALL, "messages": []}));
     assert_eq!(v["done_reason"], "load", "{v}");
     assert!(loaded(&srv));
@@ -140,7 +131,7 @@ fn a_keep_alive_duration_expires_and_shows_in_ps() {
     let m = ps(&srv)[0].clone();
     let left = secs_until(m["expires_at"].as_str().unwrap());
     assert!(left <= 2.5, "{m}");
-    wait_until("the keep-alive to run out", || !loaded(&srv));
+    wait_until("the keep-alive to run out", 60, || !loaded(&srv));
     // Seconds as a number, and negative = forever.
     let (status, _) = generate(&srv, json!({"keep_alive": -1}));
     assert_eq!(status, 200);

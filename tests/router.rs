@@ -365,20 +365,23 @@ fn a_draft_audited_by_the_quality_model_is_kept_or_escalated_with_its_prompt_cac
         let large = format!("model=\"{LARGE}\"");
         // The quality model read the prompt and the draft (the audit) but generated
         // nothing for a kept draft...
-        let ran = s.metric("duet_scheduled_tokens_total", &[&large]);
+        // (A step's counts are recorded just after the step, which may be after the
+        // answer reached the client: wait for them.)
+        let ran = || s.metric("duet_scheduled_tokens_total", &[&large]);
         let prompt = v["prompt_eval_count"].as_f64().unwrap();
-        assert!(
-            ran >= prompt + 6.0,
-            "{ran} rows for a {prompt}-token prompt: {v}"
-        );
+        wait_until("the audit's rows to be counted", 30, || {
+            ran() >= prompt + 6.0
+        });
         let generated = s.metric("duet_generated_tokens_total", &[&large]);
-        let hits = s.metric("duet_prefix_cache_hit_tokens_total", &[&large]);
+        let hits = || s.metric("duet_prefix_cache_hit_tokens_total", &[&large]);
         if answered_by == SMALL {
             assert_eq!(generated, 0.0);
         } else {
             // ...and an escalation starts from the prompt's blocks the audit left.
             assert_eq!(generated, 6.0);
-            assert!(hits >= 32.0, "{hits} positions from the prefix cache");
+            wait_until("32 prompt positions from the prefix cache", 30, || {
+                hits() >= 32.0
+            });
         }
         let text = std::fs::read_to_string(&log).unwrap();
         let draft: Value = text
@@ -426,12 +429,7 @@ fn audit_scores_the_drafts_own_tokens(s: &server::Server, log: &std::path::Path,
     );
     assert_eq!(status, 200, "{e}");
     let l = &e["choices"][0]["logprobs"];
-    let tokens: Vec<&str> = l["tokens"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t.as_str().unwrap())
-        .collect();
+    let tokens = strs(&l["tokens"]);
     let n = tokens.len();
     // The draft's 6 tokens are the text's last 6 (no token spans the boundary here).
     assert_eq!(tokens[n - 6..].concat(), draft, "{e}");

@@ -53,6 +53,27 @@ pub fn large() -> &'static Model {
     M.get_or_init(|| load(LARGE))
 }
 
+/// Polls `pred` until it holds, failing after `secs` seconds with what was awaited.
+pub fn wait_until(what: &str, secs: u64, mut pred: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !pred() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A JSON array of strings, as string slices.
+pub fn strs(v: &serde_json::Value) -> Vec<&str> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap())
+        .collect()
+}
+
 pub fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array()
         .unwrap()
